@@ -1,0 +1,225 @@
+"""The operator's UI for the fleet. Role-bound actions (groups ``update`` and
+``maint``) answer 403 to anybody else, whether they come as a changelist action
+or as a direct request to the action's page."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db.models import Count, Exists, OuterRef, QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils import timezone
+
+from nodes import services
+from nodes.models import Cluster, Node
+from updates.models import Release, UpdateLock
+
+ROLE_ACTIONS = {
+    "autoupdate": "nodes.start_update",
+    "remove_update_lock": "nodes.remove_update_lock",
+    "end_maintenance": "nodes.end_maintenance",
+    "announce_maintenance": "nodes.start_update",
+}
+
+
+def require(request: HttpRequest, perm: str) -> None:
+    if not request.user.has_perm(perm):
+        raise PermissionDenied(f"You need the permission {perm!r} for this.")
+
+
+@admin.register(Cluster)
+class ClusterAdmin(admin.ModelAdmin):
+    list_display = ["name", "max_parallel_updates", "lb_lead_time", "node_count"]
+    search_fields = ["name"]
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:
+        return super().get_queryset(request).annotate(node_count=Count("nodes"))
+
+    @admin.display(description="nodes", ordering="node_count")
+    def node_count(self, obj: Any) -> int:
+        return obj.node_count
+
+
+class AnnounceForm(forms.Form):
+    message = forms.CharField(widget=forms.Textarea(attrs={"rows": 4, "cols": 80}), max_length=2000)
+    starts_at = forms.DateTimeField(help_text="When the maintenance work begins (default: in 2 hours).")
+
+    def clean_starts_at(self) -> Any:
+        value = self.cleaned_data["starts_at"]
+        if value < timezone.now():
+            raise forms.ValidationError("The start lies in the past.")
+        return value
+
+
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
+    list_display = [
+        "hostname", "cluster", "installed_version", "state", "maintenance_mode", "logon_enabled",
+        "in_load_balancer", "users", "locked", "last_seen",
+    ]  # fmt: skip
+    list_filter = ["cluster", "state", "maintenance_mode", "channel"]
+    list_select_related = ["cluster"]
+    search_fields = ["hostname"]
+    readonly_fields = [
+        "installed_version", "installed_packages", "logged_in_users", "logon_enabled", "in_load_balancer",
+        "boot_id", "agent_instance", "last_seen", "state", "maintenance_mode", "maintenance_reason",
+    ]  # fmt: skip
+    actions = ["autoupdate", "announce_maintenance", "remove_update_lock", "end_maintenance"]
+    change_form_template = "admin/nodes/node/change_form.html"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
+        active = UpdateLock.objects.filter(node=OuterRef("pk"), removed_at__isnull=True)
+        return super().get_queryset(request).annotate(has_lock=Exists(active))
+
+    @admin.display(boolean=True, description="update lock", ordering="has_lock")
+    def locked(self, obj: Any) -> bool:
+        return obj.has_lock
+
+    @admin.display(description="logged-in users")
+    def users(self, obj: Node) -> int:
+        return len(obj.logged_in_users)
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        return {k: v for k, v in actions.items() if k not in ROLE_ACTIONS or request.user.has_perm(ROLE_ACTIONS[k])}
+
+    def response_action(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse | None:
+        # A hidden action is still refused loudly: 403, not "no action selected".
+        action = request.POST.get("action", "")
+        if action in ROLE_ACTIONS:
+            require(request, ROLE_ACTIONS[action])
+        return super().response_action(request, queryset)
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        return [
+            path("autoupdate/", wrap(self.autoupdate_view), name="nodes_node_autoupdate"),
+            path("announce/", wrap(self.announce_view), name="nodes_node_announce"),
+            path("<int:pk>/remove-lock/", wrap(self.remove_lock_view), name="nodes_node_remove_lock"),
+            path("<int:pk>/end-maintenance/", wrap(self.end_maintenance_view), name="nodes_node_end_maintenance"),
+            *super().get_urls(),
+        ]
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
+        extra = {
+            "lock": UpdateLock.objects.filter(node_id=object_id, removed_at__isnull=True).first(),
+            "lock_history": UpdateLock.objects.filter(node_id=object_id, removed_at__isnull=False).select_related(
+                "removed_by"
+            )[:10],
+            "recent_runs": services.recent_runs(object_id),
+            "can_update": request.user.has_perm("nodes.start_update"),
+            "can_unlock": request.user.has_perm("nodes.remove_update_lock"),
+            "can_end_maintenance": request.user.has_perm("nodes.end_maintenance"),
+            **(extra_context or {}),
+        }
+        return super().change_view(request, object_id, form_url, extra)
+
+    # --- actions: each hands over to a page or a service and reports counts ---
+
+    @admin.action(description="Auto-Update (asks for confirmation)")
+    def autoupdate(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse:
+        ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
+        return HttpResponseRedirect(f"{reverse('admin:nodes_node_autoupdate')}?ids={ids}")
+
+    @admin.action(description="Announce maintenance to logged-in users")
+    def announce_maintenance(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse:
+        ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
+        return HttpResponseRedirect(f"{reverse('admin:nodes_node_announce')}?ids={ids}")
+
+    @admin.action(description="Remove update lock")
+    def remove_update_lock(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        require(request, "nodes.remove_update_lock")
+        removed = sum(services.remove_lock(node, request.user) for node in queryset)
+        self.message_user(request, f"Removed the update lock of {removed} node(s).", messages.SUCCESS)
+
+    @admin.action(description="End maintenance mode")
+    def end_maintenance(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        require(request, "nodes.end_maintenance")
+        ended = sum(services.end_maintenance(node) for node in queryset)
+        self.message_user(request, f"Ended maintenance mode on {ended} node(s).", messages.SUCCESS)
+
+    # --- pages ---
+
+    def _selected(self, request: HttpRequest) -> QuerySet[Node]:
+        raw = request.POST.get("ids") or request.GET.get("ids", "")
+        try:
+            ids = [int(x) for x in raw.split(",") if x]
+        except ValueError:
+            ids = []
+        return self.get_queryset(request).filter(pk__in=ids).select_related("cluster")
+
+    def autoupdate_view(self, request: HttpRequest) -> HttpResponse:
+        require(request, "nodes.start_update")
+        nodes = list(self._selected(request))
+        if not nodes:
+            self.message_user(request, "Select at least one node.", messages.WARNING)
+            return HttpResponseRedirect(reverse("admin:nodes_node_changelist"))
+        plans = [services.plan_update(node) for node in nodes]
+        if request.method == "POST" and request.POST.get("confirm") == "yes":
+            runs, refused = services.start_planned(plans, request.user)
+            for msg in refused:
+                self.message_user(request, msg, messages.ERROR)
+            if runs:
+                self.message_user(request, f"Auto-Update started on {len(runs)} node(s).", messages.SUCCESS)
+            if len(runs) == 1:
+                return HttpResponseRedirect(reverse("admin:updates_updaterun_change", args=[runs[0].pk]))
+            return HttpResponseRedirect(reverse("admin:updates_updaterun_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Auto-Update: confirm",
+            "plans": plans,
+            "ids": ",".join(str(n.pk) for n in nodes),
+            "opts": self.model._meta,
+            "startable": any(p.release and not p.refusal for p in plans),
+        }
+        return TemplateResponse(request, "admin/nodes/node/autoupdate_confirm.html", context)
+
+    def announce_view(self, request: HttpRequest) -> HttpResponse:
+        require(request, "nodes.start_update")
+        nodes = list(self._selected(request))
+        initial = {
+            "starts_at": timezone.localtime() + timedelta(seconds=services.notice_lead()),
+            "message": "Maintenance: this server will be updated. Please save your work in time.",
+        }
+        form = AnnounceForm(request.POST or None, initial=initial)
+        if request.method == "POST" and form.is_valid() and nodes:
+            sent = services.announce(nodes, form.cleaned_data["message"], form.cleaned_data["starts_at"], request.user)
+            self.message_user(request, f"Announced maintenance on {sent} node(s).", messages.SUCCESS)
+            return HttpResponseRedirect(reverse("admin:nodes_node_changelist"))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Announce maintenance",
+            "form": form,
+            "nodes": nodes,
+            "ids": ",".join(str(n.pk) for n in nodes),
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/nodes/node/announce.html", context)
+
+    def remove_lock_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        require(request, "nodes.remove_update_lock")
+        node = get_object_or_404(Node, pk=pk)
+        if request.method != "POST":
+            return HttpResponseRedirect(reverse("admin:nodes_node_change", args=[pk]))
+        if services.remove_lock(node, request.user):
+            self.message_user(request, f"Removed the update lock of {node}.", messages.SUCCESS)
+        else:
+            self.message_user(request, f"{node} has no update lock.", messages.WARNING)
+        return HttpResponseRedirect(reverse("admin:nodes_node_change", args=[pk]))
+
+    def end_maintenance_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        require(request, "nodes.end_maintenance")
+        node = get_object_or_404(Node, pk=pk)
+        if request.method == "POST" and services.end_maintenance(node):
+            self.message_user(request, f"Ended maintenance mode on {node}.", messages.SUCCESS)
+        return HttpResponseRedirect(reverse("admin:nodes_node_change", args=[pk]))
+
+
+__all__ = ["ClusterAdmin", "NodeAdmin", "Release"]

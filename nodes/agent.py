@@ -1,0 +1,102 @@
+"""The node agent: a small supervisor around one Celery worker.
+
+The worker consumes only ``node.<hostname>``. The supervisor outlives it: when
+the worker exits for a (simulated) reboot, the supervisor gives the appliance a
+new boot id and starts a new worker. Under honcho a process that exits stops
+all the others, so the agent must not exit on its own reboot. The supervisor
+also sends heartbeats (the node's snapshot) to the control queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from typing import Any
+
+from django.conf import settings
+
+from nodes.drivers import get_driver
+from nodes.drivers.simulated import REBOOT_EXIT_CODE
+from nodes.tasks import agent_snapshot, send_to_control
+
+log = logging.getLogger("nodes.agent")
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # If the supervisor is killed with SIGKILL its worker must not live on unsupervised.
+    with contextlib.suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Agent:
+    def __init__(self, hostname: str, *, driver: str | None = None, loglevel: str = "INFO") -> None:
+        self.hostname = hostname
+        self.driver_name = driver or settings.TGP_NODE_DRIVER
+        self.driver = get_driver(hostname, self.driver_name)
+        self.loglevel = loglevel
+        self.child: subprocess.Popen[bytes] | None = None
+        self.stopping = False
+        self.instance = ""
+
+    def worker_command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "celery", "-A", "tgpadmin", "worker",
+            "-Q", f"node.{self.hostname}", "-n", f"agent@{self.hostname}",
+            "--pool", "threads", "--concurrency", "1",
+            "--without-gossip", "--without-mingle", "-E", "-l", self.loglevel,
+        ]  # fmt: skip
+
+    def start_worker(self) -> None:
+        self.instance = uuid.uuid4().hex
+        env = {
+            **os.environ,
+            "TGP_AGENT_NODE": self.hostname,
+            "TGP_AGENT_INSTANCE": self.instance,
+            "TGP_NODE_DRIVER": self.driver_name,
+        }
+        self.child = subprocess.Popen(self.worker_command(), env=env, preexec_fn=_die_with_parent)
+        log.info("agent %s: worker pid %s started (instance %s)", self.hostname, self.child.pid, self.instance[:8])
+
+    def heartbeat(self) -> None:
+        try:
+            snap = agent_snapshot(self.driver)
+            snap["agent_instance"] = self.instance
+            send_to_control("control.node_report", self.hostname, snap)
+        except Exception as exc:  # a broker outage must not kill the agent; it retries next beat
+            log.warning("agent %s: heartbeat failed: %s", self.hostname, exc)
+
+    def stop(self, *_: Any) -> None:
+        self.stopping = True
+        if self.child and self.child.poll() is None:
+            self.child.terminate()
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+        while not self.stopping:
+            self.start_worker()
+            code = self.supervise()
+            if self.stopping:
+                break
+            if code == REBOOT_EXIT_CODE and hasattr(self.driver, "complete_reboot"):
+                boot = self.driver.complete_reboot()
+                log.warning("agent %s: rebooted, new boot id %s", self.hostname, boot[:8])
+            else:
+                log.error("agent %s: worker exited with %s, restarting", self.hostname, code)
+        return 0
+
+    def supervise(self) -> int:
+        assert self.child is not None
+        self.heartbeat()
+        while True:
+            try:
+                return self.child.wait(timeout=settings.TGP_HEARTBEAT_INTERVAL)
+            except subprocess.TimeoutExpired:
+                self.heartbeat()

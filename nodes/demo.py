@@ -1,0 +1,74 @@
+"""The demo fleet: a single system gw1 and cluster1 of c1n1..c1n3, on simulated
+appliances, with a signed demo repository. Every function is idempotent."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Group
+
+from nodes.drivers.simulated import SimulatedDriver
+from nodes.models import Cluster, Node
+from updates.demo import DEMO_RELEASES, write_demo_sources
+from updates.releases import sync_from_dir
+from updates.repository import build_repository, generate_keypair
+from updates.workflow import apply_snapshot
+
+START_VERSION = "2.1.0"
+FLEET: dict[str, tuple[str | None, list[str]]] = {
+    "gw1": (None, ["alice", "bob"]),
+    "c1n1": ("cluster1", ["carol", "dave"]),
+    "c1n2": ("cluster1", ["erin"]),
+    "c1n3": ("cluster1", []),
+}
+DEMO_USERS = {"admin": None, "operator": "update", "maintainer": "maint"}
+
+
+def build_demo_repository() -> int:
+    if not settings.TGP_REPO_SIGNING_KEY_FILE.exists():
+        generate_keypair(settings.TGP_REPO_SIGNING_KEY_FILE, settings.TGP_REPO_PUBKEY_FILE)
+    source = settings.VAR_DIR / "demo-src"
+    write_demo_sources(source)
+    index = build_repository(source, settings.TGP_REPO_DIR, settings.TGP_REPO_SIGNING_KEY_FILE)
+    sync_from_dir()
+    return index.serial
+
+
+def seed_nodes() -> list[Node]:
+    cluster, _ = Cluster.objects.get_or_create(name="cluster1", defaults={"max_parallel_updates": 1})
+    start_packages = next(pkgs for _, version, *_, pkgs in DEMO_RELEASES if version == START_VERSION)
+    nodes = []
+    for hostname, (cluster_name, users) in FLEET.items():
+        node, _ = Node.objects.get_or_create(hostname=hostname, defaults={"cluster": cluster if cluster_name else None})
+        driver = SimulatedDriver(hostname, settings.TGP_NODE_STATE_DIR / hostname)
+        driver.seed(version=START_VERSION, packages=start_packages, users=users, cluster=bool(cluster_name))
+        # The demo runs on this machine: show the state before the agents first report.
+        apply_snapshot(hostname, driver.snapshot())
+        nodes.append(node)
+    return nodes
+
+
+def demo_password() -> str:
+    path = settings.VAR_DIR / "demo-password"
+    if not path.exists():
+        path.write_text(secrets.token_urlsafe(12))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def seed_users() -> dict[str, Any]:
+    password = demo_password()
+    User = get_user_model()
+    for username, group in DEMO_USERS.items():
+        user, created = User.objects.get_or_create(
+            username=username, defaults={"is_staff": True, "is_superuser": group is None}
+        )
+        if created:
+            user.set_password(password)
+            user.save()
+        if group:
+            user.groups.add(Group.objects.get(name=group))
+    return {"users": list(DEMO_USERS), "password": password}

@@ -1,0 +1,171 @@
+"""Streaming, resumable package downloader used by the node agent.
+
+One call is one HTTP attempt; the retry policy belongs to the caller. Transient
+failures raise DownloadError and keep `<dest>.part` so the next call resumes
+with a Range request; bad bytes raise PackageVerificationError and delete it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+
+from updates.repository import DownloadError, PackageVerificationError
+
+ProgressCallback = Callable[[int, int], None]
+
+
+def download_package(
+    client: httpx.Client,
+    url: str,
+    dest: Path,
+    *,
+    size: int,
+    sha256: str,
+    chunk_size: int = 1024 * 1024,
+    progress: ProgressCallback | None = None,
+) -> Path:
+    dest = Path(dest)
+    part = dest.with_name(dest.name + ".part")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    sha256 = sha256.lower()
+
+    if dest.is_file() and _file_matches(dest, size, sha256, chunk_size):
+        _report(progress, size, size)
+        return dest
+
+    offset = part.stat().st_size if part.is_file() else 0
+    if offset >= size and part.is_file():
+        digest = _hash_prefix(part, chunk_size)
+        return _finish(part, dest, digest, offset, size, sha256)
+    return _fetch(client, url, part, dest, offset, size, sha256, chunk_size, progress)
+
+
+def _fetch(
+    client: httpx.Client,
+    url: str,
+    part: Path,
+    dest: Path,
+    offset: int,
+    size: int,
+    sha256: str,
+    chunk_size: int,
+    progress: ProgressCallback | None,
+) -> Path:
+    # identity: a Content-Encoding would make the bytes differ from the listed hash,
+    # and decoding could inflate a small response into unbounded memory.
+    headers = {"Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        with client.stream("GET", url, headers=headers) as resp:
+            offset = _check_response(resp, url, part, offset, size)
+            digest = _hash_prefix(part, chunk_size) if offset else hashlib.sha256()
+            with part.open("ab" if offset else "wb") as fh:
+                done = _stream_body(resp, fh, digest, offset, size, chunk_size, progress, part, url)
+                fh.flush()
+                os.fsync(fh.fileno())
+    except httpx.TransportError as exc:
+        raise DownloadError(f"download of {url} interrupted: {exc or type(exc).__name__}") from exc
+    except OSError as exc:
+        raise DownloadError(f"cannot write {part}: {exc}") from exc
+    if done < size:
+        raise DownloadError(f"download of {url} ended early at {done} of {size} bytes")
+    return _finish(part, dest, digest, done, size, sha256)
+
+
+def _check_response(resp: httpx.Response, url: str, part: Path, offset: int, size: int) -> int:
+    """Return the offset the body starts at; raise for statuses we cannot use."""
+    status = resp.status_code
+    if status == 416:
+        # Our .part no longer fits the file on the server: start over next time.
+        part.unlink(missing_ok=True)
+        raise DownloadError(f"GET {url}: range not satisfiable (HTTP 416); discarded partial download")
+    if status == 206 and offset:
+        content_range = resp.headers.get("Content-Range", "")
+        if not content_range.startswith(f"bytes {offset}-"):
+            part.unlink(missing_ok=True)
+            raise DownloadError(f"GET {url}: unexpected Content-Range {content_range!r} for offset {offset}")
+    elif status == 200:
+        offset = 0  # server ignored the Range header: restart from zero
+    else:
+        raise DownloadError(f"GET {url} answered HTTP {status}")
+    length = resp.headers.get("Content-Length")
+    if length is not None and length.isdigit() and offset + int(length) > size:
+        part.unlink(missing_ok=True)
+        raise PackageVerificationError(
+            f"{url} is larger than listed ({offset + int(length)} > {size} bytes); refusing it"
+        )
+    return offset
+
+
+def _stream_body(
+    resp: httpx.Response,
+    fh: BinaryIO,
+    digest: hashlib._Hash,
+    done: int,
+    size: int,
+    chunk_size: int,
+    progress: ProgressCallback | None,
+    part: Path,
+    url: str,
+) -> int:
+    # No re-chunking: httpx's chunker drops its buffered tail when the connection is
+    # cut, and every received byte kept in .part is one less to fetch on resume.
+    # Network reads are bounded (64 KiB) so memory stays flat anyway.
+    for chunk in resp.iter_raw():
+        if done + len(chunk) > size:
+            fh.close()
+            part.unlink(missing_ok=True)
+            raise PackageVerificationError(f"{url} is larger than listed ({size} bytes); refusing it")
+        fh.write(chunk)
+        digest.update(chunk)
+        done += len(chunk)
+        _report(progress, done, size)
+    return done
+
+
+def _finish(part: Path, dest: Path, digest: hashlib._Hash, done: int, size: int, sha256: str) -> Path:
+    if done != size or digest.hexdigest() != sha256:
+        part.unlink(missing_ok=True)
+        what = "size" if done != size else "sha256"
+        raise PackageVerificationError(f"{dest.name}: {what} does not match the signed index; discarded")
+    os.replace(part, dest)
+    _fsync_dir(dest.parent)
+    return dest
+
+
+def _report(progress: ProgressCallback | None, done: int, size: int) -> None:
+    if progress is not None:
+        progress(done, size)
+
+
+def _file_matches(path: Path, size: int, sha256: str, chunk_size: int) -> bool:
+    return path.stat().st_size == size and _hash_prefix(path, chunk_size).hexdigest() == sha256
+
+
+def _hash_prefix(path: Path, chunk_size: int) -> hashlib._Hash:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest
+
+
+def _fsync_dir(path: Path) -> None:
+    # Makes the rename durable across a power cut (nodes reboot during updates).
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

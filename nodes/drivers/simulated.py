@@ -1,0 +1,193 @@
+"""A realistic stand-in for a TightGate-Pro appliance, kept in a directory.
+
+state.json holds the logged-in sessions (each with an inbox of notices), the
+logon switch, load-balancer membership, maintenance mode, installed packages and
+the boot id. Installs unpack into releases/<run>-<version>/ and switch the
+``current`` link atomically; the previous release stays for rollback.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tarfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nodes.drivers.base import Driver, _write_atomic
+from updates.repository import PackageEntry
+
+REBOOT_EXIT_CODE = 75
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class SimulatedDriver(Driver):
+    simulates_reboot = True
+
+    @property
+    def state_file(self) -> Path:
+        return self.state_dir / "state.json"
+
+    def exists(self) -> bool:
+        return self.state_file.exists()
+
+    def seed(self, *, version: str, packages: dict[str, str], users: list[str], cluster: bool) -> bool:
+        """Create the appliance if it does not exist yet; False if it did."""
+        if self.exists():
+            return False
+        release_dir = self.state_dir / "releases" / f"0-{version}"
+        for name, pkg_version in packages.items():
+            (release_dir / name).mkdir(parents=True, exist_ok=True)
+            (release_dir / name / "VERSION").write_text(pkg_version)
+        self._switch_current(release_dir)
+        state = {
+            "boot_id": uuid.uuid4().hex,
+            "installed_version": version,
+            "packages": dict(packages),
+            "sessions": {user: {"since": _now(), "inbox": []} for user in users},
+            "logon_enabled": True,
+            "cluster": cluster,
+            "in_load_balancer": cluster,
+            "maintenance": False,
+            "logged_off": [],
+            "installs": {},
+            "reboots": {},
+        }
+        with self.state() as current:
+            current.update(state)
+        return True
+
+    @contextmanager
+    def state(self) -> Iterator[dict[str, Any]]:
+        """Read-modify-write of state.json under a file lock."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+            yield data
+            _write_atomic(self.state_file, json.dumps(data, indent=1, sort_keys=True))
+
+    def read(self) -> dict[str, Any]:
+        with self.state() as data:
+            return json.loads(json.dumps(data))
+
+    def snapshot(self) -> dict[str, Any]:
+        data = self.read()
+        return {
+            "installed_version": data.get("installed_version", ""),
+            "packages": data.get("packages", {}),
+            "users": sorted(data.get("sessions", {})),
+            "logon_enabled": data.get("logon_enabled", True),
+            "in_load_balancer": data.get("in_load_balancer", False),
+            "maintenance": data.get("maintenance", False),
+            "boot_id": data.get("boot_id", ""),
+        }
+
+    def log_on(self, user: str) -> bool:
+        """A user logs on (used by the demo and tests); refused while logon is off."""
+        with self.state() as data:
+            if not data.get("logon_enabled", True):
+                return False
+            data.setdefault("sessions", {}).setdefault(user, {"since": _now(), "inbox": []})
+            return True
+
+    def notify(self, notice_id: str, message: str) -> int:
+        with self.state() as data:
+            data["maintenance"] = True
+            delivered = 0
+            for session in data.setdefault("sessions", {}).values():
+                if all(n["id"] != notice_id for n in session["inbox"]):
+                    session["inbox"].append({"id": notice_id, "message": message, "at": _now()})
+                delivered += 1
+            return delivered
+
+    def deliver_notice(self, notice_id: str, message: str) -> int:
+        # An announcement ahead of time: users are told, nothing else changes.
+        with self.state() as data:
+            for session in data.setdefault("sessions", {}).values():
+                if all(n["id"] != notice_id for n in session["inbox"]):
+                    session["inbox"].append({"id": notice_id, "message": message, "at": _now()})
+            return len(data["sessions"])
+
+    def drain(self, run_id: int) -> list[str]:
+        with self.state() as data:
+            data["logon_enabled"] = False
+            data["in_load_balancer"] = False
+            users = sorted(data.get("sessions", {}))
+            for user in users:
+                data.setdefault("logged_off", []).append({"user": user, "run": run_id, "at": _now()})
+            data["sessions"] = {}
+            return users
+
+    def install(self, run_id: int, version: str, files: list[tuple[PackageEntry, Path]], full: bool) -> str:
+        key = str(run_id)
+        if key in self.read().get("installs", {}):
+            return f"already installed by run {run_id}"
+        target = self.state_dir / "releases" / f"{run_id}-{version}"
+        staging = target.with_name(target.name + ".staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        current = self.state_dir / "current"
+        changed = {entry.name for entry, _ in files}
+        if not full and current.exists():
+            # A partial update keeps every package it does not touch.
+            for item in current.resolve().iterdir():
+                if item.name not in changed:
+                    shutil.copytree(item, staging / item.name, symlinks=True)
+        for _entry, path in files:
+            with tarfile.open(path, "r:gz") as tar:
+                tar.extractall(staging, filter="data")
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        self._switch_current(target)
+        with self.state() as data:
+            packages = {} if full else dict(data.get("packages", {}))
+            packages.update({entry.name: entry.version for entry, _ in files})
+            data["packages"] = packages
+            if full:
+                data["installed_version"] = version
+            data.setdefault("installs", {})[key] = {"version": version, "at": _now(), "dir": target.name}
+        return f"installed {len(files)} package(s) into {target.name}"
+
+    def _switch_current(self, target: Path) -> None:
+        # A new link renamed over the old one: the switch is atomic.
+        link = self.state_dir / "current"
+        tmp = self.state_dir / "current.new"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        tmp.symlink_to(target.relative_to(self.state_dir))
+        os.replace(tmp, link)
+
+    def reboot(self, run_id: int) -> bool:
+        with self.state() as data:
+            issued = data.setdefault("reboots", {}).get(str(run_id))
+            if issued and issued != data.get("boot_id"):
+                return False  # rebooted already for this run: never twice
+            data["reboots"][str(run_id)] = data.get("boot_id")
+            data["reboot_pending"] = True
+        return True
+
+    def complete_reboot(self) -> str:
+        """Called by the agent supervisor when the worker exited for a reboot."""
+        with self.state() as data:
+            data["boot_id"] = uuid.uuid4().hex
+            data["reboot_pending"] = False
+            return data["boot_id"]
+
+    def reboot_pending(self) -> bool:
+        return bool(self.read().get("reboot_pending"))
+
+    def resume(self) -> None:
+        with self.state() as data:
+            data["maintenance"] = False
+            data["logon_enabled"] = True
+            data["in_load_balancer"] = bool(data.get("cluster"))

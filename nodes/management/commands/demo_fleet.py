@@ -1,0 +1,22 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.management.base import BaseCommand
+
+from nodes import demo
+
+
+class Command(BaseCommand):
+    help = "Create (or refresh) the demo fleet, its signed repository and the demo users. Idempotent."
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        serial = demo.build_demo_repository()
+        nodes = demo.seed_nodes()
+        users = demo.seed_users()
+        self.stdout.write(f"demo repository signed, index serial {serial}")
+        self.stdout.write(f"demo fleet: {', '.join(n.hostname for n in nodes)}")
+        self.stdout.write(
+            f"admin users: {', '.join(users['users'])} (groups: operator=update, maintainer=maint); "
+            f"password in var/demo-password"
+        )

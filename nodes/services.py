@@ -1,0 +1,91 @@
+"""Operator actions on nodes, shared by the admin and the management commands."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from celery import signature
+from django.conf import settings
+from django.db import transaction
+from django.db.models import QuerySet
+
+from nodes.models import Node
+from updates import workflow
+from updates.models import MaintenanceNotice, Release, UpdateRun
+
+
+@dataclass
+class UpdatePlan:
+    node: Node
+    release: Release | None
+    users: list[str] = field(default_factory=list)
+    refusal: str = ""
+
+
+def plan_update(node: Node) -> UpdatePlan:
+    """What an Auto-Update of this node would do, for the confirmation page."""
+    release = Release.newest(node.channel)
+    plan = UpdatePlan(node=node, release=release, users=list(node.logged_in_users))
+    if release is None:
+        plan.refusal = f"No {node.channel} release is known: run `manage.py sync_releases`."
+        return plan
+    try:
+        workflow._check_can_start(node, release, UpdateRun.Trigger.MANUAL)
+    except workflow.UpdateRefused as exc:
+        plan.refusal = str(exc)
+    return plan
+
+
+def start_planned(plans: list[UpdatePlan], user: Any) -> tuple[list[UpdateRun], list[str]]:
+    runs, refused = [], []
+    for plan in plans:
+        if plan.release is None:
+            refused.append(plan.refusal)
+            continue
+        try:
+            runs.append(workflow.start_update(plan.node, plan.release, user=user))
+        except workflow.UpdateRefused as exc:
+            refused.append(str(exc))
+    return runs, refused
+
+
+def remove_lock(node: Node, user: Any) -> bool:
+    return workflow.remove_lock(node, user)
+
+
+def end_maintenance(node: Node) -> bool:
+    """End maintenance mode (group ``maint``): logon on, back into the load balancer.
+    Refused while the node is updating."""
+    with transaction.atomic():
+        if UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).exists():
+            return False
+        changed = Node.objects.filter(pk=node.pk, maintenance_mode=True).update(
+            maintenance_mode=False, maintenance_reason=""
+        )
+        if changed:
+            sig = signature("node.end_maintenance", args=(node.hostname,)).set(queue=node.queue)
+            transaction.on_commit(sig.apply_async)
+    return bool(changed)
+
+
+def notice_lead() -> float:
+    return settings.TGP_MAINTENANCE_NOTICE_LEAD
+
+
+def announce(nodes: list[Node], message: str, starts_at: datetime, user: Any) -> int:
+    """Send a maintenance notice to the users logged in on each node, ahead of time."""
+    with transaction.atomic():
+        for node in nodes:
+            notice = MaintenanceNotice.objects.create(
+                node=node, message=message, starts_at=starts_at, created_by=user if getattr(user, "pk", None) else None
+            )
+            text = f"{message} (maintenance starts {starts_at:%Y-%m-%d %H:%M %Z})"
+            sig = signature("node.announce", args=(node.hostname, f"notice-{notice.pk}", text)).set(queue=node.queue)
+            transaction.on_commit(sig.apply_async)
+    return len(nodes)
+
+
+def recent_runs(node_id: Any) -> QuerySet[UpdateRun]:
+    return UpdateRun.objects.filter(node_id=node_id).select_related("release", "started_by")[:10]

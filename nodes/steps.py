@@ -1,0 +1,144 @@
+"""The node side of a run: plain functions the agent's tasks call.
+
+They never touch the database. What they need comes in the payload (run id,
+version, package names, message) and from the signed index; what they did goes
+back to the control plane through ``report``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from django.conf import settings
+
+from nodes.download import download_package
+from nodes.drivers.base import Driver
+from updates.repository import (
+    PackageEntry,
+    PackageVerificationError,
+    RepositoryIndex,
+    fetch_index,
+    package_url,
+    parse_and_verify,
+)
+
+Report = Callable[..., None]
+
+
+def repo_public_key() -> str:
+    if settings.TGP_REPO_PUBKEY:
+        return settings.TGP_REPO_PUBKEY
+    path = settings.TGP_REPO_PUBKEY_FILE
+    if not path.exists():
+        raise RuntimeError("no pinned repository key: set TGP_REPO_PUBKEY (or TGP_REPO_PUBKEY_FILE)")
+    return path.read_text().strip()
+
+
+def selected(release_packages: tuple[PackageEntry, ...], names: list[str]) -> list[PackageEntry]:
+    if not names:
+        return list(release_packages)
+    chosen = [p for p in release_packages if p.name in set(names)]
+    missing = set(names) - {p.name for p in chosen}
+    if missing:
+        raise ValueError(f"not in the release: {', '.join(sorted(missing))}")
+    return chosen
+
+
+def notify(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    count = driver.notify(f"run-{payload['run']}", payload["message"])
+    report("succeeded", detail=f"maintenance mode on; notice sent to {count} logged-in user(s)")
+
+
+def drain(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    users = driver.drain(payload["run"])
+    who = ", ".join(users) if users else "nobody was logged in"
+    report("succeeded", detail=f"logon off, out of the load balancer; logged off: {who}")
+
+
+class _Throttle:
+    """Progress reports at most every 0.25 s: one message per chunk would flood the control queue."""
+
+    def __init__(self, report: Report, total: int) -> None:
+        self.report, self.total, self.base, self.last = report, total, 0, 0.0
+
+    def __call__(self, done: int, _size: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= 0.25:
+            self.last = now
+            self.report("progress", bytes_done=self.base + done, bytes_total=self.total)
+
+
+def download(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    with httpx.Client(timeout=settings.TGP_DOWNLOAD_TIMEOUT, follow_redirects=False) as client:
+        index, raw, sig = fetch_index(
+            settings.TGP_REPO_URL, repo_public_key(), min_serial=driver.last_serial(), client=client
+        )
+        release = index.release(payload["version"])
+        packages = selected(release.packages, payload["packages"])
+        total = sum(p.size for p in packages)
+        target = driver.download_dir(release.version)
+        throttle = _Throttle(report, total)
+        for entry in packages:
+            download_package(
+                client,
+                package_url(settings.TGP_REPO_URL, entry),
+                target / Path(entry.file).name,
+                size=entry.size,
+                sha256=entry.sha256,
+                chunk_size=settings.TGP_DOWNLOAD_CHUNK,
+                progress=throttle,
+            )
+            throttle.base += entry.size
+    # The install step verifies this copy again instead of trusting the disk.
+    (target / "index.json").write_bytes(raw)
+    (target / "index.json.sig").write_bytes(sig)
+    driver.remember_serial(index.serial)
+    report(
+        "succeeded", bytes_done=total, bytes_total=total, detail=f"{len(packages)} package(s), {total} bytes verified"
+    )
+
+
+def verified_index(driver: Driver, version: str) -> RepositoryIndex:
+    target = driver.download_dir(version)
+    return parse_and_verify(
+        (target / "index.json").read_bytes(),
+        (target / "index.json.sig").read_bytes(),
+        repo_public_key(),
+        min_serial=driver.last_serial(),
+    )
+
+
+def verify_file(path: Path, *, size: int, sha256: str) -> None:
+    """Check a downloaded file again right before it is installed."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1024 * 1024):
+            digest.update(chunk)
+    if path.stat().st_size != size or digest.hexdigest() != sha256:
+        raise PackageVerificationError(f"{path.name} does not match the signed index; not installed")
+
+
+def install(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    release = verified_index(driver, payload["version"]).release(payload["version"])
+    packages = selected(release.packages, payload["packages"])
+    files = []
+    for entry in packages:
+        path = driver.download_dir(release.version) / Path(entry.file).name
+        verify_file(path, size=entry.size, sha256=entry.sha256)
+        files.append((entry, path))
+    detail = driver.install(payload["run"], release.version, files, full=not payload["packages"])
+    report("succeeded", detail=detail)
+
+
+def needs_reboot(driver: Driver, payload: dict[str, Any]) -> bool:
+    return verified_index(driver, payload["version"]).release(payload["version"]).needs_reboot
+
+
+def resume(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    driver.resume()
+    report("succeeded", detail="maintenance off, logon on, back in the load balancer")

@@ -1,0 +1,156 @@
+"""Node-queue tasks, run by the node agent (``manage.py node_agent NAME``).
+
+They never touch the database. Each reports through control-queue tasks, and
+raises after reporting a failure so that the rest of the chain does not run.
+Node steps are acknowledged on receipt: a step that dies with its agent is
+resumed by the control plane when the agent reports again (see
+workflow.node_reported), never by a broker redelivery after a reboot.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from celery import Task, shared_task
+from celery.signals import task_postrun
+
+from nodes import steps
+from nodes.drivers import get_driver
+from nodes.drivers.base import Driver
+from nodes.drivers.simulated import REBOOT_EXIT_CODE
+from updates.repository import DownloadError
+
+log = logging.getLogger(__name__)
+CONTROL_QUEUE = "control"
+_reboot_requested = False
+
+
+def agent_snapshot(driver: Driver) -> dict[str, Any]:
+    snap = driver.snapshot()
+    snap["agent_instance"] = os.environ.get("TGP_AGENT_INSTANCE", "")
+    return snap
+
+
+def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
+    from tgpadmin.celery import app
+
+    app.send_task(name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True)
+
+
+class Reporter:
+    def __init__(self, driver: Driver, run_id: int, step: str) -> None:
+        self.driver, self.run_id, self.step = driver, run_id, step
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        if event != "progress":
+            fields["snapshot"] = agent_snapshot(self.driver)
+            fields["hostname"] = self.driver.hostname
+        send_to_control("control.record_step", self.run_id, self.step, event, **fields)
+
+
+def driver_for(payload: dict[str, Any]) -> Driver:
+    served = os.environ.get("TGP_AGENT_NODE")
+    if served and payload["node"] != served:
+        raise RuntimeError(f"message for {payload['node']} reached the agent of {served}")
+    return get_driver(payload["node"])
+
+
+class NodeStep(Task):
+    """Reports the final failure of a step (after any retries) to the control plane."""
+
+    step = ""
+
+    def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
+        payload = args[0]
+        try:
+            report = Reporter(driver_for(payload), payload["run"], self.step)
+            report("failed", detail=f"{type(exc).__name__}: {exc}")
+        except Exception:  # the report must not hide the original failure
+            log.exception("could not report the failure of %s", self.name)
+
+
+def _run_step(task: Task, payload: dict[str, Any], fn: Any) -> None:
+    driver = driver_for(payload)
+    report = Reporter(driver, payload["run"], task.step)  # type: ignore[attr-defined]
+    if not task.request.retries:
+        report("started")
+    fn(driver, payload, report)
+
+
+@shared_task(name="node.notify", step="notify", bind=True, base=NodeStep, acks_late=False)
+def notify(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, steps.notify)
+
+
+@shared_task(name="node.drain", step="drain", bind=True, base=NodeStep, acks_late=False)
+def drain(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, steps.drain)
+
+
+@shared_task(
+    name="node.download",
+    step="download",
+    autoretry_for=(DownloadError,),
+    retry_backoff=2,
+    retry_backoff_max=60,
+    max_retries=3,
+    bind=True,
+    base=NodeStep,
+    acks_late=False,
+)
+def download(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, steps.download)
+
+
+@shared_task(name="node.install", step="install", bind=True, base=NodeStep, acks_late=False)
+def install(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, steps.install)
+
+
+@shared_task(name="node.reboot", step="reboot", bind=True, base=NodeStep, acks_late=False)
+def reboot(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, _reboot)
+
+
+def _reboot(driver: Driver, payload: dict[str, Any], report: Reporter) -> None:
+    global _reboot_requested
+    if not steps.needs_reboot(driver, payload):
+        report("skipped", detail="this release needs no reboot")
+        return
+    if not driver.reboot(payload["run"]):
+        report("succeeded", detail="rebooted already for this run")
+        return
+    report("succeeded", detail="reboot issued")
+    # The simulated appliance goes down once this task has returned and the chain's
+    # next message is published (see _reboot_after_task); a real host reboots itself.
+    _reboot_requested = driver.simulates_reboot
+
+
+@task_postrun.connect(sender=reboot)
+def _reboot_after_task(**_: Any) -> None:
+    if _reboot_requested:
+        log.warning("simulated reboot: agent worker exits with %s", REBOOT_EXIT_CODE)
+        logging.shutdown()
+        os._exit(REBOOT_EXIT_CODE)
+
+
+@shared_task(name="node.resume", step="resume", bind=True, base=NodeStep, acks_late=False)
+def resume(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, steps.resume)
+
+
+@shared_task(name="node.announce", acks_late=False)
+def announce(hostname: str, notice_id: str, message: str) -> None:
+    """Deliver a maintenance notice ahead of time (no run involved)."""
+    driver = driver_for({"node": hostname})
+    driver.deliver_notice(notice_id, message)
+    send_to_control("control.node_report", hostname, agent_snapshot(driver))
+
+
+@shared_task(name="node.end_maintenance", acks_late=False)
+def end_maintenance(hostname: str) -> None:
+    driver = driver_for({"node": hostname})
+    driver.resume()
+    send_to_control("control.node_report", hostname, agent_snapshot(driver))

@@ -1,0 +1,247 @@
+"""Shared fixtures: real Redis, a real control worker on the test database, a
+signed repository on a loopback HTTP server, and node agents as real processes.
+
+Redis: REDIS_URL when set (CI points it at the machine's Redis), otherwise the
+embedded redis-server on a free port for this session.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.servers import RepoServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+_names = itertools.count(1)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
+    """Poll until predicate() is truthy; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(0.05)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    import redis
+    from django.conf import settings
+
+    from tgpadmin import embedded_redis
+    from tgpadmin.celery import app
+
+    url = os.environ.get("REDIS_URL", "")
+    proc = None
+    if not url:
+        port = free_port()
+        cmd = embedded_redis.command(port, tmp_path_factory.mktemp("redis"), persist=False)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        embedded_redis.wait_until_up(port)
+        url = f"redis://127.0.0.1:{port}/0"
+    redis.Redis.from_url(url).flushdb()
+    # Django settings were loaded before this fixture ran; Celery reads them lazily
+    # through django.conf.settings, so changing them there is enough.
+    settings.REDIS_URL = settings.CELERY_BROKER_URL = settings.CELERY_RESULT_BACKEND = url
+    app._backend_cache = None
+    assert app.connection_for_write().as_uri().endswith(url.rsplit("@", 1)[-1].split("//")[-1])
+    yield url
+    if proc:
+        stop_process(proc)
+
+
+def test_database_url() -> str:
+    from django.db import connection
+
+    s = connection.settings_dict
+    if s["ENGINE"].endswith("sqlite3"):
+        return f"sqlite:///{Path(s['NAME']).resolve()}"
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s["PASSWORD"] else "")
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+test_database_url.__test__ = False  # type: ignore[attr-defined]
+
+
+def process_env(redis_url: str, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "REDIS_URL": redis_url,
+        "DJANGO_SECRET_KEY": "tests-only-secret-key-" + "x" * 40,
+        "TGP_HEARTBEAT_INTERVAL": "0.5",
+        "TGP_REBOOT_TIMEOUT": "30",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+@pytest.fixture(scope="session")
+def control_worker(redis_url: str, django_db_setup: Any, django_db_blocker: Any, logs_dir: Path) -> Iterator[str]:
+    """A real Celery worker on the control queue, writing to the test database."""
+    from tgpadmin.celery import app
+
+    with django_db_blocker.unblock():
+        db_url = test_database_url()
+    name = f"control-{uuid.uuid4().hex[:6]}@tests"
+    cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", name]
+    cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
+    log = open(logs_dir / "control.log", "w")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=process_env(redis_url, DATABASE_URL=db_url), stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), 60, "the control worker")
+    yield name
+    stop_process(proc)
+    log.close()
+
+
+class Repo:
+    """A signed repository built from the demo sources, served over loopback HTTP."""
+
+    def __init__(self, root: Path, *, package_bytes: int = 64 * 1024, expires_in: timedelta = timedelta(days=30)):
+        from updates.demo import write_demo_sources
+        from updates.repository import build_repository, generate_keypair
+
+        self.root = root
+        self.key = root / "repo.key"
+        self.pubkey = generate_keypair(self.key, root / "repo.pub")
+        write_demo_sources(root / "src", package_bytes=package_bytes)
+        self.dir = root / "out"
+        self.index = build_repository(root / "src", self.dir, self.key, expires_in=expires_in)
+
+    def import_releases(self) -> None:
+        from updates.releases import import_index
+
+        import_index(self.index)
+
+    def pool_file(self, name: str, version: str) -> Path:
+        return self.dir / "pool" / f"{name}_{version}.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def demo_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Repo, RepoServer]]:
+    repo = Repo(tmp_path_factory.mktemp("repo"))
+    with RepoServer(repo.dir) as server:
+        yield repo, server
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "nodes"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def make_node(state_dir: Path) -> Callable[..., Any]:
+    """A Node row plus its simulated appliance, with a name no other test uses."""
+    from nodes.drivers.simulated import SimulatedDriver
+    from nodes.models import Node
+    from updates.demo import DEMO_RELEASES
+
+    def make(prefix: str = "gw", *, cluster: Any = None, users: tuple[str, ...] = ("alice", "bob"),
+             version: str = "2.1.0") -> Node:  # fmt: skip
+        hostname = f"{prefix}{next(_names)}-{uuid.uuid4().hex[:4]}"
+        node = Node.objects.create(hostname=hostname, cluster=cluster)
+        packages = next(p for _, v, *_, p in DEMO_RELEASES if v == version)
+        SimulatedDriver(hostname, state_dir / hostname).seed(
+            version=version, packages=packages, users=list(users), cluster=cluster is not None
+        )
+        return node
+
+    return make
+
+
+@pytest.fixture
+def start_agent(redis_url: str, state_dir: Path, logs_dir: Path) -> Iterator[Callable[..., subprocess.Popen[Any]]]:
+    """Start `manage.py node_agent` as a real process. It gets a DATABASE_URL that
+    cannot work: node agents must never need the database."""
+    procs: list[subprocess.Popen[Any]] = []
+
+    def start(hostname: str, *, repo_url: str, pubkey: str, **extra: str) -> subprocess.Popen[Any]:
+        env = process_env(
+            redis_url,
+            DATABASE_URL="postgres://nobody@127.0.0.1:1/no-database-for-agents",
+            TGP_NODE_STATE_DIR=str(state_dir),
+            TGP_REPO_URL=repo_url,
+            TGP_REPO_PUBKEY=pubkey,
+            **extra,
+        )
+        log = open(logs_dir / f"agent-{hostname}.log", "a")
+        proc = subprocess.Popen(
+            [sys.executable, "manage.py", "node_agent", hostname], cwd=ROOT, env=env, stdout=log,
+            stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        stop_process(proc)
+
+
+@pytest.fixture
+def agent_for(start_agent: Callable[..., Any], demo_repo: tuple[Repo, RepoServer], control_worker: str):
+    """Start the agent of a node against the demo repository and wait for its first report."""
+    from nodes.models import Node
+
+    repo, server = demo_repo
+
+    def start(node: Any, **kw: Any) -> subprocess.Popen[Any]:
+        kw.setdefault("repo_url", server.url)
+        kw.setdefault("pubkey", repo.pubkey)
+        proc = start_agent(node.hostname, **kw)
+        wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, f"the first report of {node}")
+        return proc
+
+    return start
+
+
+@pytest.fixture
+def wait_run() -> Callable[..., Any]:
+    from updates.models import UpdateRun
+
+    def wait(run: Any, state: str = "", timeout: float = 90.0) -> Any:
+        ended = wait_for(
+            lambda: UpdateRun.objects.filter(pk=run.pk).exclude(state=UpdateRun.State.RUNNING).first(),
+            timeout,
+            f"run {run.pk} to end",
+        )
+        if state:
+            assert ended.state == state, f"run {run.pk} is {ended.state}: {ended.error}"
+        return ended
+
+    return wait

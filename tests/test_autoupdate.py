@@ -1,0 +1,172 @@
+"""Auto-Update end to end: real Redis, a real control worker and real node agents
+(`manage.py node_agent`, simulated appliance), downloads over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from datetime import timedelta
+from pathlib import Path
+
+import psutil
+import pytest
+
+from nodes.drivers.simulated import SimulatedDriver
+from nodes.models import Node
+from tests.conftest import Repo, wait_for
+from tests.servers import RepoServer
+from updates import workflow
+from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(240)]
+
+
+def appliance(state_dir: Path, node: Node) -> dict:
+    return json.loads((state_dir / node.hostname / "state.json").read_text())
+
+
+def current_release_dir(state_dir: Path, node: Node) -> str:
+    return os.readlink(state_dir / node.hostname / "current")
+
+
+def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
+    demo_repo, make_node, agent_for, wait_run, state_dir
+):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw", users=("alice", "bob"))
+    agent_for(node)
+    boot_before = Node.objects.get(pk=node.pk).boot_id
+
+    run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+    run = wait_run(run, "succeeded")
+
+    state = appliance(state_dir, node)
+    assert {entry["user"] for entry in state["logged_off"]} == {"alice", "bob"}
+    assert state["sessions"] == {}
+    assert state["installed_version"] == "2.2.0"
+    assert state["logon_enabled"] is True and state["maintenance"] is False
+    assert current_release_dir(state_dir, node) == f"releases/{run.pk}-2.2.0"
+    assert (state_dir / node.hostname / "current" / "tgpro-browser" / "VERSION").read_text().strip() == "2.2.0"
+    node.refresh_from_db()
+    assert node.installed_version == "2.2.0"
+    assert node.boot_id != boot_before
+    assert node.logon_enabled and not node.maintenance_mode
+    steps = {s.name: s for s in run.steps.all()}
+    assert all(s.state == "succeeded" for s in steps.values()), {n: s.state for n, s in steps.items()}
+    assert "alice, bob" in steps["drain"].detail
+    assert steps["download"].bytes_done == steps["download"].bytes_total > 0
+    assert not UpdateLock.objects.filter(node=node).exists()
+
+
+def test_users_get_the_notice_before_they_are_logged_off(demo_repo, make_node, agent_for, wait_run, state_dir):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw", users=("carol",))
+    driver = SimulatedDriver(node.hostname, state_dir / node.hostname)
+    agent_for(node)
+    # Keep a copy of every inbox as the agent writes it: the drain step empties the sessions.
+    run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"), message="Save now")
+    inbox = wait_for(
+        lambda: driver.read()["sessions"].get("carol", {}).get("inbox") or driver.read()["logged_off"], 60, "notice"
+    )
+    wait_run(run, "succeeded")
+    notified_at = UpdateStep.objects.get(run=run, name="notify").finished_at
+    drained_at = UpdateStep.objects.get(run=run, name="drain").finished_at
+    assert notified_at <= drained_at
+    assert inbox and (isinstance(inbox[0], dict) and inbox[0].get("message", "Save now") == "Save now")
+
+
+@pytest.mark.parametrize("fault", ["corrupted_package", "bad_signature", "expired_index"])
+def test_untrusted_repository_fails_run_locks_node_and_installs_nothing(
+    fault, tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
+):
+    if fault == "expired_index":
+        from updates.repository import build_repository
+
+        repo = Repo(tmp_path / "repo")
+        shutil.rmtree(repo.dir)
+        repo.index = build_repository(
+            repo.root / "src",
+            repo.dir,
+            repo.key,
+            expires_in=timedelta(days=1),
+            now=repo.index.generated - timedelta(days=3),
+        )
+    else:
+        repo = Repo(tmp_path / "repo")
+    pubkey = repo.pubkey
+    if fault == "corrupted_package":
+        pool = repo.pool_file("tgpro-browser", "2.2.0")
+        data = bytearray(pool.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        pool.write_bytes(bytes(data))
+    elif fault == "bad_signature":
+        other = Repo(tmp_path / "other")  # the agent pins another key than the one that signed
+        pubkey = other.pubkey
+    repo.import_releases()
+    node = make_node("gw")
+    before = current_release_dir(state_dir, node)
+    with RepoServer(repo.dir) as server:
+        start_agent(node.hostname, repo_url=server.url, pubkey=pubkey)
+        run = workflow.start_update(node, Release.objects.get(version="2.2.0"))
+        run = wait_run(run, "failed")
+
+    assert run.error.startswith("download:")
+    lock = UpdateLock.objects.get(node=node, removed_at=None)
+    assert lock.run_id == run.pk
+    state = appliance(state_dir, node)
+    assert state["installed_version"] == "2.1.0" and state["installs"] == {}
+    assert current_release_dir(state_dir, node) == before
+    assert not (state_dir / node.hostname / "releases" / f"{run.pk}-2.2.0").exists()
+    node.refresh_from_db()
+    assert node.maintenance_mode, "a failed run leaves the node in maintenance"
+    assert UpdateStep.objects.get(run=run, name="install").state == "pending"
+
+
+def test_locked_node_refuses_autoupdate(demo_repo, make_node):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw")
+    workflow.set_lock(node, "earlier failure")
+    with pytest.raises(workflow.UpdateRefused, match="update lock"):
+        workflow.start_update(node, Release.objects.get(version="2.2.0"))
+    assert not UpdateRun.objects.filter(node=node).exists()
+
+
+def test_agent_killed_during_download_resumes_with_range_and_succeeds(
+    tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
+):
+    repo = Repo(tmp_path / "repo", package_bytes=1024 * 1024)
+    repo.import_releases()
+    node = make_node("gw")
+    with RepoServer(repo.dir, rate=600 * 1024) as server:
+        agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey)
+        wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "agent report")
+        run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+        step = UpdateStep.objects.filter(run=run, name="download")
+        wait_for(lambda: step.get().bytes_done > 200 * 1024, 60, "the download to be under way")
+        (worker,) = psutil.Process(agent.pid).children()
+        worker.send_signal(signal.SIGKILL)  # the agent's worker dies mid-download
+        run = wait_run(run, "succeeded", timeout=120)
+        ranges = [r["range"] for r in server.behaviour.requests if r["range"]]
+
+    assert ranges, "the download resumed with an HTTP Range request"
+    assert step.get().attempts == 2
+    assert appliance(state_dir, node)["installed_version"] == "2.2.0"
+
+
+def test_run_of_a_silent_node_fails_after_the_stall_timeout(demo_repo, make_node, control_worker, settings):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw")  # no agent: nothing will ever answer
+    run = workflow.start_update(node, Release.objects.get(version="2.2.0"))
+    settings.TGP_RUN_STALL_TIMEOUT = 1.0
+    UpdateRun.objects.filter(pk=run.pk).update(last_activity_at=run.last_activity_at - timedelta(seconds=5))
+
+    assert workflow.reap_stale_runs() == 1
+    run.refresh_from_db()
+    assert run.state == "failed" and "no word from the node" in run.error
+    assert UpdateLock.objects.filter(node=node, removed_at=None).exists()

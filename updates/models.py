@@ -1,0 +1,223 @@
+"""Releases, runs and their steps, locks and notices: the truth about every update."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.core.validators import MinValueValidator, RegexValidator
+from django.db import models
+from django.db.models import Q
+from django.urls import reverse
+
+from nodes.models import Cluster, Node
+
+version_validator = RegexValidator(r"^\d+(\.\d+){0,3}$", "Use a dotted numeric version such as 2.1.0.")
+package_name_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9.+-]{1,62}$", "Use a Debian package name: lower-case letters, digits, '.', '+', '-'."
+)
+
+
+def sort_key(version: str) -> str:
+    """A string that sorts like the version: '2.10.0' after '2.9.1'."""
+    return ".".join(f"{int(part):06d}" for part in version.split("."))
+
+
+class Release(models.Model):
+    class Channel(models.TextChoices):
+        STABLE = "stable", "Stable"
+        OLDSTABLE = "oldstable", "Oldstable"
+
+    version = models.CharField(max_length=32, unique=True, validators=[version_validator])
+    version_sort = models.CharField(max_length=64, editable=False, db_index=True)
+    channel = models.CharField(max_length=16, choices=Channel.choices, default=Channel.STABLE)
+    notes = models.TextField(blank=True)
+    needs_reboot = models.BooleanField(default=True)
+    hotfix = models.BooleanField(default=False)
+    index_serial = models.PositiveIntegerField(default=0, editable=False, help_text="Serial of the index it came from.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-version_sort"]
+
+    def __str__(self) -> str:
+        return f"{self.version} ({self.channel})"
+
+    def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        self.version_sort = sort_key(self.version)
+        super().save(*args, **kwargs)
+
+    @classmethod
+    def newest(cls, channel: str) -> Release | None:
+        return cls.objects.filter(channel=channel).order_by("-version_sort").first()
+
+
+class Package(models.Model):
+    release = models.ForeignKey(Release, on_delete=models.CASCADE, related_name="packages")
+    name = models.CharField(max_length=63, validators=[package_name_validator])
+    version = models.CharField(max_length=32, validators=[version_validator])
+    file = models.CharField(max_length=200)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64, validators=[RegexValidator(r"^[0-9a-f]{64}$", "64 hex digits.")])
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [models.UniqueConstraint(fields=["release", "name"], name="one_package_name_per_release")]
+
+    def __str__(self) -> str:
+        return f"{self.name} {self.version}"
+
+
+class UpdateRun(models.Model):
+    class Trigger(models.TextChoices):
+        MANUAL = "manual", "Auto-Update (manual)"
+        SCHEDULED = "scheduled", "Scheduled"
+        CATCHUP_FULL = "catchup_full", "Full update from Oldstable"
+        CATCHUP_PARTIAL = "catchup_partial", "Partial update from Oldstable"
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    ACTIVE_STATES = (State.RUNNING,)
+
+    node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="runs")
+    release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="runs")
+    packages = models.JSONField(default=list, blank=True, help_text="Package names for a partial update; empty: all.")
+    trigger = models.CharField(max_length=20, choices=Trigger.choices, default=Trigger.MANUAL)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING)
+    started_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    message = models.TextField(blank=True, help_text="The notice logged-in users receive.")
+    current_step = models.CharField(max_length=16, blank=True)
+    boot_id_before = models.CharField(max_length=64, blank=True)
+    version_before = models.CharField(max_length=32, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    last_activity_at = models.DateTimeField(auto_now_add=True)
+    error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["state", "last_activity_at"])]
+        constraints = [
+            models.UniqueConstraint(fields=["node"], condition=Q(state="running"), name="one_running_run_per_node")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node} -> {self.release.version} ({self.state})"
+
+    def get_absolute_url(self) -> str:
+        return reverse("admin:updates_updaterun_change", args=[self.pk])
+
+
+class UpdateStep(models.Model):
+    class Name(models.TextChoices):
+        NOTIFY = "notify", "Notify users"
+        DRAIN = "drain", "Drain (logon off, users logged off)"
+        DOWNLOAD = "download", "Download"
+        INSTALL = "install", "Install"
+        REBOOT = "reboot", "Reboot"
+        VERIFY = "verify", "Wait for the node"
+        RESUME = "resume", "Back in service"
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Pending"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        SKIPPED = "skipped", "Skipped"
+        FAILED = "failed", "Failed"
+
+    ORDER = [n.value for n in Name]
+
+    run = models.ForeignKey(UpdateRun, on_delete=models.CASCADE, related_name="steps")
+    name = models.CharField(max_length=16, choices=Name.choices)
+    position = models.PositiveSmallIntegerField()
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    bytes_done = models.PositiveBigIntegerField(default=0)
+    bytes_total = models.PositiveBigIntegerField(default=0)
+    detail = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["run", "position"]
+        constraints = [models.UniqueConstraint(fields=["run", "name"], name="one_step_name_per_run")]
+
+    def __str__(self) -> str:
+        return f"{self.get_name_display()}: {self.state}"
+
+    @property
+    def percent(self) -> int:
+        if not self.bytes_total:
+            return 100 if self.state == self.State.SUCCEEDED else 0
+        return min(100, int(100 * self.bytes_done / self.bytes_total))
+
+
+class UpdateLock(models.Model):
+    """Set when an update fails; blocks every further update of the node until removed.
+
+    Removed locks stay as history (who removed them, when, why).
+    """
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="locks")
+    reason = models.TextField()
+    run = models.ForeignKey(UpdateRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="locks")
+    created_at = models.DateTimeField(auto_now_add=True)
+    removed_at = models.DateTimeField(null=True, blank=True)
+    removed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node"], condition=Q(removed_at__isnull=True), name="one_active_lock_per_node"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"lock on {self.node}" + (" (removed)" if self.removed_at else "")
+
+    @property
+    def active(self) -> bool:
+        return self.removed_at is None
+
+
+class MaintenanceNotice(models.Model):
+    """A notice of upcoming maintenance, delivered to the users logged in on a node or cluster."""
+
+    node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="notices")
+    cluster = models.ForeignKey(Cluster, null=True, blank=True, on_delete=models.CASCADE, related_name="notices")
+    message = models.TextField()
+    starts_at = models.DateTimeField(help_text="When the maintenance work begins.")
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    delivered_to = models.PositiveIntegerField(default=0, validators=[MinValueValidator(0)], editable=False)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.CheckConstraint(
+                condition=(Q(node__isnull=False) & Q(cluster__isnull=True))
+                | (Q(node__isnull=True) & Q(cluster__isnull=False)),
+                name="notice_for_node_or_cluster",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"notice for {self.node or self.cluster} at {self.starts_at:%Y-%m-%d %H:%M}"
+
+    def clean(self) -> None:
+        if bool(self.node_id) == bool(self.cluster_id):
+            raise ValidationError("Choose either a node or a cluster.")
+
+    def target_nodes(self) -> models.QuerySet[Node]:
+        if self.node_id:
+            return Node.objects.filter(pk=self.node_id)
+        return Node.objects.filter(cluster=self.cluster)

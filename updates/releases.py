@@ -1,0 +1,65 @@
+"""Keep the Release and Package rows in step with the signed repository index."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import transaction
+
+from updates.models import Package, Release
+from updates.repository import RepositoryIndex, fetch_index, parse_and_verify
+
+
+def public_key() -> str:
+    if settings.TGP_REPO_PUBKEY:
+        return settings.TGP_REPO_PUBKEY
+    return settings.TGP_REPO_PUBKEY_FILE.read_text().strip()
+
+
+def last_serial() -> int:
+    latest = Release.objects.order_by("-index_serial").values_list("index_serial", flat=True).first()
+    return latest or 0
+
+
+@transaction.atomic
+def import_index(index: RepositoryIndex) -> tuple[int, int]:
+    """Upsert every release of a verified index; returns (created, updated)."""
+    created = updated = 0
+    for entry in index.releases:
+        release, was_created = Release.objects.update_or_create(
+            version=entry.version,
+            defaults={
+                "channel": entry.channel,
+                "notes": entry.notes,
+                "needs_reboot": entry.needs_reboot,
+                "hotfix": entry.hotfix,
+                "index_serial": index.serial,
+            },
+        )
+        created += was_created
+        updated += not was_created
+        release.packages.exclude(name__in=[p.name for p in entry.packages]).delete()
+        for p in entry.packages:
+            Package.objects.update_or_create(
+                release=release,
+                name=p.name,
+                defaults={"version": p.version, "file": p.file, "size": p.size, "sha256": p.sha256},
+            )
+    return created, updated
+
+
+def sync_from_url(url: str | None = None) -> RepositoryIndex:
+    index, _, _ = fetch_index(url or settings.TGP_REPO_URL, public_key(), min_serial=last_serial())
+    import_index(index)
+    return index
+
+
+def sync_from_dir(path: str | None = None) -> RepositoryIndex:
+    base = settings.TGP_REPO_DIR if path is None else settings.BASE_DIR / path
+    index = parse_and_verify(
+        (base / "index.json").read_bytes(),
+        (base / "index.json.sig").read_bytes(),
+        public_key(),
+        min_serial=last_serial(),
+    )
+    import_index(index)
+    return index

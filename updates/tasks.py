@@ -1,0 +1,41 @@
+"""Control-queue tasks: thin wrappers that take ids and call updates.workflow."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import shared_task
+
+from updates import workflow
+
+
+@shared_task(name="control.record_step", ignore_result=True)
+def record_step(run_id: int, step: str, event: str, **fields: Any) -> None:
+    workflow.record_step(run_id, step, event, **fields)
+
+
+@shared_task(name="control.node_report", ignore_result=True)
+def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
+    workflow.node_reported(hostname, snapshot)
+
+
+@shared_task(
+    name="control.verify",
+    autoretry_for=(workflow.NodeNotBack,),
+    retry_backoff=1,
+    retry_backoff_max=3,
+    retry_jitter=False,
+    max_retries=None,  # bounded by TGP_REBOOT_TIMEOUT inside verify_node_back
+)
+def verify(run_id: int) -> None:
+    workflow.verify_node_back(run_id)
+
+
+@shared_task(name="control.complete")
+def complete(run_id: int) -> bool:
+    return workflow.complete_run(run_id)
+
+
+@shared_task(name="control.reap_stale_runs")
+def reap_stale_runs() -> int:
+    return workflow.reap_stale_runs()

@@ -1,0 +1,329 @@
+"""The control plane of an update run: plain functions that tasks, admin actions
+and management commands all call.
+
+The database rows are the truth about a run. The Celery chain built here only
+carries the work: every node step reports back through ``record_step`` and every
+transition below is a conditional UPDATE, so a duplicate message changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from celery import chain, signature
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from nodes.models import Node
+from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
+
+log = logging.getLogger(__name__)
+
+CONTROL_QUEUE = "control"
+NODE_STEPS = {"notify", "drain", "download", "install", "reboot", "resume"}
+
+
+class UpdateRefused(Exception):
+    """The update cannot start; the message says why, for the operator."""
+
+
+def active_lock(node: Node) -> UpdateLock | None:
+    return UpdateLock.objects.filter(node=node, removed_at__isnull=True).first()
+
+
+def default_message(release: Release) -> str:
+    return (
+        f"This server is being updated to version {release.version}. Please save your work: "
+        "you will be logged off shortly and can log on again after the update."
+    )
+
+
+def _check_can_start(node: Node, release: Release, trigger: str) -> None:
+    lock = active_lock(node)
+    if lock:
+        raise UpdateRefused(f"{node} has an update lock ({lock.reason}); remove it first.")
+    if UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).exists():
+        raise UpdateRefused(f"{node} is already updating.")
+    catchup = trigger in (UpdateRun.Trigger.CATCHUP_FULL, UpdateRun.Trigger.CATCHUP_PARTIAL)
+    if catchup:
+        if release.channel != Release.Channel.OLDSTABLE:
+            raise UpdateRefused(f"A catch-up installs an oldstable release; {release.version} is {release.channel}.")
+        return
+    newest = Release.newest(node.channel)
+    if newest is None or release.version_sort < newest.version_sort:
+        raise UpdateRefused(
+            f"{release.version} is older than the newest {node.channel} release; "
+            "only a catch-up from Oldstable may install an older release."
+        )
+    if node.installed_version == release.version:
+        raise UpdateRefused(f"{node} already runs {release.version}: no updates available.")
+
+
+def start_update(
+    node: Node,
+    release: Release,
+    *,
+    user: Any = None,
+    trigger: str = UpdateRun.Trigger.MANUAL,
+    packages: list[str] | None = None,
+    message: str = "",
+) -> UpdateRun:
+    """Create the run and its steps, switch the node into maintenance, and queue
+    the chain once the transaction has committed."""
+    try:
+        with transaction.atomic():
+            node = Node.objects.select_for_update().get(pk=node.pk)
+            _check_can_start(node, release, trigger)
+            run = UpdateRun.objects.create(
+                node=node,
+                release=release,
+                trigger=trigger,
+                packages=sorted(packages or []),
+                started_by=user if getattr(user, "pk", None) else None,
+                message=message or default_message(release),
+                boot_id_before=node.boot_id,
+                version_before=node.installed_version,
+            )
+            UpdateStep.objects.bulk_create(
+                UpdateStep(run=run, name=name, position=i) for i, name in enumerate(UpdateStep.ORDER)
+            )
+            Node.objects.filter(pk=node.pk).update(
+                maintenance_mode=True,
+                maintenance_reason=f"Update to {release.version} (run {run.pk})",
+                state=Node.State.UPDATING,
+            )
+            log.info("run %s started: %s -> %s (%s)", run.pk, node, release.version, trigger)
+            transaction.on_commit(lambda: dispatch(run.pk))
+    except IntegrityError:
+        # The partial unique index lost a race with another start: same answer as the check.
+        raise UpdateRefused(f"{node} is already updating.") from None
+    return run
+
+
+def node_payload(run: UpdateRun) -> dict[str, Any]:
+    """What a node step needs. Package data is not here on purpose: the agent
+    takes sizes and hashes from the signed index, never from a message."""
+    return {
+        "run": run.pk,
+        "node": run.node.hostname,
+        "version": run.release.version,
+        "packages": list(run.packages),
+        "message": run.message,
+    }
+
+
+def build_chain(run: UpdateRun, from_step: str = "notify") -> Any:
+    payload = node_payload(run)
+    queue = run.node.queue
+    sigs = []
+    for name in UpdateStep.ORDER[UpdateStep.ORDER.index(from_step) :]:
+        if name in NODE_STEPS:
+            sigs.append(signature(f"node.{name}", args=(payload,), immutable=True).set(queue=queue))
+        else:
+            sigs.append(signature(f"control.{name}", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
+    sigs.append(signature("control.complete", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
+    return chain(*sigs)
+
+
+def dispatch(run_id: int, from_step: str = "notify") -> None:
+    run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
+    if run.state != UpdateRun.State.RUNNING:
+        return
+    build_chain(run, from_step).apply_async()
+    log.info("run %s dispatched from %s to %s", run_id, from_step, run.node.queue)
+
+
+# --- what nodes report ------------------------------------------------------------
+
+
+def apply_snapshot(hostname: str, snapshot: dict[str, Any]) -> Node | None:
+    """Store what an agent says about its node. Returns the node, or None if unknown."""
+    fields = {
+        "installed_version": str(snapshot.get("installed_version", "")),
+        "installed_packages": dict(snapshot.get("packages", {})),
+        "logged_in_users": sorted(snapshot.get("users", [])),
+        "logon_enabled": bool(snapshot.get("logon_enabled", True)),
+        "in_load_balancer": bool(snapshot.get("in_load_balancer", False)),
+        "boot_id": str(snapshot.get("boot_id", "")),
+        "agent_instance": str(snapshot.get("agent_instance", "")),
+        "last_seen": timezone.now(),
+    }
+    updated = Node.objects.filter(hostname=hostname).update(**fields)
+    if not updated:
+        log.warning("report from unknown node %r ignored", hostname)
+        return None
+    Node.objects.filter(hostname=hostname, state=Node.State.UNKNOWN).update(state=Node.State.ONLINE)
+    return Node.objects.get(hostname=hostname)
+
+
+def record_step(
+    run_id: int,
+    step: str,
+    event: str,
+    *,
+    detail: str = "",
+    bytes_done: int | None = None,
+    bytes_total: int | None = None,
+    snapshot: dict[str, Any] | None = None,
+    hostname: str = "",
+) -> None:
+    """Record one event of a step: started, progress, succeeded, skipped or failed."""
+    if snapshot and hostname:
+        apply_snapshot(hostname, snapshot)
+    now = timezone.now()
+    running = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING)
+    moved = {"current_step": step} if event == "started" else {}
+    if not running.update(last_activity_at=now, **moved):
+        return  # the run ended already: a late or duplicate report
+    steps = UpdateStep.objects.filter(run_id=run_id, name=step)
+    changes: dict[str, Any] = {}
+    if bytes_done is not None:
+        changes["bytes_done"] = bytes_done
+    if bytes_total is not None:
+        changes["bytes_total"] = bytes_total
+    if detail:
+        changes["detail"] = detail[:2000]
+    if event == "started":
+        # Reports can arrive out of order (several control processes): never reopen a finished step.
+        steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).update(
+            state=UpdateStep.State.RUNNING, started_at=now, attempts=F("attempts") + 1, **changes
+        )
+    elif event == "progress":
+        steps.filter(state=UpdateStep.State.RUNNING).update(**changes)
+    elif event in ("succeeded", "skipped"):
+        steps.update(state=event, finished_at=now, **changes)
+    elif event == "failed":
+        steps.update(state=UpdateStep.State.FAILED, finished_at=now, **changes)
+        fail_run(run_id, f"{step}: {detail or 'failed'}")
+    else:
+        log.warning("unknown step event %r for run %s ignored", event, run_id)
+
+
+def fail_run(run_id: int, reason: str) -> bool:
+    """End the run as failed and lock the node. The node stays in maintenance:
+    only an error-free run ends it (the manual's rule). Returns False if the run
+    had ended already."""
+    with transaction.atomic():
+        ended = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
+            state=UpdateRun.State.FAILED, error=reason[:4000], finished_at=timezone.now()
+        )
+        if not ended:
+            return False
+        run = UpdateRun.objects.select_related("node").get(pk=run_id)
+        UpdateStep.objects.filter(run=run, state=UpdateStep.State.RUNNING).update(
+            state=UpdateStep.State.FAILED, finished_at=timezone.now()
+        )
+        set_lock(run.node, f"Update to run {run_id} failed: {reason}", run=run)
+        Node.objects.filter(pk=run.node_id).update(state=Node.State.ONLINE)
+    log.error("run %s failed: %s", run_id, reason)
+    return True
+
+
+def set_lock(node: Node, reason: str, run: UpdateRun | None = None) -> UpdateLock:
+    existing = active_lock(node)
+    if existing:
+        return existing
+    return UpdateLock.objects.create(node=node, reason=reason[:4000], run=run)
+
+
+def remove_lock(node: Node, user: Any) -> bool:
+    """Remove the node's active lock, keeping it as history. False if there was none."""
+    return bool(
+        UpdateLock.objects.filter(node=node, removed_at__isnull=True).update(
+            removed_at=timezone.now(), removed_by=user if getattr(user, "pk", None) else None
+        )
+    )
+
+
+class NodeNotBack(Exception):
+    """The node has not yet reported the new boot and version (retried)."""
+
+
+class RunFailed(Exception):
+    """Stops the chain after the run was recorded as failed."""
+
+
+def target_reached(run: UpdateRun, node: Node) -> bool:
+    wanted = run.release.packages.all()
+    if run.packages:
+        wanted = wanted.filter(name__in=run.packages)
+    installed = node.installed_packages or {}
+    if any(installed.get(p.name) != p.version for p in wanted):
+        return False
+    return bool(run.packages) or node.installed_version == run.release.version
+
+
+def verify_node_back(run_id: int) -> None:
+    """Succeeds once the node reports the target version (and a new boot, if it
+    had to reboot); fails the run after TGP_REBOOT_TIMEOUT; else NodeNotBack."""
+    run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
+    if run.state != UpdateRun.State.RUNNING:
+        raise RunFailed(f"run {run_id} is {run.state}")
+    reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
+    needs_new_boot = reboot.state == UpdateStep.State.SUCCEEDED
+    node = run.node
+    if target_reached(run, node) and (not needs_new_boot or node.boot_id != run.boot_id_before):
+        record_step(
+            run_id, "verify", "succeeded", detail=f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
+        )
+        return
+    UpdateStep.objects.filter(run_id=run_id, name="verify", state=UpdateStep.State.PENDING).update(
+        state=UpdateStep.State.RUNNING, started_at=timezone.now(), attempts=1
+    )
+    since = reboot.finished_at or run.last_activity_at
+    if timezone.now() - since > timedelta(seconds=settings.TGP_REBOOT_TIMEOUT):
+        fail_run(run_id, f"verify: {node} did not come back within {settings.TGP_REBOOT_TIMEOUT:.0f} s")
+        raise RunFailed(f"run {run_id} failed")
+    raise NodeNotBack(f"{node} not back yet")
+
+
+def complete_run(run_id: int) -> bool:
+    """Mark an error-free run succeeded and end the node's maintenance mode."""
+    with transaction.atomic():
+        done = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
+            state=UpdateRun.State.SUCCEEDED, finished_at=timezone.now(), current_step=""
+        )
+        if not done:
+            return False
+        run = UpdateRun.objects.get(pk=run_id)
+        Node.objects.filter(pk=run.node_id).update(
+            maintenance_mode=False, maintenance_reason="", state=Node.State.ONLINE
+        )
+    log.info("run %s succeeded", run_id)
+    return True
+
+
+def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
+    """A heartbeat. If the agent restarted in the middle of a run (a crash, not
+    the reboot step), queue the run again from its first unfinished step: every
+    node step is safe to run twice."""
+    before = Node.objects.filter(hostname=hostname).values_list("agent_instance", flat=True).first()
+    node = apply_snapshot(hostname, snapshot)
+    if node is None or before is None or before == node.agent_instance or not before:
+        return
+    run = UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).first()
+    if run is None:
+        return
+    pending = run.steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).first()
+    if pending is None or pending.name not in NODE_STEPS:
+        return
+    if pending.name == UpdateStep.Name.REBOOT and node.boot_id != run.boot_id_before:
+        return  # this restart is the reboot itself; its report is on the way
+    log.warning("agent of %s restarted during run %s: resuming at %s", hostname, run.pk, pending.name)
+    transaction.on_commit(lambda: dispatch(run.pk, pending.name))
+
+
+def reap_stale_runs() -> int:
+    """Fail runs whose node went silent for longer than TGP_RUN_STALL_TIMEOUT."""
+    cutoff = timezone.now() - timedelta(seconds=settings.TGP_RUN_STALL_TIMEOUT)
+    failed = 0
+    for run_id in UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff).values_list(
+        "pk", flat=True
+    ):
+        reason = f"no word from the node for {settings.TGP_RUN_STALL_TIMEOUT:.0f} s"
+        failed += fail_run(run_id, reason)
+    return failed
