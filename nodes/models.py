@@ -70,6 +70,10 @@ class Node(models.Model):
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNKNOWN, editable=False)
     maintenance_mode = models.BooleanField(default=False, editable=False)
     maintenance_reason = models.CharField(max_length=200, blank=True, editable=False)
+    # The manual's "warning flag": set when a scheduled download has failed 10 times,
+    # cleared only by a complete, verified download. Never removed by hand.
+    download_warning = models.BooleanField(default=False, editable=False)
+    download_warning_since = models.DateTimeField(null=True, blank=True, editable=False)
 
     class Meta:
         ordering = ["hostname"]
