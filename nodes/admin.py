@@ -34,6 +34,14 @@ def require(request: HttpRequest, perm: str) -> None:
         raise PermissionDenied(f"You need the permission {perm!r} for this.")
 
 
+def refuse_hidden_action(request: HttpRequest, role_actions: dict[str, str]) -> None:
+    """A role action posted by somebody without the role is refused loudly (403),
+    not answered with Django's "no action selected"."""
+    action = request.POST.get("action", "") if request.method == "POST" else ""
+    if action in role_actions:
+        require(request, role_actions[action])
+
+
 @admin.register(Cluster)
 class ClusterAdmin(admin.ModelAdmin):
     list_display = ["name", "max_parallel_updates", "lb_lead_time", "node_count"]
@@ -90,12 +98,9 @@ class NodeAdmin(admin.ModelAdmin):
         actions = super().get_actions(request)
         return {k: v for k, v in actions.items() if k not in ROLE_ACTIONS or request.user.has_perm(ROLE_ACTIONS[k])}
 
-    def response_action(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse | None:
-        # A hidden action is still refused loudly: 403, not "no action selected".
-        action = request.POST.get("action", "")
-        if action in ROLE_ACTIONS:
-            require(request, ROLE_ACTIONS[action])
-        return super().response_action(request, queryset)
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        refuse_hidden_action(request, ROLE_ACTIONS)
+        return super().changelist_view(request, extra_context)
 
     def get_urls(self) -> list[Any]:
         wrap = self.admin_site.admin_view

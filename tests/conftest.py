@@ -245,3 +245,39 @@ def wait_run() -> Callable[..., Any]:
         return ended
 
     return wait
+
+
+@pytest.fixture
+def staff(db: Any) -> Callable[..., Any]:
+    """Staff users: make("viewer") may only look; make("op", "update") is in group update."""
+    from django.contrib.auth.models import Group, Permission, User
+
+    def make(username: str, group: str | None = None) -> User:
+        user = User.objects.create_user(username, password="pw-for-tests-only", is_staff=True)
+        if group:
+            user.groups.add(Group.objects.get(name=group))
+        else:
+            user.user_permissions.add(*Permission.objects.filter(codename__startswith="view_"))
+        return user
+
+    return make
+
+
+@pytest.fixture
+def releases(db: Any) -> dict[str, Any]:
+    """Release rows as the demo repository has them (no HTTP involved)."""
+    from updates.demo import DEMO_RELEASES
+    from updates.models import Package, Release
+
+    made = {}
+    for channel, version, needs_reboot, hotfix, notes, packages in DEMO_RELEASES:
+        release = Release.objects.create(
+            version=version, channel=channel, needs_reboot=needs_reboot, hotfix=hotfix, notes=notes
+        )
+        for name, pkg_version in packages.items():
+            Package.objects.create(
+                release=release, name=name, version=pkg_version, file=f"pool/{name}_{pkg_version}.tar.gz",
+                size=1, sha256="0" * 64,
+            )  # fmt: skip
+        made[version] = release
+    return made

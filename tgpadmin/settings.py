@@ -152,6 +152,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TRACK_STARTED = True
 CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# Static entries; django-celery-beat copies them into its tables at start.
+CELERY_BEAT_SCHEDULE = {
+    "reap-stale-runs": {"task": "control.reap_stale_runs", "schedule": 60.0, "options": {"queue": "control"}},
+}
 # An unacknowledged message comes back after this long. Node steps are acked on
 # receipt (see nodes/tasks.py), so this only matters for control tasks.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60)}
@@ -167,7 +171,7 @@ TGP_REPO_DIR = Path(env_str("TGP_REPO_DIR", str(VAR_DIR / "repo")))
 TGP_NODE_STATE_DIR = Path(env_str("TGP_NODE_STATE_DIR", str(VAR_DIR / "nodes")))
 TGP_NODE_DRIVER = env_str("TGP_NODE_DRIVER", "simulated")
 # How long a node may be silent (no progress, no heartbeat) during a run before it fails.
-TGP_RUN_STALL_TIMEOUT = env_float("TGP_RUN_STALL_TIMEOUT", 600.0, minimum=1.0)
+TGP_RUN_STALL_TIMEOUT = env_float("TGP_RUN_STALL_TIMEOUT", 1800.0, minimum=1.0)
 # How long the control plane waits for a node to come back after the reboot step.
 TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)
 TGP_HEARTBEAT_INTERVAL = env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1)

@@ -4,9 +4,9 @@ from typing import Any
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 
-from nodes.admin import require
+from nodes.admin import refuse_hidden_action, require
 from updates import workflow
 from updates.models import MaintenanceNotice, Package, Release, UpdateLock, UpdateRun, UpdateStep
 
@@ -87,10 +87,9 @@ class UpdateLockAdmin(ReadOnlyAdmin):
             actions.pop("remove", None)
         return actions
 
-    def response_action(self, request: HttpRequest, queryset: QuerySet[UpdateLock]) -> Any:
-        if request.POST.get("action") == "remove":
-            require(request, "nodes.remove_update_lock")
-        return super().response_action(request, queryset)
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        refuse_hidden_action(request, {"remove": "nodes.remove_update_lock"})
+        return super().changelist_view(request, extra_context)
 
 
 @admin.register(MaintenanceNotice)

@@ -177,8 +177,10 @@ def record_step(
     now = timezone.now()
     running = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING)
     moved = {"current_step": step} if event == "started" else {}
-    if not running.update(last_activity_at=now, **moved):
-        return  # the run ended already: a late or duplicate report
+    if not running.update(last_activity_at=now, **moved) and event not in ("succeeded", "skipped"):
+        # The run ended already: a late or duplicate report. A late success still lands
+        # on its step: the chain's next task may be processed before this report.
+        return
     steps = UpdateStep.objects.filter(run_id=run_id, name=step)
     changes: dict[str, Any] = {}
     if bytes_done is not None:

@@ -1,0 +1,114 @@
+"""The command-line side: autoupdate, remove_update_lock, node_agent, demo_fleet."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from io import StringIO
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from nodes.models import Cluster, Node
+from tests.conftest import ROOT, process_env, test_database_url
+from updates import workflow
+from updates.models import Release, UpdateLock, UpdateRun
+
+
+def run_cli(*args: str) -> str:
+    out = StringIO()
+    call_command(*args, stdout=out, stderr=StringIO())
+    return out.getvalue()
+
+
+@pytest.mark.django_db
+def test_autoupdate_without_yes_names_the_users_and_starts_nothing(make_node, releases):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", logged_in_users=["alice", "bob"])
+    with pytest.raises(CommandError, match="alice, bob.*--yes"):
+        run_cli("autoupdate", node.hostname)
+    assert not UpdateRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_autoupdate_of_unknown_or_locked_node_is_refused(make_node, releases):
+    with pytest.raises(CommandError, match="no node named 'nope'"):
+        run_cli("autoupdate", "nope", "--yes")
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0")
+    workflow.set_lock(node, "earlier failure")
+    with pytest.raises(CommandError, match="update lock"):
+        run_cli("autoupdate", node.hostname, "--yes")
+    assert not UpdateRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_autoupdate_of_an_up_to_date_node_says_no_updates_available(make_node, releases):
+    node = make_node("gw", version="2.2.0")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.2.0")
+    with pytest.raises(CommandError, match="no updates available"):
+        run_cli("autoupdate", node.hostname, "--yes")
+
+
+@pytest.mark.django_db
+def test_remove_update_lock_keeps_history_and_checks_the_user(make_node, staff):
+    node = make_node("gw")
+    workflow.set_lock(node, "failed")
+    viewer = staff("viewer")
+    with pytest.raises(CommandError, match="may not remove update locks"):
+        run_cli("remove_update_lock", node.hostname, "--user", viewer.username)
+    operator = staff("op", "update")
+    assert "removed" in run_cli("remove_update_lock", node.hostname, "--user", operator.username)
+    lock = UpdateLock.objects.get(node=node)
+    assert lock.removed_by == operator
+    with pytest.raises(CommandError, match="has no update lock"):
+        run_cli("remove_update_lock", node.hostname)
+
+
+def test_node_agent_refuses_a_hostile_node_name():
+    with pytest.raises(CommandError, match="host name"):
+        run_cli("node_agent", "../../etc")
+
+
+@pytest.mark.django_db
+def test_demo_fleet_is_idempotent(settings, tmp_path):
+    settings.VAR_DIR = tmp_path
+    settings.TGP_REPO_DIR = tmp_path / "repo"
+    settings.TGP_NODE_STATE_DIR = tmp_path / "nodes"
+    settings.TGP_REPO_SIGNING_KEY_FILE = tmp_path / "keys" / "repo.key"
+    settings.TGP_REPO_PUBKEY_FILE = tmp_path / "keys" / "repo.pub"
+    run_cli("demo_fleet")
+    run_cli("demo_fleet")
+    assert sorted(Node.objects.values_list("hostname", flat=True)) == ["c1n1", "c1n2", "c1n3", "gw1"]
+    assert Cluster.objects.get(name="cluster1").max_parallel_updates == 1
+    assert Node.objects.get(hostname="gw1").cluster is None
+    assert Release.objects.filter(channel="stable").count() >= 2
+    assert Release.objects.filter(channel="oldstable").count() >= 1
+    assert Node.objects.get(hostname="gw1").logged_in_users == ["alice", "bob"]
+    from django.contrib.auth.models import User
+
+    assert User.objects.filter(username="operator", groups__name="update").exists()
+    assert User.objects.filter(username="maintainer", groups__name="maint").exists()
+
+
+@pytest.mark.workflow
+@pytest.mark.timeout(180)
+@pytest.mark.django_db(transaction=True)
+def test_autoupdate_wait_exits_zero_on_success_and_one_on_failure(
+    demo_repo, make_node, agent_for, redis_url, tmp_path
+):
+    repo, _ = demo_repo
+    repo.import_releases()
+    good, bad = make_node("gw"), make_node("gw")
+    agent_for(good)
+    agent_for(bad, pubkey=repo.__class__(tmp_path / "other").pubkey)  # pins a key that signed nothing
+    env = process_env(redis_url, DATABASE_URL=test_database_url())
+    cmd = [sys.executable, "manage.py", "autoupdate", "--yes", "--wait", "--timeout", "90"]
+
+    ok = subprocess.run([*cmd, good.hostname], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "succeeded" in ok.stdout and "alice, bob" in ok.stdout
+
+    failed = subprocess.run([*cmd, bad.hostname], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert failed.returncode == 1
+    assert "failed" in failed.stderr and "download" in failed.stderr

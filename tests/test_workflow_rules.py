@@ -1,0 +1,106 @@
+"""The run's rules, one transition at a time: duplicates and late reports change
+nothing they should not, and only the right releases may start."""
+
+from __future__ import annotations
+
+import pytest
+
+from nodes.models import Node
+from updates import workflow
+from updates.models import UpdateLock, UpdateRun, UpdateStep
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def run(make_node, releases, django_capture_on_commit_callbacks):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1", agent_instance="agent-1")
+    with django_capture_on_commit_callbacks(execute=False):
+        return workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+
+
+def step(run, name):
+    return UpdateStep.objects.get(run=run, name=name)
+
+
+def test_a_late_success_report_still_lands_after_the_run_completed(run):
+    workflow.record_step(run.pk, "resume", "started")
+    assert workflow.complete_run(run.pk)
+    workflow.record_step(run.pk, "resume", "succeeded")
+    assert step(run, "resume").state == "succeeded"
+
+
+def test_late_progress_after_a_failure_changes_nothing(run):
+    workflow.record_step(run.pk, "download", "started")
+    workflow.fail_run(run.pk, "boom")
+    workflow.record_step(run.pk, "download", "progress", bytes_done=10, bytes_total=100)
+    assert step(run, "download").bytes_done == 0
+
+
+def test_a_started_report_arriving_after_success_does_not_reopen_the_step(run):
+    workflow.record_step(run.pk, "notify", "succeeded")
+    workflow.record_step(run.pk, "notify", "started")
+    assert step(run, "notify").state == "succeeded"
+
+
+def test_a_failure_reported_twice_sets_one_lock(run):
+    workflow.record_step(run.pk, "download", "failed", detail="bad hash")
+    workflow.record_step(run.pk, "download", "failed", detail="bad hash")
+    assert UpdateLock.objects.filter(node=run.node, removed_at=None).count() == 1
+    run.refresh_from_db()
+    assert run.state == "failed" and run.error == "download: bad hash"
+
+
+def test_completing_twice_is_a_no_op(run):
+    assert workflow.complete_run(run.pk) is True
+    assert workflow.complete_run(run.pk) is False
+
+
+def test_a_second_start_on_the_same_node_is_refused(run, releases):
+    with pytest.raises(workflow.UpdateRefused, match="already updating"):
+        workflow.start_update(run.node, releases["2.2.0"])
+
+
+def test_agent_restart_mid_step_requeues_the_run_from_that_step(run, django_capture_on_commit_callbacks):
+    workflow.record_step(run.pk, "notify", "succeeded")
+    workflow.record_step(run.pk, "drain", "succeeded")
+    workflow.record_step(run.pk, "download", "started")
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        workflow.node_reported(run.node.hostname, {"boot_id": "boot-1", "agent_instance": "agent-2"})
+    assert len(queued) == 1
+
+
+def test_the_reboot_itself_does_not_requeue_the_reboot(run, django_capture_on_commit_callbacks):
+    for name in ["notify", "drain", "download", "install"]:
+        workflow.record_step(run.pk, name, "succeeded")
+    workflow.record_step(run.pk, "reboot", "started")
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        workflow.node_reported(run.node.hostname, {"boot_id": "boot-2", "agent_instance": "agent-2"})
+    assert queued == []
+
+
+def test_heartbeats_from_the_same_agent_queue_nothing(run, django_capture_on_commit_callbacks):
+    workflow.record_step(run.pk, "download", "started")
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        workflow.node_reported(run.node.hostname, {"boot_id": "boot-1", "agent_instance": "agent-1"})
+    assert queued == []
+
+
+def test_only_a_catch_up_may_install_an_older_release(make_node, releases):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0")
+    node.refresh_from_db()
+    with pytest.raises(workflow.UpdateRefused, match="older than the newest"):
+        workflow.start_update(node, releases["2.1.0"])
+    with pytest.raises(workflow.UpdateRefused, match="older than the newest"):
+        workflow.start_update(node, releases["2.0.0"])
+    with pytest.raises(workflow.UpdateRefused, match="oldstable release"):
+        workflow.start_update(node, releases["2.2.0"], trigger=UpdateRun.Trigger.CATCHUP_FULL)
+    run = workflow.start_update(node, releases["2.0.0"], trigger=UpdateRun.Trigger.CATCHUP_FULL)
+    assert run.release.version == "2.0.0"
+
+
+def test_an_unknown_node_report_is_ignored():
+    assert workflow.apply_snapshot("ghost", {"installed_version": "1.0"}) is None
+    assert not Node.objects.exists()
