@@ -29,7 +29,7 @@ log = logging.getLogger("nodes.agent")
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     # If the supervisor is killed with SIGKILL its worker must not live on unsupervised.
     with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -61,7 +61,7 @@ class Agent:
             "TGP_AGENT_INSTANCE": self.instance,
             "TGP_NODE_DRIVER": self.driver_name,
         }
-        self.child = subprocess.Popen(self.worker_command(), env=env, preexec_fn=_die_with_parent)
+        self.child = subprocess.Popen(self.worker_command(), env=env, preexec_fn=die_with_parent)
         log.info("agent %s: worker pid %s started (instance %s)", self.hostname, self.child.pid, self.instance[:8])
 
     def heartbeat(self) -> None:

@@ -21,13 +21,16 @@ from typing import Any
 
 import pytest
 
+from nodes.agent import die_with_parent
 from tests.servers import RepoServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition") -> Any:
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition", interval: float = 0.05
+) -> Any:
     """Poll until predicate() is truthy; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -36,7 +39,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "t
             return result
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.05)
+        time.sleep(interval)
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
@@ -63,7 +66,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if not url:
         port = free_port()
         cmd = embedded_redis.command(port, tmp_path_factory.mktemp("redis"), persist=False)
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         embedded_redis.wait_until_up(port)
         url = f"redis://127.0.0.1:{port}/0"
     redis.Redis.from_url(url).flushdb()
@@ -120,7 +123,7 @@ def control_worker(redis_url: str, django_db_setup: Any, django_db_blocker: Any,
     log = open(logs_dir / "control.log", "w")
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=process_env(redis_url, DATABASE_URL=db_url), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
+        start_new_session=True, preexec_fn=die_with_parent,
     )  # fmt: skip
     wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), 60, "the control worker")
     yield name
@@ -203,7 +206,7 @@ def start_agent(redis_url: str, state_dir: Path, logs_dir: Path) -> Iterator[Cal
         log = open(logs_dir / f"agent-{hostname}.log", "a")
         proc = subprocess.Popen(
             [sys.executable, "manage.py", "node_agent", hostname], cwd=ROOT, env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         procs.append(proc)
         return proc

@@ -9,6 +9,7 @@ import sys
 import httpx
 import pytest
 
+from nodes.agent import die_with_parent
 from tests.conftest import ROOT, process_env, stop_process, wait_for
 from tests.servers import free_port
 
@@ -32,7 +33,7 @@ def flower(redis_url, logs_dir):
     with open(logs_dir / "flower.log", "w") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tgpadmin.flower"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
 
@@ -59,10 +60,13 @@ def test_flower_answers_401_without_credentials_and_lists_tasks_with_them(flower
     # Flower learns about tasks from worker events; it must be listening before the task runs.
     auth = ("watcher", "correct-horse")
     wait_for(lambda: httpx.get(f"{flower}/api/workers", auth=auth, timeout=5).json(), 60, "Flower to see the worker")
-    app.send_task("control.reap_stale_runs", queue="control")
 
     def listed() -> bool:
         tasks = httpx.get(f"{flower}/api/tasks", auth=auth, timeout=5).json()
-        return any(t.get("name") == "control.reap_stale_runs" and t.get("state") == "SUCCESS" for t in tasks.values())
+        if any(t.get("name") == "control.reap_stale_runs" and t.get("state") == "SUCCESS" for t in tasks.values()):
+            return True
+        # Events sent before Flower's receiver was attached are lost: send again until one is seen.
+        app.send_task("control.reap_stale_runs", queue="control")
+        return False
 
-    wait_for(listed, 60, "Flower to list control.reap_stale_runs as succeeded")
+    wait_for(listed, 60, "Flower to list control.reap_stale_runs as succeeded", interval=0.5)

@@ -6,6 +6,7 @@ detected without crashing are reported as system checks (tgpadmin/checks.py).
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
 
@@ -92,7 +93,8 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": str(VAR_DIR / "db.sqlite3"),
-            "TEST": {"NAME": str(VAR_DIR / "test-db.sqlite3")},
+            # Per process: two test sessions at once must not share one file.
+            "TEST": {"NAME": str(VAR_DIR / f"test-db-{os.getpid()}.sqlite3")},
         }
     }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
