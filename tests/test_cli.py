@@ -94,9 +94,7 @@ def test_demo_fleet_is_idempotent(settings, tmp_path):
 @pytest.mark.workflow
 @pytest.mark.timeout(180)
 @pytest.mark.django_db(transaction=True)
-def test_autoupdate_wait_exits_zero_on_success_and_one_on_failure(
-    demo_repo, make_node, agent_for, redis_url, tmp_path
-):
+def test_autoupdate_wait_exits_zero_on_success_and_one_on_failure(demo_repo, make_node, agent_for, redis_url, tmp_path):
     repo, _ = demo_repo
     repo.import_releases()
     good, bad = make_node("gw"), make_node("gw")

@@ -48,6 +48,7 @@ INSTALLED_APPS = [
     "tgpadmin",
     "nodes",
     "updates",
+    "hotfixes",
 ]
 
 MIDDLEWARE = [
@@ -181,6 +182,29 @@ TGP_DOWNLOAD_CHUNK = env_int("TGP_DOWNLOAD_CHUNK", 1024 * 1024, minimum=1024)
 TGP_DOWNLOAD_TIMEOUT = env_float("TGP_DOWNLOAD_TIMEOUT", 30.0, minimum=0.1)
 # Default advance notice for "Announce maintenance" (the manual says about 2 hours).
 TGP_MAINTENANCE_NOTICE_LEAD = env_float("TGP_MAINTENANCE_NOTICE_LEAD", 2 * 3600.0, minimum=0)
+
+# --- E-mail (hotfix notices) -------------------------------------------------------
+EMAIL_HOST = env_str("TGP_EMAIL_HOST", "localhost")
+EMAIL_PORT = env_int("TGP_EMAIL_PORT", 25, minimum=1)
+EMAIL_USE_TLS = env_bool("TGP_EMAIL_USE_TLS", False)  # STARTTLS, usually port 587
+EMAIL_USE_SSL = env_bool("TGP_EMAIL_USE_SSL", False)  # implicit TLS, usually port 465
+EMAIL_HOST_USER = env_str("TGP_EMAIL_USER", "")
+EMAIL_HOST_PASSWORD = env_str("TGP_EMAIL_PASSWORD", "")
+# Django waits forever by default: a silent SMTP server would hang the worker.
+EMAIL_TIMEOUT = env_float("TGP_EMAIL_TIMEOUT", 30.0, minimum=1.0)
+DEFAULT_FROM_EMAIL = env_str("TGP_EMAIL_FROM", "tgpadmin@localhost")
+
+# --- Phone gateway for urgent hotfix notices: twilio, webhook or none --------------
+HOTFIX_PHONE_GATEWAY = env_str("TGP_HOTFIX_PHONE_GATEWAY", "none")
+HOTFIX_TWILIO_ACCOUNT_SID = env_str("TGP_TWILIO_ACCOUNT_SID", "")
+HOTFIX_TWILIO_AUTH_TOKEN = env_str("TGP_TWILIO_AUTH_TOKEN", "")
+HOTFIX_TWILIO_FROM = env_str("TGP_TWILIO_FROM", "")
+HOTFIX_TWILIO_BASE_URL = env_str("TGP_TWILIO_BASE_URL", "https://api.twilio.com")
+HOTFIX_WEBHOOK_URL = env_str("TGP_HOTFIX_WEBHOOK_URL", "")
+HOTFIX_WEBHOOK_TOKEN = env_str("TGP_HOTFIX_WEBHOOK_TOKEN", "")
+HOTFIX_HTTP_TIMEOUT = env_float("TGP_HOTFIX_HTTP_TIMEOUT", 10.0, minimum=0.1)
+HOTFIX_RETRY_BACKOFF = env_int("TGP_HOTFIX_RETRY_BACKOFF", 2, minimum=1)
+HOTFIX_DELIVERY_MAX_RETRIES = env_int("TGP_HOTFIX_DELIVERY_MAX_RETRIES", 5, minimum=0)
 
 # --- Flower ------------------------------------------------------------------------
 # "user:password" pairs, comma separated; read by Flower from FLOWER_BASIC_AUTH.

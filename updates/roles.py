@@ -1,0 +1,35 @@
+"""The operator groups of the manual, kept true in code.
+
+``update`` runs updates, removes update locks and sends hotfix notices;
+``maint`` ends maintenance mode. Both may look at the fleet and its runs.
+Applied after every ``migrate`` (post_migrate, like Django's own permissions):
+permissions are only ever added, so grants made by hand survive.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+VIEW = [
+    "nodes.view_cluster", "nodes.view_node", "updates.view_release", "updates.view_package",
+    "updates.view_updaterun", "updates.view_updatestep", "updates.view_updatelock",
+    "updates.view_maintenancenotice", "hotfixes.view_contact", "hotfixes.view_hotfixnotice",
+    "hotfixes.view_delivery",
+]  # fmt: skip
+ROLES = {
+    "update": ["nodes.start_update", "nodes.remove_update_lock", "hotfixes.send_hotfixnotice", *VIEW],
+    "maint": ["nodes.end_maintenance", *VIEW],
+}
+
+
+def sync_roles(**_: Any) -> None:
+    from django.contrib.auth.models import Group, Permission
+    from django.db.models import Q
+
+    for name, perms in ROLES.items():
+        group, _ = Group.objects.get_or_create(name=name)
+        wanted = Q(pk__in=[])
+        for perm in perms:
+            app_label, codename = perm.split(".")
+            wanted |= Q(content_type__app_label=app_label, codename=codename)
+        group.permissions.add(*Permission.objects.filter(wanted))
