@@ -22,7 +22,7 @@ ROLES = {
 }
 
 
-def sync_roles(**_: Any) -> None:
+def sync_roles(**kwargs: Any) -> None:
     from django.contrib.auth.models import Group, Permission
     from django.db.models import Q
 
