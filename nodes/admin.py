@@ -20,9 +20,11 @@ from django.utils import timezone
 from nodes import services
 from nodes.models import Cluster, Node
 from updates.models import Release, UpdateLock
+from updates.workflow import UpdateRefused
 
 ROLE_ACTIONS = {
     "autoupdate": "nodes.start_update",
+    "catchup": "nodes.start_update",
     "remove_update_lock": "nodes.remove_update_lock",
     "end_maintenance": "nodes.end_maintenance",
     "announce_maintenance": "nodes.start_update",
@@ -66,6 +68,28 @@ class AnnounceForm(forms.Form):
         return value
 
 
+class CatchupForm(forms.Form):
+    mode = forms.ChoiceField(
+        choices=[("full", "Full update from Oldstable"), ("partial", "Partial update from Oldstable")],
+        widget=forms.RadioSelect,
+        initial="partial",
+    )
+    packages = forms.MultipleChoiceField(required=False, widget=forms.CheckboxSelectMultiple)
+
+    def __init__(self, *args: Any, release: Release | None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        packages = release.packages.all() if release else []
+        field = self.fields["packages"]
+        assert isinstance(field, forms.MultipleChoiceField)
+        field.choices = [(p.name, f"{p.name} {p.version}") for p in packages]
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean() or {}
+        if data.get("mode") == "partial" and not data.get("packages"):
+            raise forms.ValidationError("Choose the packages for a partial update.")
+        return data
+
+
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
     list_display = [
@@ -79,7 +103,7 @@ class NodeAdmin(admin.ModelAdmin):
         "installed_version", "installed_packages", "logged_in_users", "logon_enabled", "in_load_balancer",
         "boot_id", "agent_instance", "last_seen", "state", "maintenance_mode", "maintenance_reason",
     ]  # fmt: skip
-    actions = ["autoupdate", "announce_maintenance", "remove_update_lock", "end_maintenance"]
+    actions = ["autoupdate", "catchup", "announce_maintenance", "remove_update_lock", "end_maintenance"]
     change_form_template = "admin/nodes/node/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
@@ -108,6 +132,7 @@ class NodeAdmin(admin.ModelAdmin):
             path("autoupdate/", wrap(self.autoupdate_view), name="nodes_node_autoupdate"),
             path("announce/", wrap(self.announce_view), name="nodes_node_announce"),
             path("<int:pk>/remove-lock/", wrap(self.remove_lock_view), name="nodes_node_remove_lock"),
+            path("<int:pk>/catchup/", wrap(self.catchup_view), name="nodes_node_catchup"),
             path("<int:pk>/end-maintenance/", wrap(self.end_maintenance_view), name="nodes_node_end_maintenance"),
             *super().get_urls(),
         ]
@@ -132,6 +157,13 @@ class NodeAdmin(admin.ModelAdmin):
     def autoupdate(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse:
         ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
         return HttpResponseRedirect(f"{reverse('admin:nodes_node_autoupdate')}?ids={ids}")
+
+    @admin.action(description="Catch up from Oldstable (full or partial update)")
+    def catchup(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse | None:
+        if queryset.count() != 1:
+            self.message_user(request, "Choose exactly one node to catch up from Oldstable.", messages.WARNING)
+            return None
+        return HttpResponseRedirect(reverse("admin:nodes_node_catchup", args=[queryset.get().pk]))
 
     @admin.action(description="Announce maintenance to logged-in users")
     def announce_maintenance(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse:
@@ -207,6 +239,31 @@ class NodeAdmin(admin.ModelAdmin):
             "opts": self.model._meta,
         }
         return TemplateResponse(request, "admin/nodes/node/announce.html", context)
+
+    def catchup_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        require(request, "nodes.start_update")
+        node = get_object_or_404(Node, pk=pk)
+        release = services.oldstable_release()
+        form = CatchupForm(request.POST or None, release=release)
+        if request.method == "POST" and form.is_valid() and release is not None:
+            packages = form.cleaned_data["packages"] if form.cleaned_data["mode"] == "partial" else []
+            try:
+                run = services.start_catchup(node, request.user, packages)
+            except UpdateRefused as exc:
+                form.add_error(None, str(exc))
+            else:
+                self.message_user(request, f"{run.get_trigger_display()} started on {node}.", messages.SUCCESS)
+                return HttpResponseRedirect(reverse("admin:updates_updaterun_change", args=[run.pk]))
+        context = {
+            **self.admin_site.each_context(request),
+            "title": f"Catch up {node} from Oldstable",
+            "node": node,
+            "release": release,
+            "form": form,
+            "installed": node.installed_packages,
+            "opts": self.model._meta,
+        }
+        return TemplateResponse(request, "admin/nodes/node/catchup.html", context)
 
     def remove_lock_view(self, request: HttpRequest, pk: int) -> HttpResponse:
         require(request, "nodes.remove_update_lock")

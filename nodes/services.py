@@ -32,10 +32,24 @@ def plan_update(node: Node) -> UpdatePlan:
         plan.refusal = f"No {node.channel} release is known: run `manage.py sync_releases`."
         return plan
     try:
-        workflow._check_can_start(node, release, UpdateRun.Trigger.MANUAL)
+        workflow.check_can_start(node, release, UpdateRun.Trigger.MANUAL)
     except workflow.UpdateRefused as exc:
         plan.refusal = str(exc)
     return plan
+
+
+def oldstable_release() -> Release | None:
+    return Release.newest(Release.Channel.OLDSTABLE)
+
+
+def start_catchup(node: Node, user: Any, packages: list[str] | None = None) -> UpdateRun:
+    """Catch up on an omitted update from Oldstable: the whole release, or only
+    the chosen packages. Raises UpdateRefused with the reason."""
+    release = oldstable_release()
+    if release is None:
+        raise workflow.UpdateRefused("No oldstable release is known: run `manage.py sync_releases`.")
+    trigger = UpdateRun.Trigger.CATCHUP_PARTIAL if packages else UpdateRun.Trigger.CATCHUP_FULL
+    return workflow.start_update(node, release, user=user, trigger=trigger, packages=packages)
 
 
 def start_planned(plans: list[UpdatePlan], user: Any) -> tuple[list[UpdateRun], list[str]]:

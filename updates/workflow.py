@@ -42,7 +42,19 @@ def default_message(release: Release) -> str:
     )
 
 
-def _check_can_start(node: Node, release: Release, trigger: str) -> None:
+def _check_packages(release: Release, trigger: str, packages: list[str]) -> None:
+    if trigger == UpdateRun.Trigger.CATCHUP_PARTIAL and not packages:
+        raise UpdateRefused("Choose at least one package for a partial update.")
+    if trigger == UpdateRun.Trigger.CATCHUP_FULL and packages:
+        raise UpdateRefused("A full update from Oldstable installs the whole release, not single packages.")
+    unknown = set(packages) - set(release.packages.values_list("name", flat=True))
+    if unknown:
+        raise UpdateRefused(f"Not in release {release.version}: {', '.join(sorted(unknown))}.")
+
+
+def check_can_start(node: Node, release: Release, trigger: str, packages: list[str] | None = None) -> None:
+    packages = packages or []
+    _check_packages(release, trigger, packages)
     lock = active_lock(node)
     if lock:
         raise UpdateRefused(f"{node} has an update lock ({lock.reason}); remove it first.")
@@ -53,6 +65,8 @@ def _check_can_start(node: Node, release: Release, trigger: str) -> None:
         if release.channel != Release.Channel.OLDSTABLE:
             raise UpdateRefused(f"A catch-up installs an oldstable release; {release.version} is {release.channel}.")
         return
+    if packages:
+        raise UpdateRefused("Only a partial update from Oldstable installs single packages.")
     newest = Release.newest(node.channel)
     if newest is None or release.version_sort < newest.version_sort:
         raise UpdateRefused(
@@ -77,7 +91,7 @@ def start_update(
     try:
         with transaction.atomic():
             node = Node.objects.select_for_update().get(pk=node.pk)
-            _check_can_start(node, release, trigger)
+            check_can_start(node, release, trigger, packages)
             run = UpdateRun.objects.create(
                 node=node,
                 release=release,

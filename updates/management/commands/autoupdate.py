@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -8,7 +7,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from nodes.models import Node
 from nodes.services import plan_update
 from updates import workflow
-from updates.models import UpdateRun
+from updates.cli import wait_for_run
 
 
 class Command(BaseCommand):
@@ -38,20 +37,4 @@ class Command(BaseCommand):
             f"run {run.pk}: {node} {target.installed_version or '?'} -> {plan.release.version}; logging off: {users}"
         )
         if wait:
-            self._wait(run.pk, timeout)
-
-    def _wait(self, run_id: int, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        last = ""
-        while time.monotonic() < deadline:
-            run = UpdateRun.objects.get(pk=run_id)
-            if run.current_step != last and run.current_step:
-                last = run.current_step
-                self.stdout.write(f"  {last}")
-            if run.state == UpdateRun.State.SUCCEEDED:
-                self.stdout.write(self.style.SUCCESS(f"run {run_id} succeeded"))
-                return
-            if run.state == UpdateRun.State.FAILED:
-                raise CommandError(f"run {run_id} failed: {run.error}")
-            time.sleep(0.5)
-        raise CommandError(f"run {run_id} still {run.state} after {timeout:.0f} s")
+            wait_for_run(run.pk, timeout, self.stdout)

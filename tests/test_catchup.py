@@ -1,0 +1,103 @@
+"""Catching up on an omitted update from Oldstable: a partial update changes
+exactly the chosen packages, a full update the whole release."""
+
+from __future__ import annotations
+
+import pytest
+from django.urls import reverse
+
+from nodes import services
+from nodes.drivers.simulated import SimulatedDriver
+from nodes.models import Node
+from updates import workflow
+from updates.models import UpdateRun
+
+
+def installed(state_dir, node) -> dict[str, str]:
+    return SimulatedDriver(node.hostname, state_dir / node.hostname).read()["packages"]
+
+
+def version_file(state_dir, node, package) -> str:
+    return (state_dir / node.hostname / "current" / package / "VERSION").read_text().strip()
+
+
+@pytest.mark.workflow
+@pytest.mark.timeout(180)
+@pytest.mark.django_db(transaction=True)
+def test_partial_catchup_changes_exactly_the_chosen_packages(demo_repo, make_node, agent_for, wait_run, state_dir):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw")
+    agent_for(node)
+    before = installed(state_dir, node)
+
+    run = services.start_catchup(Node.objects.get(pk=node.pk), None, ["tgpro-vnc"])
+    wait_run(run, "succeeded")
+
+    after = installed(state_dir, node)
+    assert after == {**before, "tgpro-vnc": "2.0.0"}
+    assert version_file(state_dir, node, "tgpro-vnc") == "2.0.0"
+    assert version_file(state_dir, node, "tgpro-browser") == before["tgpro-browser"]
+    node.refresh_from_db()
+    assert node.installed_version == "2.1.0", "a partial update leaves the release version alone"
+    assert node.installed_packages == after and not node.maintenance_mode
+
+
+@pytest.mark.workflow
+@pytest.mark.timeout(180)
+@pytest.mark.django_db(transaction=True)
+def test_full_catchup_installs_the_whole_oldstable_release(demo_repo, make_node, agent_for, wait_run, state_dir):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw")
+    agent_for(node)
+
+    run = services.start_catchup(Node.objects.get(pk=node.pk), None)
+    wait_run(run, "succeeded")
+
+    assert installed(state_dir, node) == {"tgpro-base": "2.0.0", "tgpro-browser": "2.0.0", "tgpro-vnc": "2.0.0"}
+    node.refresh_from_db()
+    assert node.installed_version == "2.0.0"
+    assert run.trigger == UpdateRun.Trigger.CATCHUP_FULL
+
+
+@pytest.mark.django_db
+def test_single_packages_only_come_from_a_partial_catchup(make_node, releases):
+    node = make_node("gw")
+    with pytest.raises(workflow.UpdateRefused, match="Only a partial update"):
+        workflow.start_update(node, releases["2.2.0"], packages=["tgpro-vnc"])
+    with pytest.raises(workflow.UpdateRefused, match="Not in release 2.0.0: evil"):
+        services.start_catchup(node, None, ["tgpro-vnc", "evil"])
+    assert not UpdateRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_catchup_page_is_for_the_update_group_and_rejects_bad_input(client, staff, make_node, releases):
+    node = make_node("gw", users=("alice",))
+    Node.objects.filter(pk=node.pk).update(logged_in_users=["alice"])
+    url = reverse("admin:nodes_node_catchup", args=[node.pk])
+    client.force_login(staff("maintainer", "maint"))
+    assert client.get(url).status_code == 403
+    client.logout()
+    client.force_login(staff("op", "update"))
+    page = client.get(url)
+    assert page.status_code == 200 and "2.0.0" in page.text and "alice" in page.text
+
+    no_packages = client.post(url, {"mode": "partial"})
+    assert "Choose the packages" in no_packages.text
+    hostile = client.post(url, {"mode": "partial", "packages": ["../../etc/passwd"]})
+    assert "Select a valid choice" in hostile.text
+    assert not UpdateRun.objects.exists()
+
+
+@pytest.mark.django_db
+def test_catchup_page_starts_a_partial_run(client, staff, make_node, releases, django_capture_on_commit_callbacks):
+    node = make_node("gw")
+    client.force_login(staff("op", "update"))
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.post(
+            reverse("admin:nodes_node_catchup", args=[node.pk]), {"mode": "partial", "packages": ["tgpro-base"]}
+        )
+    run = UpdateRun.objects.get(node=node)
+    assert response.status_code == 302
+    assert run.trigger == UpdateRun.Trigger.CATCHUP_PARTIAL and run.packages == ["tgpro-base"]
