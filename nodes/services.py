@@ -81,6 +81,9 @@ def end_maintenance(node: Node) -> bool:
         if changed:
             sig = signature("node.end_maintenance", args=(node.hostname,)).set(queue=node.queue)
             transaction.on_commit(sig.apply_async)
+            if node.cluster_id:
+                # A failed cluster node kept its update slot while out of service; now it is back.
+                transaction.on_commit(lambda: workflow.release_slot(node))
     return bool(changed)
 
 

@@ -26,6 +26,7 @@ from updates.repository import (
     package_url,
     parse_and_verify,
 )
+from updates.slots import slots_for_url
 
 Report = Callable[..., None]
 
@@ -49,12 +50,33 @@ def selected(release_packages: tuple[PackageEntry, ...], names: list[str]) -> li
     return chosen
 
 
+class FenceLost(RuntimeError):
+    """This node no longer holds the cluster slot it was given: it must not go on."""
+
+
+def check_fence(payload: dict[str, Any]) -> None:
+    """Before anything disruptive on a cluster node: is our update slot still ours?
+    An operator may have released it, and another node may hold it now."""
+    cluster, fence = payload.get("cluster"), payload.get("fence")
+    if not cluster:
+        return
+    if fence is None or not slots_for_url(settings.REDIS_URL).check(cluster, payload["node"], int(fence)):
+        raise FenceLost(f"{payload['node']} does not hold update slot {fence} of {cluster} any more; stopped")
+
+
 def notify(driver: Driver, payload: dict[str, Any], report: Report) -> None:
     count = driver.notify(f"run-{payload['run']}", payload["message"])
     report("succeeded", detail=f"maintenance mode on; notice sent to {count} logged-in user(s)")
 
 
+def exclude(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    check_fence(payload)
+    driver.exclude()
+    report("succeeded", detail="out of the load balancer; logged-in users keep working for the lead time")
+
+
 def drain(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    check_fence(payload)
     users = driver.drain(payload["run"])
     who = ", ".join(users) if users else "nobody was logged in"
     report("succeeded", detail=f"logon off, out of the load balancer; logged off: {who}")
@@ -124,6 +146,7 @@ def verify_file(path: Path, *, size: int, sha256: str) -> None:
 
 
 def install(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+    check_fence(payload)
     release = verified_index(driver, payload["version"]).release(payload["version"])
     packages = selected(release.packages, payload["packages"])
     files = []

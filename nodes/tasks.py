@@ -15,6 +15,7 @@ from typing import Any
 
 from celery import Task, shared_task
 from celery.signals import task_postrun
+from django.conf import settings
 
 from nodes import steps
 from nodes.drivers import get_driver
@@ -84,6 +85,11 @@ def notify(self: Task, payload: dict[str, Any]) -> None:
     _run_step(self, payload, steps.notify)
 
 
+@shared_task(name="node.exclude", step="exclude", bind=True, base=NodeStep, acks_late=False)
+def exclude(self: Task, payload: dict[str, Any]) -> None:
+    _run_step(self, payload, steps.exclude)
+
+
 @shared_task(name="node.drain", step="drain", bind=True, base=NodeStep, acks_late=False)
 def drain(self: Task, payload: dict[str, Any]) -> None:
     _run_step(self, payload, steps.drain)
@@ -93,9 +99,10 @@ def drain(self: Task, payload: dict[str, Any]) -> None:
     name="node.download",
     step="download",
     autoretry_for=(DownloadError,),
-    retry_backoff=2,
-    retry_backoff_max=60,
-    max_retries=3,
+    retry_backoff=settings.TGP_DOWNLOAD_BACKOFF,
+    retry_backoff_max=settings.TGP_DOWNLOAD_BACKOFF_MAX,
+    retry_jitter=False,
+    max_retries=settings.TGP_DOWNLOAD_ATTEMPTS - 1,
     bind=True,
     base=NodeStep,
     acks_late=False,
@@ -116,6 +123,7 @@ def reboot(self: Task, payload: dict[str, Any]) -> None:
 
 def _reboot(driver: Driver, payload: dict[str, Any], report: Reporter) -> None:
     global _reboot_requested
+    steps.check_fence(payload)
     if not steps.needs_reboot(driver, payload):
         report("skipped", detail="this release needs no reboot")
         return

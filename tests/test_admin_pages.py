@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 def test_run_page_shows_steps_and_a_live_download_progress_bar(admin_client, make_node, releases):
     node = make_node("gw")
     run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], message="m")
-    for i, name in enumerate(UpdateStep.ORDER):
+    for i, name in enumerate(workflow.plan_steps(node, run.trigger)):
         UpdateStep.objects.create(run=run, name=name, position=i)
     UpdateStep.objects.filter(run=run, name="notify").update(state="succeeded", detail="notice sent to 2 users")
     UpdateStep.objects.filter(run=run, name="download").update(state="running", bytes_done=512, bytes_total=1024)

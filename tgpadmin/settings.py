@@ -180,6 +180,13 @@ TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)
 TGP_HEARTBEAT_INTERVAL = env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1)
 TGP_DOWNLOAD_CHUNK = env_int("TGP_DOWNLOAD_CHUNK", 1024 * 1024, minimum=1024)
 TGP_DOWNLOAD_TIMEOUT = env_float("TGP_DOWNLOAD_TIMEOUT", 30.0, minimum=0.1)
+# The manual's policy: 10 attempts per round, with backoff between them (seconds).
+TGP_DOWNLOAD_ATTEMPTS = env_int("TGP_DOWNLOAD_ATTEMPTS", 10, minimum=1)
+TGP_DOWNLOAD_BACKOFF = env_int("TGP_DOWNLOAD_BACKOFF", 5, minimum=1)
+TGP_DOWNLOAD_BACKOFF_MAX = env_int("TGP_DOWNLOAD_BACKOFF_MAX", 300, minimum=0)
+# Simulated appliances only: each disruptive step takes a random time in this range
+# ("0.5-2"), to make a demo or a test look like real hardware. Empty: no delay.
+TGP_SIM_STEP_SECONDS = env_str("TGP_SIM_STEP_SECONDS", "")
 # Default advance notice for "Announce maintenance" (the manual says about 2 hours).
 TGP_MAINTENANCE_NOTICE_LEAD = env_float("TGP_MAINTENANCE_NOTICE_LEAD", 2 * 3600.0, minimum=0)
 

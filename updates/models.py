@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+from typing import Any
+
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
-from django.db import models
+from django.db import models, transaction
 from django.db.models import Q
 from django.urls import reverse
 
@@ -97,12 +100,30 @@ class UpdateRun(models.Model):
     finished_at = models.DateTimeField(null=True, blank=True)
     last_activity_at = models.DateTimeField(auto_now_add=True)
     error = models.TextField(blank=True)
+    # Scheduled runs: the update time they belong to ("slot"), never started twice.
+    schedule = models.ForeignKey(
+        "UpdateSchedule", null=True, blank=True, on_delete=models.SET_NULL, related_name="runs"
+    )
+    scheduled_for = models.DateTimeField(null=True, blank=True)
+    download_rounds = models.PositiveSmallIntegerField(default=0, help_text="Failed rounds of 10 download attempts.")
+    slot_token = models.PositiveBigIntegerField(null=True, blank=True, help_text="Fencing token of the cluster slot.")
+    # Claimed (conditional UPDATE) by whoever carries a scheduled run into its update
+    # phase: the update entry, a late download success or the second download round.
+    update_phase_started = models.BooleanField(default=False)
+    drain_not_before = models.DateTimeField(
+        null=True, blank=True, help_text="A cluster node out of the load balancer drains only after its lead time."
+    )
 
     class Meta:
         ordering = ["-created_at"]
         indexes = [models.Index(fields=["state", "last_activity_at"])]
         constraints = [
-            models.UniqueConstraint(fields=["node"], condition=Q(state="running"), name="one_running_run_per_node")
+            models.UniqueConstraint(fields=["node"], condition=Q(state="running"), name="one_running_run_per_node"),
+            models.UniqueConstraint(
+                fields=["node", "scheduled_for"],
+                condition=Q(scheduled_for__isnull=False),
+                name="one_run_per_node_and_slot",
+            ),
         ]
 
     def __str__(self) -> str:
@@ -115,6 +136,9 @@ class UpdateRun(models.Model):
 class UpdateStep(models.Model):
     class Name(models.TextChoices):
         NOTIFY = "notify", "Notify users"
+        EXCLUDE = "exclude", "Out of the load balancer"
+        SLOT = "slot", "Wait for an update slot"
+        HOLD = "hold", "Load-balancer lead time"
         DRAIN = "drain", "Drain (logon off, users logged off)"
         DOWNLOAD = "download", "Download"
         INSTALL = "install", "Install"
@@ -128,8 +152,6 @@ class UpdateStep(models.Model):
         SUCCEEDED = "succeeded", "Succeeded"
         SKIPPED = "skipped", "Skipped"
         FAILED = "failed", "Failed"
-
-    ORDER = [n.value for n in Name]
 
     run = models.ForeignKey(UpdateRun, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=16, choices=Name.choices)
@@ -216,6 +238,89 @@ class MaintenanceNotice(models.Model):
     def clean(self) -> None:
         if bool(self.node_id) == bool(self.cluster_id):
             raise ValidationError("Choose either a node or a cluster.")
+
+    def target_nodes(self) -> models.QuerySet[Node]:
+        if self.node_id:
+            return Node.objects.filter(pk=self.node_id)
+        return Node.objects.filter(cluster=self.cluster)
+
+
+class UpdateSchedule(models.Model):
+    """Time-controlled download and update of a single system or a whole cluster.
+
+    Owns two django-celery-beat entries (download and update); saving keeps them
+    in step. Either a recurring window (cron) or a one-off date.
+    """
+
+    name = models.CharField(max_length=100)
+    node = models.ForeignKey(
+        Node, null=True, blank=True, on_delete=models.CASCADE, related_name="schedules",
+        limit_choices_to={"cluster__isnull": True},
+        help_text="A single system; for cluster nodes schedule the cluster.",
+    )  # fmt: skip
+    cluster = models.ForeignKey(Cluster, null=True, blank=True, on_delete=models.CASCADE, related_name="schedules")
+    cron = models.CharField(
+        "recurring window", max_length=100, blank=True,
+        help_text='Cron expression "minute hour day-of-month month day-of-week", e.g. "0 3 * * 0" for Sundays 03:00.',
+    )  # fmt: skip
+    run_at = models.DateTimeField("one-off date", null=True, blank=True, help_text="Instead of a recurring window.")
+    timezone = models.CharField(max_length=64, default=settings.TIME_ZONE)
+    download_lead = models.DurationField(
+        default=timedelta(hours=1),
+        help_text="The download starts this long before the update (the manual: 1 hour). "
+        "Longer moves it to a time of low network load.",
+    )
+    download_cron = models.CharField(
+        "download window", max_length=100, blank=True,
+        help_text="Optional: a cron expression of its own for the download, instead of the lead.",
+    )  # fmt: skip
+    time_control = models.BooleanField(default=True, help_text="Off: nothing fires until it is switched on again.")
+    disabled_reason = models.TextField(blank=True, editable=False)
+    download_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        editable=False,
+    )  # fmt: skip
+    update_task = models.OneToOneField(
+        "django_celery_beat.PeriodicTask", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
+        editable=False,
+    )  # fmt: skip
+    last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    last_result = models.TextField(blank=True, editable=False)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(node__isnull=False, cluster__isnull=True) | Q(node__isnull=True, cluster__isnull=False),
+                name="schedule_for_node_or_cluster",
+            ),
+            models.CheckConstraint(
+                condition=(~Q(cron="") & Q(run_at__isnull=True)) | (Q(cron="") & Q(run_at__isnull=False)),
+                name="schedule_cron_or_date",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def save(self, *args: Any, **kwargs: Any) -> None:
+        from updates.schedules import sync_beat
+
+        with transaction.atomic():
+            super().save(*args, **kwargs)
+            sync_beat(self)
+
+    def delete(self, *args: Any, **kwargs: Any) -> Any:
+        from updates.schedules import delete_beat_entries
+
+        with transaction.atomic():
+            delete_beat_entries(self)
+            return super().delete(*args, **kwargs)
+
+    def clean(self) -> None:
+        from updates.schedule_rules import validate_schedule
+
+        validate_schedule(self)
 
     def target_nodes(self) -> models.QuerySet[Node]:
         if self.node_id:

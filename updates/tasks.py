@@ -31,6 +31,30 @@ def verify(run_id: int) -> None:
     workflow.verify_node_back(run_id)
 
 
+@shared_task(
+    name="control.slot",
+    autoretry_for=(workflow.SlotWait,),
+    retry_backoff=1,
+    retry_backoff_max=5,
+    retry_jitter=False,
+    max_retries=None,  # a node waiting for a slot waits; freed slots also wake it at once
+)
+def slot(run_id: int) -> None:
+    workflow.take_slot(run_id)
+
+
+@shared_task(
+    name="control.hold",
+    autoretry_for=(workflow.HoldOn,),
+    retry_backoff=1,
+    retry_backoff_max=30,
+    retry_jitter=False,
+    max_retries=None,  # bounded by the cluster's load-balancer lead time
+)
+def hold(run_id: int) -> None:
+    workflow.hold(run_id)
+
+
 @shared_task(name="control.complete")
 def complete(run_id: int) -> bool:
     return workflow.complete_run(run_id)
@@ -39,3 +63,17 @@ def complete(run_id: int) -> bool:
 @shared_task(name="control.reap_stale_runs")
 def reap_stale_runs() -> int:
     return workflow.reap_stale_runs()
+
+
+@shared_task(name="control.scheduled_download")
+def scheduled_download(schedule_id: int) -> str:
+    from updates.scheduled import fire
+
+    return fire(schedule_id, "download")
+
+
+@shared_task(name="control.scheduled_update")
+def scheduled_update(schedule_id: int) -> str:
+    from updates.scheduled import fire
+
+    return fire(schedule_id, "update")

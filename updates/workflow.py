@@ -9,22 +9,23 @@ transition below is a conditional UPDATE, so a duplicate message changes nothing
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from celery import chain, signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
-from nodes.models import Node
+from nodes.models import Cluster, Node
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
+from updates.slots import ClusterSlots, slots_for_url
 
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = "control"
-NODE_STEPS = {"notify", "drain", "download", "install", "reboot", "resume"}
+NODE_STEPS = {"notify", "exclude", "drain", "download", "install", "reboot", "resume"}
 
 
 class UpdateRefused(Exception):
@@ -77,6 +78,21 @@ def check_can_start(node: Node, release: Release, trigger: str, packages: list[s
         raise UpdateRefused(f"{node} already runs {release.version}: no updates available.")
 
 
+def plan_steps(node: Node, trigger: str) -> list[str]:
+    """The steps of a run, in order. A scheduled run downloads ahead of its update
+    time. A cluster node takes an update slot before anything disruptive; on the
+    scheduled path it then leaves the load balancer and holds for the cluster's
+    lead time before its users are logged off, so at most `cap` nodes are ever
+    out of the load balancer."""
+    if trigger == UpdateRun.Trigger.SCHEDULED:
+        steps = ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
+    else:
+        steps = ["notify", "slot", "drain", "download", "install", "reboot", "verify", "resume"]
+    if node.cluster_id is None:
+        steps = [s for s in steps if s not in ("slot", "exclude", "hold")]
+    return steps
+
+
 def start_update(
     node: Node,
     release: Release,
@@ -85,6 +101,8 @@ def start_update(
     trigger: str = UpdateRun.Trigger.MANUAL,
     packages: list[str] | None = None,
     message: str = "",
+    schedule: Any = None,
+    scheduled_for: datetime | None = None,
 ) -> UpdateRun:
     """Create the run and its steps, switch the node into maintenance, and queue
     the chain once the transaction has committed."""
@@ -101,19 +119,25 @@ def start_update(
                 message=message or default_message(release),
                 boot_id_before=node.boot_id,
                 version_before=node.installed_version,
+                schedule=schedule,
+                scheduled_for=scheduled_for,
             )
             UpdateStep.objects.bulk_create(
-                UpdateStep(run=run, name=name, position=i) for i, name in enumerate(UpdateStep.ORDER)
+                UpdateStep(run=run, name=name, position=i) for i, name in enumerate(plan_steps(node, trigger))
             )
             Node.objects.filter(pk=node.pk).update(
                 maintenance_mode=True,
                 maintenance_reason=f"Update to {release.version} (run {run.pk})",
                 state=Node.State.UPDATING,
             )
+            if scheduled_for is not None and not waiting(run):
+                # Started at its update time: this chain carries the whole run.
+                UpdateRun.objects.filter(pk=run.pk).update(update_phase_started=True)
             log.info("run %s started: %s -> %s (%s)", run.pk, node, release.version, trigger)
             transaction.on_commit(lambda: dispatch(run.pk))
     except IntegrityError:
-        # The partial unique index lost a race with another start: same answer as the check.
+        # A partial unique index lost a race with another start (or a second beat
+        # fired the same slot): same answer as the check.
         raise UpdateRefused(f"{node} is already updating.") from None
     return run
 
@@ -121,32 +145,90 @@ def start_update(
 def node_payload(run: UpdateRun) -> dict[str, Any]:
     """What a node step needs. Package data is not here on purpose: the agent
     takes sizes and hashes from the signed index, never from a message."""
+    cluster = run.node.cluster
     return {
         "run": run.pk,
         "node": run.node.hostname,
         "version": run.release.version,
         "packages": list(run.packages),
         "message": run.message,
+        "cluster": cluster.name if cluster else None,
+        "fence": run.slot_token,
     }
 
 
-def build_chain(run: UpdateRun, from_step: str = "notify") -> Any:
+def segment(run: UpdateRun, from_step: str) -> tuple[list[str], bool]:
+    """The steps one chain carries from `from_step`, and whether it ends the run.
+
+    A chain stops after the slot step (which queues the rest once it holds a
+    slot, with the fencing token in the payload) and, for a scheduled run, after
+    the download (the rest starts at the update time)."""
+    names = list(run.steps.order_by("position").values_list("name", flat=True))
+    steps = []
+    for name in names[names.index(from_step) :]:
+        steps.append(name)
+        if name == "slot" or (name == "download" and run.trigger == UpdateRun.Trigger.SCHEDULED and waiting(run)):
+            return steps, False
+    return steps, True
+
+
+def update_phase_at(run: UpdateRun) -> datetime | None:
+    """When a scheduled run's update phase begins: the update time, or for a
+    cluster node the load-balancer lead time before it."""
+    if run.scheduled_for is None:
+        return None
+    cluster = run.node.cluster
+    return run.scheduled_for - (cluster.lb_lead_time if cluster else timedelta(0))
+
+
+def waiting(run: UpdateRun) -> bool:
+    """A scheduled run before its update phase: downloaded (or trying to), nothing disruptive yet."""
+    start = update_phase_at(run)
+    return bool(start and timezone.now() < start)
+
+
+def build_chain(run: UpdateRun, from_step: str) -> Any:
     payload = node_payload(run)
-    queue = run.node.queue
+    steps, last = segment(run, from_step)
     sigs = []
-    for name in UpdateStep.ORDER[UpdateStep.ORDER.index(from_step) :]:
+    for name in steps:
         if name in NODE_STEPS:
-            sigs.append(signature(f"node.{name}", args=(payload,), immutable=True).set(queue=queue))
+            sigs.append(signature(f"node.{name}", args=(payload,), immutable=True).set(queue=run.node.queue))
         else:
             sigs.append(signature(f"control.{name}", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
-    sigs.append(signature("control.complete", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
+    if last:
+        sigs.append(signature("control.complete", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
     return chain(*sigs)
 
 
-def dispatch(run_id: int, from_step: str = "notify") -> None:
-    run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
+def start_update_phase(run_id: int) -> bool:
+    """Carry a scheduled run from its download into its update phase, once.
+    A download still under way continues the run itself when it succeeds."""
+    run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
+    if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING or waiting(run):
+        return False
+    pending = first_unfinished(run)
+    if pending is None or (pending.name == "download" and pending.state == UpdateStep.State.RUNNING):
+        return False
+    if not UpdateRun.objects.filter(pk=run_id, update_phase_started=False).update(update_phase_started=True):
+        return False
+    transaction.on_commit(lambda: dispatch(run_id, pending.name))
+    return True
+
+
+def first_unfinished(run: UpdateRun) -> UpdateStep | None:
+    return run.steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).first()
+
+
+def dispatch(run_id: int, from_step: str | None = None) -> None:
+    run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
     if run.state != UpdateRun.State.RUNNING:
         return
+    if from_step is None:
+        pending = first_unfinished(run)
+        if pending is None:
+            return
+        from_step = pending.name
     build_chain(run, from_step).apply_async()
     log.info("run %s dispatched from %s to %s", run_id, from_step, run.node.queue)
 
@@ -212,11 +294,51 @@ def record_step(
         steps.filter(state=UpdateStep.State.RUNNING).update(**changes)
     elif event in ("succeeded", "skipped"):
         steps.update(state=event, finished_at=now, **changes)
+        if step == "download":
+            clear_download_warning(run_id)
+            start_update_phase(run_id)
     elif event == "failed":
+        if step == "download" and retry_download_later(run_id, detail):
+            return
         steps.update(state=UpdateStep.State.FAILED, finished_at=now, **changes)
         fail_run(run_id, f"{step}: {detail or 'failed'}")
     else:
         log.warning("unknown step event %r for run %s ignored", event, run_id)
+
+
+def clear_download_warning(run_id: int) -> None:
+    """Only a complete, verified download clears the warning flag (the manual)."""
+    Node.objects.filter(runs__pk=run_id, download_warning=True).update(
+        download_warning=False, download_warning_since=None
+    )
+
+
+def retry_download_later(run_id: int, detail: str) -> bool:
+    """The manual's download policy for scheduled runs. The first failed round of
+    attempts sets the node's warning flag and leaves the download for 10 more
+    attempts immediately before the update. True if the run goes on; False when
+    the run must fail (a manual run, or the second round), in which case a
+    scheduled run's time control is switched off too."""
+    run = UpdateRun.objects.select_related("node__cluster", "schedule").get(pk=run_id)
+    if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING:
+        return False
+    if UpdateRun.objects.filter(pk=run_id, download_rounds=0).update(download_rounds=1):
+        Node.objects.filter(pk=run.node_id, download_warning=False).update(
+            download_warning=True, download_warning_since=timezone.now()
+        )
+        UpdateStep.objects.filter(run=run, name="download").update(
+            state=UpdateStep.State.PENDING,
+            detail=f"{settings.TGP_DOWNLOAD_ATTEMPTS} attempts failed ({detail}); warning flag set; "
+            "the download is tried again immediately before the update",
+        )
+        log.warning("run %s: download failed, warning flag set on %s", run_id, run.node)
+        start_update_phase(run_id)  # the update time may have come already: then the second round starts now
+        return True
+    if run.schedule is not None:
+        from updates.schedules import disable_time_control
+
+        disable_time_control(run.schedule, f"download for {run.node} failed twice (run {run_id})")
+    return False
 
 
 def fail_run(run_id: int, reason: str) -> bool:
@@ -305,12 +427,96 @@ def complete_run(run_id: int) -> bool:
         )
         if not done:
             return False
-        run = UpdateRun.objects.get(pk=run_id)
+        run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
         Node.objects.filter(pk=run.node_id).update(
             maintenance_mode=False, maintenance_reason="", state=Node.State.ONLINE
         )
+    release_slot(run.node, run.slot_token)
     log.info("run %s succeeded", run_id)
     return True
+
+
+# --- the cluster cap ------------------------------------------------------------------
+
+
+class SlotWait(Exception):
+    """Every update slot of the cluster is taken (retried: a waiting node does not fail)."""
+
+
+class HoldOn(Exception):
+    """The load-balancer lead time has not passed yet (retried)."""
+
+
+_slots: dict[str, ClusterSlots] = {}
+
+
+def cluster_slots() -> ClusterSlots:
+    # One client (and connection pool) per URL and process.
+    if settings.REDIS_URL not in _slots:
+        _slots[settings.REDIS_URL] = slots_for_url(settings.REDIS_URL)
+    return _slots[settings.REDIS_URL]
+
+
+def take_slot(run_id: int) -> None:
+    """Hold one of the cluster's update slots, then queue the rest of the run with
+    the slot's fencing token. SlotWait while the cluster is full."""
+    run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
+    step = UpdateStep.objects.filter(run_id=run_id, name="slot")
+    if run.state != UpdateRun.State.RUNNING or step.filter(state=UpdateStep.State.SUCCEEDED).exists():
+        return  # ended, or a duplicate of a slot step that already went on
+    now = timezone.now()
+    step.filter(state=UpdateStep.State.PENDING).update(state=UpdateStep.State.RUNNING, started_at=now, attempts=1)
+    cluster, node = run.node.cluster, run.node
+    assert cluster is not None
+    token = cluster_slots().acquire(cluster.name, node.hostname, cluster.max_parallel_updates)
+    if token is None:
+        holders = ", ".join(h.node for h in cluster_slots().holders(cluster.name))
+        step.update(
+            detail=f"waiting: {cluster.max_parallel_updates} of {cluster.max_parallel_updates} slots held by {holders}"
+        )
+        # Waiting in line is not silence: keep the run away from the stall reaper.
+        UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
+        raise SlotWait(f"{node} waits for an update slot of {cluster}")
+    if step.filter(state=UpdateStep.State.RUNNING).update(
+        state=UpdateStep.State.SUCCEEDED, finished_at=now, detail=f"slot held, fencing token {token}"
+    ):
+        drain_at = max(run.scheduled_for, now + cluster.lb_lead_time) if run.scheduled_for else None
+        UpdateRun.objects.filter(pk=run_id).update(slot_token=token, drain_not_before=drain_at, last_activity_at=now)
+        transaction.on_commit(lambda: dispatch(run_id))
+
+
+def hold(run_id: int) -> None:
+    """Out of the load balancer, a cluster node keeps its users for the lead time."""
+    run = UpdateRun.objects.get(pk=run_id)
+    if run.state != UpdateRun.State.RUNNING:
+        raise RunFailed(f"run {run_id} is {run.state}")
+    now = timezone.now()
+    UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
+    if run.drain_not_before and now < run.drain_not_before:
+        record_step(run_id, "hold", "started", detail=f"users are logged off at {run.drain_not_before:%H:%M:%S}")
+        raise HoldOn(f"run {run_id} holds until {run.drain_not_before}")
+    record_step(run_id, "hold", "succeeded")
+
+
+def release_slot(node: Node, token: int | None = None) -> None:
+    """Free the node's slot (once it is back in service) and wake the next waiter."""
+    cluster = node.cluster
+    if cluster is None:
+        return
+    if cluster_slots().release(cluster.name, node.hostname, token) or token is None:
+        wake_waiters(cluster)
+
+
+def wake_waiters(cluster: Cluster) -> None:
+    """Nodes waiting for a slot retry with backoff; a freed slot is offered to the
+    longest waiter at once instead of idling until its next retry."""
+    waiting_runs = (
+        UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__node__cluster=cluster)
+        .order_by("started_at")
+        .values_list("run_id", flat=True)[: cluster.max_parallel_updates]
+    )
+    for run_id in waiting_runs:
+        signature("control.slot", args=(run_id,)).set(queue=CONTROL_QUEUE).apply_async()
 
 
 def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
@@ -324,11 +530,13 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
     run = UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).first()
     if run is None:
         return
-    pending = run.steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).first()
+    pending = first_unfinished(run)
     if pending is None or pending.name not in NODE_STEPS:
         return
     if pending.name == UpdateStep.Name.REBOOT and node.boot_id != run.boot_id_before:
         return  # this restart is the reboot itself; its report is on the way
+    if pending.state == UpdateStep.State.PENDING and waiting(run):
+        return  # a scheduled run between its two phases: nothing is lost
     log.warning("agent of %s restarted during run %s: resuming at %s", hostname, run.pk, pending.name)
     transaction.on_commit(lambda: dispatch(run.pk, pending.name))
 
@@ -337,9 +545,10 @@ def reap_stale_runs() -> int:
     """Fail runs whose node went silent for longer than TGP_RUN_STALL_TIMEOUT."""
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RUN_STALL_TIMEOUT)
     failed = 0
-    for run_id in UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff).values_list(
-        "pk", flat=True
-    ):
+    stale = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff).filter(
+        Q(scheduled_for__isnull=True) | Q(scheduled_for__lt=cutoff)  # a scheduled run may rest until its update time
+    )
+    for run_id in stale.values_list("pk", flat=True):
         reason = f"no word from the node for {settings.TGP_RUN_STALL_TIMEOUT:.0f} s"
         failed += fail_run(run_id, reason)
     return failed

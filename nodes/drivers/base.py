@@ -42,6 +42,10 @@ class Driver(ABC):
         """Maintenance mode on and a notice to every logged-in user; returns how many got it."""
 
     @abstractmethod
+    def exclude(self) -> None:
+        """Out of the load balancer; logged-in users stay."""
+
+    @abstractmethod
     def drain(self, run_id: int) -> list[str]:
         """Logon off, out of the load balancer, everybody logged off; returns who was logged off."""
 

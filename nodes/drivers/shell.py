@@ -1,6 +1,6 @@
 """Driver for real hosts: each step runs a command the operator configures.
 
-Commands come from the agent's environment (TGP_SHELL_STATUS, _NOTIFY, _DRAIN,
+Commands come from the agent's environment (TGP_SHELL_STATUS, _NOTIFY, _EXCLUDE, _DRAIN,
 _INSTALL, _REBOOT, _RESUME) and get TGP_NODE, TGP_RUN, TGP_VERSION,
 TGP_PACKAGE_DIR, TGP_PACKAGES and TGP_MESSAGE in their environment. STATUS
 prints the node's snapshot as JSON. A command that exits non-zero fails the step.
@@ -47,6 +47,9 @@ class ShellDriver(Driver):
     def notify(self, notice_id: str, message: str) -> int:
         self._run("notify", TGP_MESSAGE=message, TGP_NOTICE=notice_id)
         return len(self.snapshot().get("users", []))
+
+    def exclude(self) -> None:
+        self._run("exclude")
 
     def drain(self, run_id: int) -> list[str]:
         users = list(self.snapshot().get("users", []))

@@ -11,14 +11,18 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import random
 import shutil
 import tarfile
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from django.conf import settings
 
 from nodes.drivers.base import Driver, _write_atomic
 from updates.repository import PackageEntry
@@ -118,7 +122,12 @@ class SimulatedDriver(Driver):
                     session["inbox"].append({"id": notice_id, "message": message, "at": _now()})
             return len(data["sessions"])
 
+    def exclude(self) -> None:
+        with self.state() as data:
+            data["in_load_balancer"] = False
+
     def drain(self, run_id: int) -> list[str]:
+        self._pause()
         with self.state() as data:
             data["logon_enabled"] = False
             data["in_load_balancer"] = False
@@ -132,6 +141,7 @@ class SimulatedDriver(Driver):
         key = str(run_id)
         if key in self.read().get("installs", {}):
             return f"already installed by run {run_id}"
+        self._pause()
         target = self.state_dir / "releases" / f"{run_id}-{version}"
         staging = target.with_name(target.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
@@ -167,7 +177,15 @@ class SimulatedDriver(Driver):
         tmp.symlink_to(target.relative_to(self.state_dir))
         os.replace(tmp, link)
 
+    def _pause(self) -> None:
+        """Real appliances take their time: TGP_SIM_STEP_SECONDS="min-max"."""
+        spec = settings.TGP_SIM_STEP_SECONDS
+        if spec:
+            low, _, high = spec.partition("-")
+            time.sleep(random.uniform(float(low), float(high or low)))
+
     def reboot(self, run_id: int) -> bool:
+        self._pause()
         with self.state() as data:
             issued = data.setdefault("reboots", {}).get(str(run_id))
             if issued and issued != data.get("boot_id"):
