@@ -21,8 +21,10 @@ run: $(STAMP)
 	@echo "  Admin:  http://127.0.0.1:8000/admin/   users admin / operator / maintainer, password: $$(cat var/demo-password)"
 	@echo "  Flower: http://127.0.0.1:5555/         user admin, same password"
 	@echo "  Repo:   http://127.0.0.1:8001/index.json"
+	@echo "  Mail:   hotfix notices land in var/mail/ (a local SMTP sink on 127.0.0.1:1025)"
 	@echo ""
-	PATH="$(CURDIR)/$(BIN):$$PATH" FLOWER_BASIC_AUTH="admin:$$(cat var/demo-password)" $(BIN)/honcho start -f Procfile
+	PATH="$(CURDIR)/$(BIN):$$PATH" FLOWER_BASIC_AUTH="admin:$$(cat var/demo-password)" \
+	  TGP_EMAIL_HOST=127.0.0.1 TGP_EMAIL_PORT=1025 $(BIN)/honcho start -f Procfile
 
 test: $(STAMP)
 	$(BIN)/pytest

@@ -20,7 +20,7 @@ from django.utils import timezone
 from nodes import services
 from nodes.models import Cluster, Node
 from updates.models import Release, UpdateLock
-from updates.workflow import UpdateRefused
+from updates.workflow import UpdateRefused, cluster_slots, wake_waiters
 
 ROLE_ACTIONS = {
     "autoupdate": "nodes.start_update",
@@ -48,6 +48,31 @@ def refuse_hidden_action(request: HttpRequest, role_actions: dict[str, str]) -> 
 class ClusterAdmin(admin.ModelAdmin):
     list_display = ["name", "max_parallel_updates", "lb_lead_time", "node_count"]
     search_fields = ["name"]
+    change_form_template = "admin/nodes/cluster/change_form.html"
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        view = wrap(self.release_slot_view)
+        return [path("<int:pk>/release-slot/", view, name="nodes_cluster_release_slot"), *super().get_urls()]
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
+        cluster = Cluster.objects.filter(pk=object_id).first()
+        extra = {
+            "slot_holders": cluster_slots().holders(cluster.name) if cluster else [],
+            "can_release": request.user.has_perm("nodes.start_update"),
+            **(extra_context or {}),
+        }
+        return super().change_view(request, object_id, form_url, extra)
+
+    def release_slot_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """For a holder that is gone: its slot would otherwise stay taken for good."""
+        require(request, "nodes.start_update")
+        cluster = get_object_or_404(Cluster, pk=pk)
+        node = request.POST.get("node", "")
+        if request.method == "POST" and cluster_slots().force_release(cluster.name, node):
+            self.message_user(request, f"Released the update slot of {node} in {cluster}.", messages.SUCCESS)
+            wake_waiters(cluster)
+        return HttpResponseRedirect(reverse("admin:nodes_cluster_change", args=[pk]))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:
         return super().get_queryset(request).annotate(node_count=Count("nodes"))

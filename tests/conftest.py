@@ -284,3 +284,53 @@ def releases(db: Any) -> dict[str, Any]:
             )  # fmt: skip
         made[version] = release
     return made
+
+
+@pytest.fixture
+def beat(redis_url: str, control_worker: str, logs_dir: Path) -> Iterator[subprocess.Popen[Any]]:
+    """A real celery beat with the database scheduler, on the test database."""
+    cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "beat", "-l", "INFO", "--max-interval", "1"]
+    cmd += ["--pidfile=", "-s", str(logs_dir / "beat-schedule")]
+    log = open(logs_dir / "beat.log", "a")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=process_env(redis_url, DATABASE_URL=test_database_url()), stdout=log,
+        stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+    )  # fmt: skip
+    yield proc
+    stop_process(proc)
+    log.close()
+
+
+class FlakyRepoServer(RepoServer):
+    """A repository server that answers 500 to every request until `fail_first`
+    requests for the index have been counted."""
+
+    def __init__(self, directory: Path, fail_first: int) -> None:
+        super().__init__(directory)
+        self.fail_first = fail_first
+        self.index_requests = 0
+        handler_cls = self.httpd.RequestHandlerClass
+        server = self
+
+        def handler(*args: Any, **kwargs: Any) -> Any:
+            return _FlakyHandler(server, *args, **kwargs)
+
+        self.httpd.RequestHandlerClass = handler  # type: ignore[assignment]
+        self._inner = handler_cls
+
+
+from tests.servers import _RepoHandler  # noqa: E402
+
+
+class _FlakyHandler(_RepoHandler):
+    def __init__(self, server: FlakyRepoServer, *args: Any, **kwargs: Any) -> None:
+        self.flaky = server
+        super().__init__(*args, directory=str(server.directory), **kwargs)
+
+    def do_GET(self) -> None:
+        if self.path.endswith("/index.json") or self.path == "/index.json":
+            self.flaky.index_requests += 1
+        if self.flaky.index_requests <= self.flaky.fail_first:
+            self.send_error(500)
+            return
+        super().do_GET()

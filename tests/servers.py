@@ -65,6 +65,7 @@ class _RepoHandler(http.server.SimpleHTTPRequestHandler):
 
 class RepoServer:
     def __init__(self, directory: Path, **behaviour: Any) -> None:
+        self.directory = directory
         self.behaviour = RepoBehaviour(**behaviour)
         handler = lambda *a, **kw: _RepoHandler(*a, directory=str(directory), **kw)  # noqa: E731
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)

@@ -70,3 +70,33 @@ def test_hostile_hostname_is_a_form_error(admin_client):
     assert response.status_code == 200
     assert "Use a host name" in response.text
     assert not Node.objects.exists()
+
+
+def test_a_download_warning_shows_in_the_title_bar_of_every_admin_page(admin_client, make_node):
+    node = make_node("gw")
+    pages = [
+        reverse("admin:index"),
+        reverse("admin:nodes_node_changelist"),
+        reverse("admin:updates_updaterun_changelist"),
+    ]
+    for url in pages:
+        assert "Update download error" not in admin_client.get(url).text
+    Node.objects.filter(pk=node.pk).update(download_warning=True)
+    for url in pages:
+        assert '<span id="download-error"' in (text := admin_client.get(url).text), url
+        assert f"Update download error: {node.hostname}" in text
+
+
+def test_cluster_page_shows_slot_holders_and_update_group_releases_a_gone_holder(client, staff, make_node):
+    cluster = Cluster.objects.create(name=f"slots-{make_node('x').pk}", max_parallel_updates=2)
+    workflow.cluster_slots().acquire(cluster.name, "ghost", 2)
+    client.force_login(staff("viewer"))
+    page = client.get(reverse("admin:nodes_cluster_change", args=[cluster.pk]))
+    assert "ghost" in page.text and "1 of 2 held" in page.text
+    assert (
+        client.post(reverse("admin:nodes_cluster_release_slot", args=[cluster.pk]), {"node": "ghost"}).status_code
+        == 403
+    )
+    client.force_login(staff("op", "update"))
+    client.post(reverse("admin:nodes_cluster_release_slot", args=[cluster.pk]), {"node": "ghost"})
+    assert workflow.cluster_slots().holders(cluster.name) == []

@@ -5,10 +5,12 @@ from typing import Any
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
 from updates import workflow
-from updates.models import MaintenanceNotice, Package, Release, UpdateLock, UpdateRun, UpdateStep
+from updates.models import MaintenanceNotice, Package, Release, UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
+from updates.schedules import next_update_at, set_time_control
 
 
 class PackageInline(admin.TabularInline):
@@ -97,3 +99,76 @@ class MaintenanceNoticeAdmin(ReadOnlyAdmin):
     list_display = ["created_at", "node", "cluster", "starts_at", "message", "created_by"]
     list_select_related = ["node", "cluster", "created_by"]
     readonly_fields = ["node", "cluster", "message", "starts_at", "created_at", "created_by"]
+
+
+@admin.register(UpdateSchedule)
+class UpdateScheduleAdmin(admin.ModelAdmin):
+    list_display = ["name", "target", "window", "next_update", "time_control", "last_checked_at", "last_result"]
+    list_filter = ["time_control"]
+    list_select_related = ["node", "cluster"]
+    readonly_fields = ["disabled_reason", "last_checked_at", "last_result", "next_update"]
+    fields = [
+        "name", "node", "cluster", "cron", "run_at", "timezone", "download_lead", "download_cron", "time_control",
+        "disabled_reason", "next_update", "last_checked_at", "last_result",
+    ]  # fmt: skip
+    actions = ["switch_on", "switch_off"]
+
+    @admin.display(description="for")
+    def target(self, obj: UpdateSchedule) -> str:
+        return f"cluster {obj.cluster}" if obj.cluster_id else f"{obj.node}"
+
+    @admin.display(description="window")
+    def window(self, obj: UpdateSchedule) -> str:
+        return f"{obj.cron} ({obj.timezone})" if obj.cron else f"once, {timezone.localtime(obj.run_at):%Y-%m-%d %H:%M}"
+
+    @admin.display(description="next update")
+    def next_update(self, obj: UpdateSchedule) -> str:
+        if not obj.pk or not obj.time_control:
+            return "-"
+        upcoming = next_update_at(obj, timezone.now())
+        return f"{timezone.localtime(upcoming):%Y-%m-%d %H:%M}" if upcoming else "-"
+
+    def save_model(self, request: HttpRequest, obj: UpdateSchedule, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        for warning in cap_warnings(obj):
+            self.message_user(request, warning, messages.WARNING)
+
+    @admin.action(description="Switch time control on")
+    def switch_on(self, request: HttpRequest, queryset: QuerySet[UpdateSchedule]) -> None:
+        require(request, "nodes.start_update")
+        self.message_user(request, f"Time control on for {set_time_control(queryset, True)} schedule(s).")
+
+    @admin.action(description="Switch time control off")
+    def switch_off(self, request: HttpRequest, queryset: QuerySet[UpdateSchedule]) -> None:
+        require(request, "nodes.start_update")
+        self.message_user(request, f"Time control off for {set_time_control(queryset, False)} schedule(s).")
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return request.user.has_perm("nodes.start_update")
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("nodes.start_update")
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm("nodes.start_update")
+
+
+def cap_warnings(schedule: UpdateSchedule) -> list[str]:
+    """The manual's "Achtung": never more nodes of a cluster updating at once than allowed."""
+    if not schedule.cluster_id:
+        return []
+    cluster = schedule.cluster
+    assert cluster is not None
+    warnings = []
+    count = cluster.nodes.count()
+    if count > cluster.max_parallel_updates:
+        warnings.append(
+            f"{cluster} has {count} nodes and allows {cluster.max_parallel_updates} at a time: the others wait for a "
+            "slot, so the update takes longer than the window. For complex clusters, plan it with m-privacy's "
+            "technical customer service."
+        )
+    others = UpdateSchedule.objects.filter(cluster=cluster, time_control=True).exclude(pk=schedule.pk)
+    if schedule.time_control and others.exists():
+        names = ", ".join(o.name for o in others)
+        warnings.append(f"{cluster} has other active schedules ({names}): they share its update slots.")
+    return warnings
