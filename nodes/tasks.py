@@ -37,7 +37,10 @@ def agent_snapshot(driver: Driver) -> dict[str, Any]:
 def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
     from tgpadmin.celery import app
 
-    app.send_task(name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True)
+    app.send_task(
+        name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True,
+        retry=True, retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY,
+    )  # fmt: skip
 
 
 class Reporter:

@@ -100,6 +100,8 @@ def process_env(redis_url: str, **extra: str) -> dict[str, str]:
         "DJANGO_SECRET_KEY": "tests-only-secret-key-" + "x" * 40,
         "TGP_HEARTBEAT_INTERVAL": "0.5",
         "TGP_REBOOT_TIMEOUT": "30",
+        "TGP_RECONCILE_AFTER": "2",
+        "TGP_RECONCILE_INTERVAL": "1",
         "PYTHONUNBUFFERED": "1",
         **extra,
     }
@@ -110,25 +112,47 @@ def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("logs")
 
 
-@pytest.fixture(scope="session")
-def control_worker(redis_url: str, django_db_setup: Any, django_db_blocker: Any, logs_dir: Path) -> Iterator[str]:
-    """A real Celery worker on the control queue, writing to the test database."""
-    from tgpadmin.celery import app
+class ControlWorker:
+    """The real control worker of the session; fault tests kill and restart it."""
 
+    def __init__(self, redis_url: str, db_url: str, log_path: Path) -> None:
+        self.redis_url, self.db_url, self.log_path = redis_url, db_url, log_path
+        self.proc: subprocess.Popen[Any] | None = None
+        self.name = ""
+
+    def start(self) -> None:
+        from tgpadmin.celery import app
+
+        self.name = f"control-{uuid.uuid4().hex[:6]}@tests"
+        cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", self.name]
+        cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
+        with open(self.log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                cmd, cwd=ROOT, env=process_env(self.redis_url, DATABASE_URL=self.db_url), stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+            )  # fmt: skip
+        wait_for(lambda: app.control.ping(destination=[self.name], timeout=0.5), 60, "the control worker")
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker (main process and pool children), mid-work."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+
+@pytest.fixture(scope="session")
+def control_worker(redis_url: str, django_db_setup: Any, django_db_blocker: Any, logs_dir: Path) -> Iterator[Any]:
+    """A real Celery worker on the control queue, writing to the test database."""
     with django_db_blocker.unblock():
         db_url = test_database_url()
-    name = f"control-{uuid.uuid4().hex[:6]}@tests"
-    cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", name]
-    cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
-    log = open(logs_dir / "control.log", "w")
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=process_env(redis_url, DATABASE_URL=db_url), stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True, preexec_fn=die_with_parent,
-    )  # fmt: skip
-    wait_for(lambda: app.control.ping(destination=[name], timeout=0.5), 60, "the control worker")
-    yield name
-    stop_process(proc)
-    log.close()
+    worker = ControlWorker(redis_url, db_url, logs_dir / "control.log")
+    worker.start()
+    yield worker
+    worker.stop()
 
 
 class Repo:

@@ -102,7 +102,7 @@ else:
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Several processes (web, control worker, tests) write: wait for the lock, take
     # it at BEGIN so that a read-then-write never deadlocks, and let readers work during writes.
-    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["CONN_MAX_AGE"] = 600  # opening a connection (and its PRAGMAs) per task is measurable
     DATABASES["default"]["OPTIONS"] = {
         "timeout": 30,
         "transaction_mode": "IMMEDIATE",
@@ -159,7 +159,15 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Static entries; django-celery-beat copies them into its tables at start.
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-runs": {"task": "control.reap_stale_runs", "schedule": 60.0, "options": {"queue": "control"}},
+    "reconcile-runs": {
+        "task": "control.reconcile",
+        "schedule": env_float("TGP_RECONCILE_INTERVAL", 30.0, minimum=1.0),
+        "options": {"queue": "control"},
+    },
 }
+# Publishing (step reports, a chain's next task) survives a broker restart of up
+# to about a minute instead of failing the step.
+CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 # An unacknowledged message comes back after this long. Node steps are acked on
 # receipt (see nodes/tasks.py), so this only matters for control tasks.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60)}
@@ -179,6 +187,9 @@ TGP_RUN_STALL_TIMEOUT = env_float("TGP_RUN_STALL_TIMEOUT", 1800.0, minimum=1.0)
 # How long the control plane waits for a node to come back after the reboot step.
 TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)
 TGP_HEARTBEAT_INTERVAL = env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1)
+# A run quiet for this long, whose next step is the control plane's, is carried on
+# by the reconciler (beat, every TGP_RECONCILE_INTERVAL seconds, and at worker start).
+TGP_RECONCILE_AFTER = env_float("TGP_RECONCILE_AFTER", 60.0, minimum=0.1)
 TGP_DOWNLOAD_CHUNK = env_int("TGP_DOWNLOAD_CHUNK", 1024 * 1024, minimum=1024)
 TGP_DOWNLOAD_TIMEOUT = env_float("TGP_DOWNLOAD_TIMEOUT", 30.0, minimum=0.1)
 # The manual's policy: 10 attempts per round, with backoff between them (seconds).

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import shared_task
+from celery.signals import worker_ready
+from django.conf import settings
 
 from updates import workflow
 
@@ -58,6 +61,19 @@ def hold(run_id: int) -> None:
 @shared_task(name="control.complete")
 def complete(run_id: int) -> bool:
     return workflow.complete_run(run_id)
+
+
+@shared_task(name="control.reconcile")
+def reconcile() -> int:
+    return workflow.reconcile()
+
+
+@worker_ready.connect
+def _reconcile_at_start(sender: Any = None, **_: Any) -> None:
+    # A control worker that starts (again) looks for runs its predecessor dropped.
+    # Node agents are workers too, but never touch the database: they skip this.
+    if not os.environ.get("TGP_AGENT_NODE"):
+        reconcile.apply_async(queue="control", countdown=settings.TGP_RECONCILE_AFTER)
 
 
 @shared_task(name="control.reap_stale_runs")

@@ -409,11 +409,13 @@ def verify_node_back(run_id: int) -> None:
             run_id, "verify", "succeeded", detail=f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
         )
         return
-    UpdateStep.objects.filter(run_id=run_id, name="verify", state=UpdateStep.State.PENDING).update(
-        state=UpdateStep.State.RUNNING, started_at=timezone.now(), attempts=1
-    )
-    since = reboot.finished_at or run.last_activity_at
-    if timezone.now() - since > timedelta(seconds=settings.TGP_REBOOT_TIMEOUT):
+    now = timezone.now()
+    verify = UpdateStep.objects.filter(run_id=run_id, name="verify")
+    verify.filter(state=UpdateStep.State.PENDING).update(state=UpdateStep.State.RUNNING, started_at=now, attempts=1)
+    # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
+    UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
+    since = reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
+    if now - since > timedelta(seconds=settings.TGP_REBOOT_TIMEOUT):
         fail_run(run_id, f"verify: {node} did not come back within {settings.TGP_REBOOT_TIMEOUT:.0f} s")
         raise RunFailed(f"run {run_id} failed")
     raise NodeNotBack(f"{node} not back yet")
@@ -428,6 +430,11 @@ def complete_run(run_id: int) -> bool:
         if not done:
             return False
         run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
+        # The chain reaches this point only after every step succeeded: a step whose
+        # own report was lost (a control worker killed) must not show as running.
+        run.steps.filter(state=UpdateStep.State.RUNNING).update(
+            state=UpdateStep.State.SUCCEEDED, finished_at=timezone.now()
+        )
         Node.objects.filter(pk=run.node_id).update(
             maintenance_mode=False, maintenance_reason="", state=Node.State.ONLINE
         )
@@ -516,7 +523,8 @@ def wake_waiters(cluster: Cluster) -> None:
         .values_list("run_id", flat=True)[: cluster.max_parallel_updates]
     )
     for run_id in waiting_runs:
-        signature("control.slot", args=(run_id,)).set(queue=CONTROL_QUEUE).apply_async()
+        sig = signature("control.slot", args=(run_id,)).set(queue=CONTROL_QUEUE)
+        transaction.on_commit(sig.apply_async)
 
 
 def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
@@ -535,10 +543,46 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
         return
     if pending.name == UpdateStep.Name.REBOOT and node.boot_id != run.boot_id_before:
         return  # this restart is the reboot itself; its report is on the way
-    if pending.state == UpdateStep.State.PENDING and waiting(run):
-        return  # a scheduled run between its two phases: nothing is lost
+    if pending.state != UpdateStep.State.RUNNING:
+        # Nothing was interrupted (after a reboot the next step is already queued);
+        # a step whose message was lost is the reconciler's business.
+        return
     log.warning("agent of %s restarted during run %s: resuming at %s", hostname, run.pk, pending.name)
     transaction.on_commit(lambda: dispatch(run.pk, pending.name))
+
+
+CONTROL_STEPS = {"slot", "hold", "verify"}
+
+
+def reconcile() -> int:
+    """Carry on runs whose chain was lost: a control worker killed while it held a
+    message (control tasks are acknowledged on receipt, and Redis would only
+    redeliver after its visibility timeout). Every step it queues is safe to run
+    twice. Returns how many runs it touched."""
+    cutoff = timezone.now() - timedelta(seconds=settings.TGP_RECONCILE_AFTER)
+    touched = 0
+    quiet = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
+    for run in quiet.select_related("node__cluster"):
+        touched += _carry_on(run, cutoff)
+    return touched
+
+
+def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
+    if waiting(run):
+        return False
+    if run.trigger == UpdateRun.Trigger.SCHEDULED and not run.update_phase_started:
+        return start_update_phase(run.pk)
+    pending = first_unfinished(run)
+    if pending is None:
+        return complete_run(run.pk)
+    agent_alive = run.node.last_seen is not None and run.node.last_seen > cutoff
+    lost_node_step = pending.name in NODE_STEPS and pending.state == UpdateStep.State.PENDING and agent_alive
+    if pending.name in CONTROL_STEPS or lost_node_step:
+        log.warning("run %s was quiet since %s: carrying on at %s", run.pk, run.last_activity_at, pending.name)
+        UpdateRun.objects.filter(pk=run.pk).update(last_activity_at=timezone.now())
+        transaction.on_commit(lambda: dispatch(run.pk, pending.name))
+        return True
+    return False
 
 
 def reap_stale_runs() -> int:

@@ -15,7 +15,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("hostname", help="the node this agent serves, e.g. gw1")
-        parser.add_argument("--driver", choices=["simulated", "shell"], default=None)
+        parser.add_argument("--driver", default=None, help="simulated, shell, or a dotted driver class path")
         parser.add_argument("--loglevel", default="INFO")
 
     def handle(self, *args: Any, hostname: str, driver: str | None, loglevel: str, **options: Any) -> None:

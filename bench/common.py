@@ -1,0 +1,124 @@
+"""What several benchmarks share: a private Redis, Django on a private SQLite
+database, real worker processes, and the shape of a result."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-only-secret-key-" + "x" * 40
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+def _die_with_parent() -> None:
+    # Same as nodes.agent.die_with_parent, without importing Django before its settings.
+    import ctypes
+
+    with suppress(OSError):
+        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[Any]:
+    with open(log, "a") as out:
+        return subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent,
+        )  # fmt: skip
+
+
+@contextmanager
+def redis_server(workdir: Path) -> Iterator[str]:
+    """REDIS_URL if set, else the embedded redis-server on a free port (as tests/conftest.py
+    does). Puts the URL into the environment: Django settings read it at import."""
+    url = os.environ.get("REDIS_URL", "")
+    proc = None
+    if not url:
+        sys.path.insert(0, str(ROOT))
+        from tgpadmin import embedded_redis  # no Django import: settings are not loaded yet
+
+        port = free_port()
+        cmd = embedded_redis.command(port, workdir / "redis", persist=False)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        embedded_redis.wait_until_up(port)
+        url = f"redis://127.0.0.1:{port}/0"
+    os.environ["REDIS_URL"] = url
+    try:
+        yield url
+    finally:
+        if proc:
+            stop_process(proc)
+
+
+def setup_django(var_dir: Path) -> None:
+    """Django on a SQLite file of its own under var_dir, migrated. DATABASE_URL is
+    dropped on purpose: a benchmark must never write into a real database."""
+    var_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("DATABASE_URL", None)
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tgpadmin.settings"
+    os.environ["TGP_VAR_DIR"] = str(var_dir)
+    os.environ.setdefault("DJANGO_SECRET_KEY", SECRET)
+    os.environ.setdefault("TGP_LOG_LEVEL", "WARNING")
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", verbosity=0, interactive=False)
+
+
+def database_url() -> str:
+    from django.db import connection
+
+    return f"sqlite:///{Path(connection.settings_dict['NAME']).resolve()}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile: with few samples p99 is the largest, not an interpolation."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
+    return ordered[rank - 1]
+
+
+def metric(figure: str, value: float, unit: str, target: str = "", ok: bool | None = None) -> dict[str, Any]:
+    """One line of the results table; ok None means "reported, no target"."""
+    return {"figure": figure, "value": round(value, 3), "unit": unit, "target": target, "pass": ok}

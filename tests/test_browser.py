@@ -1,0 +1,120 @@
+"""The admin in a real browser: Playwright driving Debian's Chromium against
+pytest-django's live server, with a real control worker and node agent behind it.
+
+Needs `pip install playwright` and `apt-get install chromium`; skipped otherwise.
+Never `playwright install`: the browser is the system's.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} not found (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package playwright is not installed")
+expect = sync_api.expect
+
+from nodes.models import Node  # noqa: E402  (after the skips: no Django import for a skipped module)
+from updates import workflow  # noqa: E402
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(240)]
+
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+PASSWORD = "pw-for-tests-only"
+
+
+@pytest.fixture
+def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    # Playwright's sync API keeps an asyncio loop running in this thread, so Django
+    # takes every ORM call the test makes after this point (fixtures, wait_for, set_lock)
+    # for one from async code and raises SynchronousOnlyOperation. The calls really are
+    # synchronous; the live server answers from its own thread, untouched by this.
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context()
+        context.set_default_timeout(15_000)
+        yield context.new_page()
+        context.close()
+        browser.close()
+
+
+@pytest.fixture
+def login(page: Any, live_server: Any) -> Callable[[str], None]:
+    def log_in(username: str) -> None:
+        page.goto(f"{live_server.url}/admin/")
+        page.fill("#id_username", username)
+        page.fill("#id_password", PASSWORD)
+        page.click("input[type=submit]")
+        expect(page.locator("#user-tools")).to_contain_text(username)
+
+    return log_in
+
+
+def test_autoupdate_from_the_node_list_until_succeeded(
+    page, login, live_server, staff, demo_repo, make_node, agent_for, tmp_path
+):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw", users=("alice", "bob"))
+    agent_for(node)
+    staff("op", "update")
+
+    login("op")
+    page.goto(f"{live_server.url}/admin/nodes/node/")
+    page.check(f"input.action-select[value='{node.pk}']")
+    page.select_option("select[name=action]", label="Auto-Update (asks for confirmation)")
+    page.click("button[name=index]")
+
+    plan = page.locator("#autoupdate-plan")
+    expect(plan).to_contain_text(node.hostname)
+    expect(plan.locator("td.users")).to_have_text("alice, bob")
+    page.click("input[type=submit][value^='Yes, log these users off']")
+
+    expect(page).to_have_url(re.compile(r"/admin/updates/updaterun/\d+/change/$"))
+    # The run page reloads itself every 2 s while the run is running.
+    expect(page.locator("#run-state")).to_contain_text("Succeeded", timeout=120_000)
+    expect(page.locator("#step-resume .step-state")).to_have_text("Succeeded")
+
+    shot = tmp_path / "run-succeeded.png"
+    page.screenshot(path=str(shot), full_page=True)
+    data = shot.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 1000
+
+
+def test_remove_update_lock_from_the_node_page(page, login, live_server, staff, make_node):
+    node = make_node("gw")
+    workflow.set_lock(node, "download failed: checksum mismatch")
+    staff("op", "update")
+
+    login("op")
+    page.goto(f"{live_server.url}/admin/nodes/node/{node.pk}/change/")
+    lock = page.locator("#update-lock")
+    expect(lock).to_contain_text("Locked since")
+    lock.get_by_role("button", name="Remove update lock").click()
+
+    expect(page.locator("ul.messagelist li.success")).to_contain_text(f"Removed the update lock of {node.hostname}")
+    expect(lock).to_contain_text("No update lock.")
+    expect(lock).to_contain_text("Removed locks:")
+    expect(lock.locator("li")).to_contain_text("download failed: checksum mismatch")
+    assert not workflow.active_lock(node)
+
+
+def test_download_warning_shows_in_the_title_bar_of_every_page(page, login, live_server, staff, make_node):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(download_warning=True)
+    staff("op", "update")
+
+    login("op")
+    for path in ("/admin/", "/admin/nodes/node/", f"/admin/nodes/node/{node.pk}/change/", "/admin/updates/updaterun/"):
+        page.goto(f"{live_server.url}{path}")
+        expect(page.locator("#header")).to_contain_text("Update download error")

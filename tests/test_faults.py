@@ -1,0 +1,100 @@
+"""Fault injection with real processes: whatever is killed, every run ends in a
+recorded state (succeeded after recovery, or failed with a lock), none stays
+running, and a cluster slot is held exactly while its node is out of service."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from datetime import timedelta
+
+import psutil
+import pytest
+from django.utils import timezone
+
+from nodes import services
+from nodes.models import Cluster, Node
+from tests.conftest import ROOT, Repo, process_env, stop_process, test_database_url, wait_for
+from tests.servers import RepoServer
+from updates import workflow
+from updates.models import Release, UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(240)]
+
+
+def worker_of(agent: subprocess.Popen) -> psutil.Process:
+    return wait_for(lambda: psutil.Process(agent.pid).children(), 30, "the agent's worker")[0]
+
+
+def assert_recorded_and_slot_consistent(run: UpdateRun, cluster: Cluster) -> None:
+    run.refresh_from_db()
+    holders = [h.node for h in workflow.cluster_slots().holders(cluster.name)]
+    if run.state == "succeeded":
+        assert run.node.hostname not in holders, "a node back in service holds no slot"
+        assert Node.objects.get(pk=run.node_id).installed_version == "2.2.0"
+        return
+    assert run.state == "failed", f"run {run.pk} is {run.state}"
+    assert UpdateLock.objects.filter(node=run.node, removed_at=None).exists(), "a failed run locks its node"
+    if UpdateStep.objects.filter(run=run, name="slot", state="succeeded").exists():
+        assert run.node.hostname in holders, "a failed node keeps its slot while out of service"
+        services.end_maintenance(Node.objects.get(pk=run.node_id))
+        wait_for(lambda: not workflow.cluster_slots().holders(cluster.name), 10, "the slot to be released")
+
+
+@pytest.mark.parametrize("step", ["notify", "slot", "drain", "download", "install", "reboot", "resume"])
+def test_agent_killed_in_a_step_the_run_still_ends_recorded(step, tmp_path, make_node, start_agent, control_worker):
+    repo = Repo(tmp_path / "repo", package_bytes=256 * 1024)
+    repo.import_releases()
+    cluster = Cluster.objects.create(name=f"kill-{step}", max_parallel_updates=1)
+    node = make_node("k", cluster=cluster)
+    with RepoServer(repo.dir, rate=300 * 1024) as server:
+        agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_SIM_STEP_SECONDS="0.6-1.0")
+        wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the agent")
+        run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+        row = UpdateStep.objects.filter(run=run, name=step)
+        wait_for(lambda: row.get().state in ("running", "succeeded"), 60, f"step {step}")
+        worker_of(agent).send_signal(signal.SIGKILL)
+        wait_for(lambda: UpdateRun.objects.get(pk=run.pk).state != "running", 120, "the run to end")
+    assert_recorded_and_slot_consistent(run, cluster)
+
+
+def test_control_worker_killed_mid_run_the_run_still_ends(demo_repo, make_node, agent_for, control_worker, beat):
+    repo, _ = demo_repo
+    repo.import_releases()
+    node = make_node("gw")
+    agent_for(node, TGP_SIM_STEP_SECONDS="1.0-1.5")
+    run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+    wait_for(lambda: UpdateStep.objects.get(run=run, name="install").state == "running", 60, "the install")
+    control_worker.kill()  # reports and the chain's control steps in its hands are lost
+    control_worker.start()
+    wait_for(lambda: UpdateRun.objects.get(pk=run.pk).state != "running", 120, "the run to end")
+    run.refresh_from_db()
+    assert run.state == "succeeded", run.error
+    assert not UpdateStep.objects.filter(run=run, state="running").exists()
+
+
+def test_two_beats_start_one_run_per_node(demo_repo, make_node, agent_for, beat, redis_url, logs_dir):
+    repo, _ = demo_repo
+    repo.import_releases()
+    nodes = [make_node("gw") for _ in range(2)]
+    for node in nodes:
+        agent_for(node)
+    second = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "tgpadmin", "beat", "--max-interval", "1", "--pidfile=",
+         "-s", str(logs_dir / "beat2-schedule")],
+        cwd=ROOT, env=process_env(redis_url, DATABASE_URL=test_database_url()),
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    try:
+        for node in nodes:
+            UpdateSchedule.objects.create(
+                name=f"twice {node}", node=node, run_at=timezone.now() + timedelta(seconds=8),
+                download_lead=timedelta(seconds=4),
+            )  # fmt: skip
+        runs = UpdateRun.objects.filter(node__in=nodes)
+        wait_for(lambda: runs.count() == 2 and not runs.filter(state="running").exists(), 120, "both runs to end")
+    finally:
+        stop_process(second)
+    assert sorted(runs.values_list("node_id", flat=True)) == sorted(n.pk for n in nodes)
+    assert set(runs.values_list("state", flat=True)) == {"succeeded"}
