@@ -49,7 +49,9 @@ class Agent:
         return [
             sys.executable, "-m", "celery", "-A", "tgpadmin", "worker",
             "-Q", f"node.{self.hostname}", "-n", f"agent@{self.hostname}",
-            "--pool", "threads", "--concurrency", "1",
+            # No prefetch: a worker that goes down (reboot, crash) must not take the
+            # run's next message with it; it stays in the queue for the next worker.
+            "--pool", "threads", "--concurrency", "1", "--disable-prefetch",
             "--without-gossip", "--without-mingle", "-E", "-l", self.loglevel,
         ]  # fmt: skip
 

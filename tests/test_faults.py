@@ -43,7 +43,11 @@ def assert_recorded_and_slot_consistent(run: UpdateRun, cluster: Cluster) -> Non
 
 
 @pytest.mark.parametrize("step", ["notify", "slot", "drain", "download", "install", "reboot", "resume"])
-def test_agent_killed_in_a_step_the_run_still_ends_recorded(step, tmp_path, make_node, start_agent, control_worker):
+def test_agent_killed_in_a_step_the_run_still_ends_recorded(
+    step, tmp_path, make_node, start_agent, control_worker, beat
+):
+    # beat runs the reconciler, as in production: a hand-off lost with the killed
+    # worker (its next message not yet published) is carried on from there.
     repo = Repo(tmp_path / "repo", package_bytes=256 * 1024)
     repo.import_releases()
     cluster = Cluster.objects.create(name=f"kill-{step}", max_parallel_updates=1)

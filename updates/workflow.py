@@ -15,7 +15,8 @@ from typing import Any
 from celery import chain, signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from nodes.models import Cluster, Node
@@ -293,7 +294,8 @@ def record_step(
     elif event == "progress":
         steps.filter(state=UpdateStep.State.RUNNING).update(**changes)
     elif event in ("succeeded", "skipped"):
-        steps.update(state=event, finished_at=now, **changes)
+        # started_at too: its own report may be processed after this one.
+        steps.update(state=event, finished_at=now, started_at=Coalesce("started_at", Value(now)), **changes)
         if step == "download":
             clear_download_warning(run_id)
             start_update_phase(run_id)
@@ -402,7 +404,8 @@ def verify_node_back(run_id: int) -> None:
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
     reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
-    needs_new_boot = reboot.state == UpdateStep.State.SUCCEEDED
+    # From the release, not from the reboot step's row: its report may still be on the way.
+    needs_new_boot = run.release.needs_reboot and reboot.state != UpdateStep.State.SKIPPED
     node = run.node
     if target_reached(run, node) and (not needs_new_boot or node.boot_id != run.boot_id_before):
         record_step(
@@ -541,12 +544,10 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
     pending = first_unfinished(run)
     if pending is None or pending.name not in NODE_STEPS:
         return
-    if pending.name == UpdateStep.Name.REBOOT and node.boot_id != run.boot_id_before:
-        return  # this restart is the reboot itself; its report is on the way
-    if pending.state != UpdateStep.State.RUNNING:
-        # Nothing was interrupted (after a reboot the next step is already queued);
-        # a step whose message was lost is the reconciler's business.
-        return
+    if node.boot_id != run.boot_id_before:
+        return  # the restart is the run's own reboot: the chain goes on by itself
+    if pending.state == UpdateStep.State.PENDING and waiting(run):
+        return  # a scheduled run between its two phases: nothing is lost
     log.warning("agent of %s restarted during run %s: resuming at %s", hostname, run.pk, pending.name)
     transaction.on_commit(lambda: dispatch(run.pk, pending.name))
 
