@@ -121,8 +121,6 @@ class ControlWorker:
         self.name = ""
 
     def start(self) -> None:
-        from tgpadmin.celery import app
-
         self.name = f"control-{uuid.uuid4().hex[:6]}@tests"
         cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", self.name]
         cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
@@ -131,7 +129,8 @@ class ControlWorker:
                 cmd, cwd=ROOT, env=process_env(self.redis_url, DATABASE_URL=self.db_url), stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
-        wait_for(lambda: app.control.ping(destination=[self.name], timeout=0.5), 60, "the control worker")
+        # The worker says so once it consumes (whichever broker it is on).
+        wait_for(lambda: f"{self.name} ready." in self.log_path.read_text(), 60, "the control worker")
 
     def kill(self) -> None:
         """SIGKILL the whole worker (main process and pool children), mid-work."""

@@ -46,8 +46,10 @@ def test_beat_fires_download_then_update_of_a_one_off_schedule(demo_repo, make_n
     assert f"update for {timezone.localtime(update_at):%Y-%m-%d %H:%M}: {node}: run {run.pk}" in schedule.last_result
 
 
-def _policy_setup(tmp_path, make_node, start_agent, fail_first):
+def _policy_setup(tmp_path, make_node, start_agent, fail_first, settings):
     repo = Repo(tmp_path / "repo")
+    # The control plane looks at the index too (with the key it pins): one request per firing.
+    settings.TGP_REPO_PUBKEY = repo.pubkey
     repo.import_releases()
     node = make_node("gw")
     server = FlakyRepoServer(repo.dir, fail_first=fail_first).__enter__()
@@ -70,7 +72,7 @@ def _update_time_is_now(schedule, run):
 def test_download_failure_policy_ten_attempts_flag_ten_more_then_lock_and_time_control_off(
     tmp_path, make_node, start_agent, control_worker, settings
 ):
-    node, schedule, server = _policy_setup(tmp_path, make_node, start_agent, fail_first=10_000)
+    node, schedule, server = _policy_setup(tmp_path, make_node, start_agent, 10_000, settings)
     settings.TGP_REPO_URL = server.url
     scheduled.fire(schedule.pk, "download")
     run = UpdateRun.objects.get(node=node)
@@ -98,7 +100,7 @@ def test_download_warning_flag_stays_until_a_complete_download_then_clears(
 ):
     # The control plane's own look at the index is request 1; the node's attempts
     # are requests 2..11 (round 1) and 13.. (round 2): it recovers at its 13th attempt.
-    node, schedule, server = _policy_setup(tmp_path, make_node, start_agent, fail_first=1 + 10 + 1 + 2)
+    node, schedule, server = _policy_setup(tmp_path, make_node, start_agent, 1 + 10 + 1 + 2, settings)
     settings.TGP_REPO_URL = server.url
     scheduled.fire(schedule.pk, "download")
     run = UpdateRun.objects.get(node=node)

@@ -71,6 +71,16 @@ def test_agent_restart_mid_step_requeues_the_run_from_that_step(run, django_capt
     assert len(queued) == 1
 
 
+def test_a_crash_after_the_reboot_requeues_the_interrupted_step(run, django_capture_on_commit_callbacks):
+    for name in ["notify", "drain", "download", "install", "reboot", "verify"]:
+        workflow.record_step(run.pk, name, "succeeded")
+    workflow.node_reported(run.node.hostname, {"boot_id": "boot-2", "agent_instance": "agent-2"})  # the reboot
+    workflow.record_step(run.pk, "resume", "started")
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        workflow.node_reported(run.node.hostname, {"boot_id": "boot-2", "agent_instance": "agent-3"})  # a crash
+    assert len(queued) == 1
+
+
 def test_the_reboot_itself_does_not_requeue_the_reboot(run, django_capture_on_commit_callbacks):
     for name in ["notify", "drain", "download", "install"]:
         workflow.record_step(run.pk, name, "succeeded")

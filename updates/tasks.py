@@ -38,7 +38,7 @@ def verify(run_id: int) -> None:
     name="control.slot",
     autoretry_for=(workflow.SlotWait,),
     retry_backoff=1,
-    retry_backoff_max=5,
+    retry_backoff_max=30,  # a freed slot wakes the next waiter at once; this is only the fallback
     retry_jitter=False,
     max_retries=None,  # a node waiting for a slot waits; freed slots also wake it at once
 )

@@ -217,6 +217,12 @@ def start_update_phase(run_id: int) -> bool:
     return True
 
 
+def step_after(run: UpdateRun, name: str) -> str | None:
+    names = list(run.steps.order_by("position").values_list("name", flat=True))
+    index = names.index(name) + 1
+    return names[index] if index < len(names) else None
+
+
 def first_unfinished(run: UpdateRun) -> UpdateStep | None:
     return run.steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).first()
 
@@ -492,7 +498,9 @@ def take_slot(run_id: int) -> None:
     ):
         drain_at = max(run.scheduled_for, now + cluster.lb_lead_time) if run.scheduled_for else None
         UpdateRun.objects.filter(pk=run_id).update(slot_token=token, drain_not_before=drain_at, last_activity_at=now)
-        transaction.on_commit(lambda: dispatch(run_id))
+        # Named, not "the first unfinished step": an earlier step's report may still be queued.
+        after_slot = step_after(run, "slot")
+        transaction.on_commit(lambda: dispatch(run_id, after_slot))
 
 
 def hold(run_id: int) -> None:
@@ -520,10 +528,14 @@ def release_slot(node: Node, token: int | None = None) -> None:
 def wake_waiters(cluster: Cluster) -> None:
     """Nodes waiting for a slot retry with backoff; a freed slot is offered to the
     longest waiter at once instead of idling until its next retry."""
+    free = cluster.max_parallel_updates - len(cluster_slots().holders(cluster.name))
+    if free <= 0:
+        return
+    # Only as many as there are free slots: waking every waiter floods the control queue.
     waiting_runs = (
         UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__node__cluster=cluster)
         .order_by("started_at")
-        .values_list("run_id", flat=True)[: cluster.max_parallel_updates]
+        .values_list("run_id", flat=True)[:free]
     )
     for run_id in waiting_runs:
         sig = signature("control.slot", args=(run_id,)).set(queue=CONTROL_QUEUE)
@@ -534,18 +546,18 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
     """A heartbeat. If the agent restarted in the middle of a run (a crash, not
     the reboot step), queue the run again from its first unfinished step: every
     node step is safe to run twice."""
-    before = Node.objects.filter(hostname=hostname).values_list("agent_instance", flat=True).first()
+    before = Node.objects.filter(hostname=hostname).values_list("agent_instance", "boot_id").first()
     node = apply_snapshot(hostname, snapshot)
-    if node is None or before is None or before == node.agent_instance or not before:
+    if node is None or before is None or not before[0] or before[0] == node.agent_instance:
         return
+    if before[1] != node.boot_id:
+        return  # this restart is a reboot (the run's own): the chain goes on by itself
     run = UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).first()
     if run is None:
         return
     pending = first_unfinished(run)
     if pending is None or pending.name not in NODE_STEPS:
         return
-    if node.boot_id != run.boot_id_before:
-        return  # the restart is the run's own reboot: the chain goes on by itself
     if pending.state == UpdateStep.State.PENDING and waiting(run):
         return  # a scheduled run between its two phases: nothing is lost
     log.warning("agent of %s restarted during run %s: resuming at %s", hostname, run.pk, pending.name)

@@ -1,0 +1,293 @@
+"""1. Rollout makespan: a 200-node cluster with a cap of 10, against the ideal and
+against Ansible-style batches.
+
+A real control worker (as in bench/orchestration.py) and one multi-node Celery
+worker that serves the queues of all 200 simulated nodes (bench/multinode.py,
+TimedDriver: a node's install takes its duration, everything else is instant).
+Durations: uniform 1-3 s, random.Random(42). Cluster: max_parallel_updates=10,
+lb_lead_time=0. A release that needs no reboot (the simulated reboot would exit
+the worker of all nodes). All 200 runs are started with workflow.start_update
+(manual trigger: notify, slot, drain, download, install, reboot (skipped),
+verify, resume, complete); the slot semaphore enforces the cap.
+
+- makespan: first start_update call -> last UpdateRun.finished_at (DB);
+- ideal: max(sum(durations) / cap, max(durations));
+- batches: Ansible's `serial: 10` computed on the same durations in start order
+  (each batch waits for its slowest node): sum of the batch maxima, and the same
+  plus the per-node overhead measured here (median) once per batch;
+- cap check: the most overlapping [drain started, resume finished] intervals
+  (control-side receive times), and the most overlapping slot holdings
+  [slot step finished, run finished];
+- var/bench/rollout.png: the timeline.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+from statistics import mean, median
+from typing import Any
+
+from bench.common import ROOT, metric, percentile, redis_server, setup_django, stop_process
+from bench.orchestration import base_env, start_control, task_runtimes
+
+OPTIONS = {"nodes"}
+CAP = 10
+SEED = 42
+LOW, HIGH = 1.0, 3.0
+TARGET_RATIO = 1.05
+NODE_WORKERS = 1
+NODE_CONCURRENCY = 20
+TIMEOUT = 300.0  # the whole rollout; ideal is ~37 s for 200 nodes
+STALL = 20.0  # no run ended for this long while some still run: they are stuck
+PNG = ROOT / "var" / "bench" / "rollout.png"
+
+
+def durations_for(count: int) -> list[float]:
+    rng = random.Random(SEED)
+    return [rng.uniform(LOW, HIGH) for _ in range(count)]
+
+
+def run(nodes: int = 200) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="tgp-bench-rollout-"))
+    try:
+        with redis_server(work) as redis_url:
+            setup_django(work / "var")
+            return measure(work, redis_url, nodes)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:
+    from bench.multinode import NEW, build_noreboot_repo, seed_nodes, start_node_workers
+    from nodes.models import Cluster
+    from tests.servers import RepoServer
+    from updates import workflow
+    from updates.models import Release
+
+    durations = durations_for(count)
+    repo_dir, pubkey = build_noreboot_repo(work / "repo")
+    release = Release.objects.get(version=NEW)
+    tag = uuid.uuid4().hex[:6]
+    cluster = Cluster.objects.create(name=f"bench-{tag}", max_parallel_updates=CAP, lb_lead_time=timedelta(0))
+    hostnames = [f"r{tag}-{i:03d}" for i in range(1, count + 1)]
+    nodes = seed_nodes(hostnames, work / "nodes", cluster=cluster, durations=durations)
+    control = start_control(work, redis_url)
+    workers: list[Any] = []
+    try:
+        with RepoServer(repo_dir) as server:
+            env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
+            env |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}
+            workers = start_node_workers(
+                hostnames, env, work / "nodes.log", workers=NODE_WORKERS, concurrency=NODE_CONCURRENCY
+            )
+            from django.utils import timezone
+
+            t0 = timezone.now()
+            started = time.monotonic()
+            run_ids = [workflow.start_update(node, release).pk for node in nodes]
+            start_loop = time.monotonic() - started
+            wait_until_done(run_ids)
+    finally:
+        for proc in workers:
+            stop_process(proc)
+        stop_process(control)
+    return report(collect(run_ids, durations, t0, work / "nodes"), durations, start_loop, work)
+
+
+def wait_until_done(run_ids: list[int]) -> None:
+    """Until every run ended, or none ended for STALL seconds (a run stuck holding a
+    slot: reported, not waited for), or TIMEOUT."""
+    from updates.models import UpdateRun
+
+    runs = UpdateRun.objects.filter(pk__in=run_ids)
+    deadline = time.monotonic() + TIMEOUT
+    last_done, last_change = -1, time.monotonic()
+    while time.monotonic() < deadline:
+        done = runs.exclude(state=UpdateRun.State.RUNNING).count()
+        if done == len(run_ids):
+            return
+        if done != last_done:
+            last_done, last_change = done, time.monotonic()
+        elif time.monotonic() - last_change > STALL:
+            return
+        time.sleep(0.5)
+
+
+def collect(run_ids: list[int], durations: list[float], t0: datetime, state_dir: Path) -> list[dict[str, Any]]:
+    """Per node, in start order: seconds from t0 of each event that matters. Keys
+    with "db_": the control worker's receive times (DB); without: the node's own
+    time (TimedDriver's events), same clock (one machine)."""
+    from bench.rollout_driver import TimedDriver
+    from updates.models import UpdateRun
+
+    def s(moment: datetime | None) -> float:
+        return float("nan") if moment is None else (moment - t0).total_seconds()
+
+    base = t0.timestamp()
+    rows = []
+    runs = {r.pk: r for r in UpdateRun.objects.filter(pk__in=run_ids).select_related("node").prefetch_related("steps")}
+    for run_id, duration in zip(run_ids, durations, strict=True):
+        run = runs[run_id]
+        steps = {st.name: st for st in run.steps.all()}
+        node = TimedDriver(run.node.hostname, state_dir / run.node.hostname).events()
+        rows.append({
+            "run": run_id, "state": run.state, "error": run.error, "duration": duration,
+            "created": s(run.created_at), "slot": s(steps["slot"].finished_at),
+            "drain": node.get("drain", float("nan")) - base, "install": node.get("install", float("nan")) - base,
+            "install_end": node.get("install_end", float("nan")) - base,
+            "resume_end": node.get("resume_end", float("nan")) - base,
+            "db_drain": s(steps["drain"].started_at), "db_resume_end": s(steps["resume"].finished_at),
+            "finished": s(run.finished_at), "verify_waited": steps["verify"].attempts > 0,
+        })  # fmt: skip
+    return rows
+
+
+def max_overlap(intervals: list[tuple[float, float]]) -> tuple[int, list[tuple[float, int]]]:
+    """The most intervals open at once, and the step function (t, open from t on)."""
+    events = sorted([(a, 1) for a, _ in intervals] + [(b, -1) for _, b in intervals], key=lambda e: (e[0], e[1]))
+    current, peak, steps = 0, 0, []
+    for t, delta in events:  # ends before starts at the same instant
+        current += delta
+        peak = max(peak, current)
+        steps.append((t, current))
+    return peak, steps
+
+
+def batched(durations: list[float], size: int, per_batch: float = 0.0) -> float:
+    """Ansible `serial: size`: each batch waits for its slowest node."""
+    return sum(max(durations[i : i + size]) + per_batch for i in range(0, len(durations), size))
+
+
+def handovers(rows: list[dict[str, Any]]) -> list[float]:
+    """From a slot's release (run finished) to the next node holding it: the k-th
+    acquisition after the first CAP pairs with the k-th release."""
+    releases = sorted(r["finished"] for r in rows)
+    acquired = sorted(r["slot"] for r in rows)[CAP:]
+    return [a - r for a, r in zip(acquired, releases, strict=False)]
+
+
+def control_log_counts(log: Path) -> dict[str, int]:
+    text = log.read_text()
+    return {
+        "control.slot retries (SlotWait)": len(re.findall(r"Task control\.slot\[[^]]+\] retry", text)),
+        "control.verify retries (NodeNotBack)": len(re.findall(r"Task control\.verify\[[^]]+\] retry", text)),
+        "errors in the control log": len(re.findall(r"\bERROR/", text)),
+    }
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    values = [v for v in values if v == v]
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "mean_ms": round(mean(values) * 1000, 1),
+        "p50_ms": round(median(values) * 1000, 1),
+        "p99_ms": round(percentile(values, 99) * 1000, 1),
+        "max_ms": round(max(values) * 1000, 1),
+    }
+
+
+def stuck_detail(run_ids: list[int]) -> list[dict[str, Any]]:
+    """The steps of runs that never ended, with the control worker's receive times."""
+    from updates.models import UpdateRun
+
+    out = []
+    for run in UpdateRun.objects.filter(pk__in=run_ids).prefetch_related("steps"):
+        steps = [
+            f"{st.name}: {st.state} {st.started_at and st.started_at.isoformat()} -> "
+            f"{st.finished_at and st.finished_at.isoformat()} ({st.detail[:60]})"
+            for st in run.steps.order_by("position")
+        ]
+        out.append({"run": run.pk, "current_step": run.current_step, "steps": steps})
+    return out
+
+
+def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float, work: Path) -> dict[str, Any]:
+    failed = [r for r in rows if r["state"] != "succeeded"]
+    done = [r for r in rows if r["state"] == "succeeded"]
+    makespan = max(r["finished"] for r in done)
+    # A run still running once the others ended; if it holds a slot, the slot is lost to the rollout.
+    stuck = [r for r in rows if r["state"] == "running"]
+    for r in stuck:
+        r["stuck_until"] = makespan
+    ideal = max(sum(durations) / CAP, max(durations))
+    peak, concurrency = max_overlap([(r["drain"], r["resume_end"]) for r in done])
+    db_peak, _ = max_overlap([(r["db_drain"], r["db_resume_end"]) for r in done])
+    slot_peak, _ = max_overlap(
+        [(r["slot"], r["finished"]) for r in done] + [(r["slot"], makespan) for r in stuck if r["slot"] == r["slot"]]
+    )
+    # What a node costs beyond its duration while it holds a slot, split up.
+    overhead = [(r["finished"] - r["slot"]) - r["duration"] for r in done]
+    parts = {
+        "slot held (DB) -> drain called on the node (chain dispatch)": [r["drain"] - r["slot"] for r in done],
+        "drain called -> install called (drain, download, verification)": [r["install"] - r["drain"] for r in done],
+        "install beyond its duration": [(r["install_end"] - r["install"]) - r["duration"] for r in done],
+        "install done -> resume done (reports, reboot skipped, verify, resume)": [
+            r["resume_end"] - r["install_end"] for r in done
+        ],
+        "resume done (node) -> run finished (DB: report, complete)": [r["finished"] - r["resume_end"] for r in done],
+        "run finished -> next node holds the slot (release, wake_waiters, slot)": handovers(done),
+        "per node, slot holding minus duration": overhead,
+    }
+    per_node = median(overhead) if overhead else 0.0
+    batch_bare = batched(durations, CAP)
+    batch_fair = batched(durations, CAP, per_node)
+    ratio = makespan / ideal
+    marks = {
+        "measured makespan": makespan,
+        "ideal": ideal,
+        f"batches of {CAP} (+ measured overhead)": batch_fair,
+    }
+    title = (
+        f"Rollout of {len(rows)} nodes, cap {CAP}: makespan {makespan:.1f} s = {ratio:.3f} x ideal {ideal:.1f} s; "
+        f"Ansible serial {CAP}: {batch_bare:.1f} s bare, {batch_fair:.1f} s with the measured per-node overhead"
+    )
+    from bench.timeline_png import draw
+
+    draw(sorted(rows, key=lambda r: r["created"]), concurrency, cap=CAP, marks=marks, title=title, out=PNG)
+    log_counts = control_log_counts(work / "control.log")
+    return {
+        "name": "rollout",
+        "metrics": [
+            metric("nodes (runs succeeded)", len(done), "", f"= {len(rows)}", not failed),
+            metric("runs stuck (still running when the rest had ended)", len(stuck), "", "= 0", not stuck),
+            metric("makespan", makespan, "s"),
+            metric("ideal: max(sum/cap, max)", ideal, "s"),
+            metric("makespan / ideal", ratio, "x", f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO),
+            metric(f"Ansible serial {CAP}, simulated, bare", batch_bare, "s"),
+            metric(f"Ansible serial {CAP}, simulated, + overhead per batch", batch_fair, "s"),
+            metric("makespan / batched (+ overhead)", makespan / batch_fair, "x", "< 1", makespan < batch_fair),
+            metric("most nodes out of service at once (node times)", peak, "", f"<= {CAP}", peak <= CAP),
+            metric("most nodes out of service at once (DB times)", db_peak, "", f"<= {CAP}", db_peak <= CAP),
+            metric("most slot holdings overlapping (DB stamps, see docs)", slot_peak, ""),
+            metric("per-node overhead while holding a slot, p50", per_node * 1000, "ms"),
+            metric("verify had to wait for the install report", sum(r["verify_waited"] for r in done), "runs"),
+        ],
+        "details": {
+            "durations": {
+                "seed": SEED,
+                "uniform": [LOW, HIGH],
+                "sum_s": round(sum(durations), 3),
+                "max_s": round(max(durations), 3),
+                "mean_s": round(mean(durations), 3),
+            },  # fmt: skip
+            "start_update loop for all runs_s": round(start_loop, 2),
+            "slot utilisation (sum of durations / cap x makespan)": round(sum(durations) / (CAP * makespan), 3),
+            "overhead_parts": {k: stats(v) for k, v in parts.items()},
+            "control_log": log_counts,
+            "control_task_runtimes": task_runtimes(work / "control.log"),
+            "failed_runs": [{"run": r["run"], "state": r["state"], "error": r["error"]} for r in failed][:10],
+            "stuck_runs": stuck_detail([r["run"] for r in stuck]),
+            "node_worker": {"processes": NODE_WORKERS, "threads": NODE_CONCURRENCY},
+            "png": str(PNG.relative_to(ROOT)),
+            "per_node": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
+        },
+    }
