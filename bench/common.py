@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from tgpadmin.processes import die_with_parent, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-only-secret-key-" + "x" * 40
@@ -25,41 +25,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
-
-
-def _die_with_parent() -> None:
-    # Same as nodes.agent.die_with_parent, without importing Django before its settings.
-    import ctypes
-
-    with suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)
-
-
 def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[Any]:
     with open(log, "a") as out:
         return subprocess.Popen(
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
 
 
@@ -75,7 +45,7 @@ def redis_server(workdir: Path) -> Iterator[str]:
 
         port = free_port()
         cmd = embedded_redis.command(port, workdir / "redis", persist=False)
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
         embedded_redis.wait_until_up(port)
         url = f"redis://127.0.0.1:{port}/0"
     os.environ["REDIS_URL"] = url

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import spawn
-from bench.common import wait_for as wait
+from tgpadmin.processes import wait_for as wait
 
 OLD, NEW = "2.1.0", "2.2.0"
 PACKAGES = {

@@ -32,7 +32,7 @@ from statistics import median
 from typing import Any
 
 from bench.common import SECRET, database_url, metric, percentile, redis_server, setup_django, spawn, stop_process
-from bench.common import wait_for as wait
+from tgpadmin.processes import wait_for as wait
 
 OPTIONS = {"runs"}
 BATCH = 6  # agents alive at once: each is a supervisor plus a worker, and the machine has 2 cores

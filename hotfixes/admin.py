@@ -15,6 +15,7 @@ from django.utils.html import format_html_join
 
 from hotfixes import services
 from hotfixes.models import Contact, Delivery, HotfixNotice
+from updates.admin import ReadOnlyAdmin
 
 SEND_PERM = "hotfixes.send_hotfixnotice"
 ROLE_ACTIONS = {"send_notification": SEND_PERM, "resend_failed": SEND_PERM}
@@ -161,7 +162,7 @@ class HotfixNoticeAdmin(admin.ModelAdmin):
 
 
 @admin.register(Delivery)
-class DeliveryAdmin(admin.ModelAdmin):
+class DeliveryAdmin(ReadOnlyAdmin):
     """Written by the delivery task only: viewable, never edited by hand."""
 
     list_display = ["notice", "contact", "channel", "state", "attempts", "address", "provider_ref", "updated_at"]
@@ -172,12 +173,3 @@ class DeliveryAdmin(admin.ModelAdmin):
         "notice", "contact", "channel", "state", "attempts", "address", "provider_ref", "last_error",
         "created_at", "updated_at",
     ]  # fmt: skip
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False

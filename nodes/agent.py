@@ -9,8 +9,6 @@ also sends heartbeats (the node's snapshot) to the control queue.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -24,15 +22,9 @@ from django.conf import settings
 from nodes.drivers import get_driver
 from nodes.drivers.simulated import REBOOT_EXIT_CODE
 from nodes.tasks import agent_snapshot, send_to_control
+from tgpadmin.processes import die_with_parent
 
 log = logging.getLogger("nodes.agent")
-PR_SET_PDEATHSIG = 1
-
-
-def die_with_parent() -> None:
-    # If the supervisor is killed with SIGKILL its worker must not live on unsupervised.
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Agent:

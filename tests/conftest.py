@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -21,36 +20,11 @@ from typing import Any
 
 import pytest
 
-from nodes.agent import die_with_parent
 from tests.servers import RepoServer, free_port
+from tgpadmin.processes import die_with_parent, stop_process, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
-
-
-def wait_for(
-    predicate: Callable[[], Any], timeout: float = 30.0, what: str = "the condition", interval: float = 0.05
-) -> Any:
-    """Poll until predicate() is truthy; fail the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(5)
 
 
 @pytest.fixture(scope="session", autouse=True)

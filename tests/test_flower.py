@@ -9,9 +9,9 @@ import sys
 import httpx
 import pytest
 
-from nodes.agent import die_with_parent
 from tests.conftest import ROOT, process_env, stop_process, wait_for
 from tests.servers import free_port
+from tgpadmin.processes import die_with_parent
 
 pytestmark = [pytest.mark.workflow, pytest.mark.timeout(120)]
 

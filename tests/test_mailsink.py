@@ -7,9 +7,9 @@ import subprocess
 import sys
 from email.message import EmailMessage
 
-from nodes.agent import die_with_parent
 from tests.conftest import ROOT, stop_process, wait_for
 from tests.servers import free_port
+from tgpadmin.processes import die_with_parent
 
 
 def test_mails_sent_to_the_demo_sink_land_in_var_mail(tmp_path):

@@ -12,11 +12,11 @@ import sys
 
 import pytest
 
-from nodes.agent import die_with_parent
 from nodes.models import Cluster, Node
 from tests.conftest import ROOT, ControlWorker, Repo, process_env, stop_process, test_database_url, wait_for
 from tests.servers import RepoServer, free_port
 from tgpadmin import embedded_redis
+from tgpadmin.processes import die_with_parent
 from updates.models import UpdateLock, UpdateRun, UpdateStep
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(300)]
