@@ -306,14 +306,12 @@ class FlakyRepoServer(RepoServer):
         super().__init__(directory)
         self.fail_first = fail_first
         self.index_requests = 0
-        handler_cls = self.httpd.RequestHandlerClass
         server = self
 
         def handler(*args: Any, **kwargs: Any) -> Any:
             return _FlakyHandler(server, *args, **kwargs)
 
         self.httpd.RequestHandlerClass = handler  # type: ignore[assignment]
-        self._inner = handler_cls
 
 
 from tests.servers import _RepoHandler  # noqa: E402

@@ -53,8 +53,9 @@ def sync_from_url(url: str | None = None) -> RepositoryIndex:
     return index
 
 
-def sync_from_dir(path: str | None = None) -> RepositoryIndex:
-    base = settings.TGP_REPO_DIR if path is None else settings.BASE_DIR / path
+def sync_from_dir() -> RepositoryIndex:
+    """Import from the repository directory on this machine (the demo's)."""
+    base = settings.TGP_REPO_DIR
     index = parse_and_verify(
         (base / "index.json").read_bytes(),
         (base / "index.json.sig").read_bytes(),
