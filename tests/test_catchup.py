@@ -101,3 +101,23 @@ def test_catchup_page_starts_a_partial_run(client, staff, make_node, releases, d
     run = UpdateRun.objects.get(node=node)
     assert response.status_code == 302
     assert run.trigger == UpdateRun.Trigger.CATCHUP_PARTIAL and run.packages == ["tgpro-base"]
+
+
+@pytest.mark.django_db
+def test_a_hotfix_release_is_what_autoupdate_and_the_next_scheduled_update_install(make_node, releases):
+    from updates import scheduled
+    from updates.models import Package, Release
+
+    hotfix = Release.objects.create(version="2.2.1", channel="stable", hotfix=True, needs_reboot=False)
+    Package.objects.create(
+        release=hotfix, name="tgpro-browser", version="2.2.1", file="pool/tgpro-browser_2.2.1.tar.gz",
+        size=1, sha256="0" * 64,
+    )  # fmt: skip
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.2.0")
+    node.refresh_from_db()
+    assert services.plan_update(node).release == hotfix
+    assert scheduled.updates_for(node) == hotfix
+    Node.objects.filter(pk=node.pk).update(installed_version="2.2.1")
+    node.refresh_from_db()
+    assert scheduled.updates_for(node) is None, "installed by hand already: the schedule finds nothing to do"
