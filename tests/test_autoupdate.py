@@ -13,7 +13,6 @@ from pathlib import Path
 import psutil
 import pytest
 
-from nodes.drivers.simulated import SimulatedDriver
 from nodes.models import Node
 from tests.conftest import Repo, wait_for
 from tests.servers import RepoServer
@@ -45,6 +44,8 @@ def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
 
     state = appliance(state_dir, node)
     assert {entry["user"] for entry in state["logged_off"]} == {"alice", "bob"}
+    for entry in state["logged_off"]:
+        assert [n["message"] for n in entry["inbox"]] == [run.message], f"{entry['user']} got the notice first"
     assert state["sessions"] == {}
     assert state["installed_version"] == "2.2.0"
     assert state["logon_enabled"] is True and state["maintenance"] is False
@@ -65,18 +66,16 @@ def test_users_get_the_notice_before_they_are_logged_off(demo_repo, make_node, a
     repo, _ = demo_repo
     repo.import_releases()
     node = make_node("gw", users=("carol",))
-    driver = SimulatedDriver(node.hostname, state_dir / node.hostname)
     agent_for(node)
-    # Keep a copy of every inbox as the agent writes it: the drain step empties the sessions.
     run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"), message="Save now")
-    inbox = wait_for(
-        lambda: driver.read()["sessions"].get("carol", {}).get("inbox") or driver.read()["logged_off"], 60, "notice"
-    )
     wait_run(run, "succeeded")
+
+    (carol,) = appliance(state_dir, node)["logged_off"]
+    assert carol["user"] == "carol"
+    assert [n["message"] for n in carol["inbox"]] == ["Save now"]
+    assert carol["inbox"][0]["at"] <= carol["at"], "told before being logged off"
     notified_at = UpdateStep.objects.get(run=run, name="notify").finished_at
-    drained_at = UpdateStep.objects.get(run=run, name="drain").finished_at
-    assert notified_at <= drained_at
-    assert inbox and (isinstance(inbox[0], dict) and inbox[0].get("message", "Save now") == "Save now")
+    assert notified_at <= UpdateStep.objects.get(run=run, name="drain").finished_at
 
 
 @pytest.mark.parametrize("fault", ["corrupted_package", "bad_signature", "expired_index"])

@@ -164,7 +164,7 @@ def segment(run: UpdateRun, from_step: str) -> tuple[list[str], bool]:
     A chain stops after the slot step (which queues the rest once it holds a
     slot, with the fencing token in the payload) and, for a scheduled run, after
     the download (the rest starts at the update time)."""
-    names = list(run.steps.order_by("position").values_list("name", flat=True))
+    names = step_names(run)
     steps = []
     for name in names[names.index(from_step) :]:
         steps.append(name)
@@ -217,8 +217,12 @@ def start_update_phase(run_id: int) -> bool:
     return True
 
 
+def step_names(run: UpdateRun) -> list[str]:
+    return list(run.steps.order_by("position").values_list("name", flat=True))
+
+
 def step_after(run: UpdateRun, name: str) -> str | None:
-    names = list(run.steps.order_by("position").values_list("name", flat=True))
+    names = step_names(run)
     index = names.index(name) + 1
     return names[index] if index < len(names) else None
 
@@ -410,10 +414,10 @@ def verify_node_back(run_id: int) -> None:
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
     reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
-    # From the release, not from the reboot step's row: its report may still be on the way.
-    needs_new_boot = run.release.needs_reboot and reboot.state != UpdateStep.State.SKIPPED
     node = run.node
-    if target_reached(run, node) and (not needs_new_boot or node.boot_id != run.boot_id_before):
+    # From the release, not from the reboot step's row: its report may still be on the way.
+    rebooted = not run.release.needs_reboot or node.boot_id != run.boot_id_before
+    if target_reached(run, node) and rebooted:
         record_step(
             run_id, "verify", "succeeded", detail=f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
         )

@@ -131,9 +131,12 @@ class SimulatedDriver(Driver):
         with self.state() as data:
             data["logon_enabled"] = False
             data["in_load_balancer"] = False
-            users = sorted(data.get("sessions", {}))
+            sessions = data.get("sessions", {})
+            users = sorted(sessions)
             for user in users:
-                data.setdefault("logged_off", []).append({"user": user, "run": run_id, "at": _now()})
+                # What the user had been told before being logged off stays on record.
+                record = {"user": user, "run": run_id, "at": _now(), "inbox": sessions[user]["inbox"]}
+                data.setdefault("logged_off", []).append(record)
             data["sessions"] = {}
             return users
 
