@@ -67,6 +67,9 @@ class Node(models.Model):
     boot_id = models.CharField(max_length=64, blank=True, editable=False)
     agent_instance = models.CharField(max_length=64, blank=True, editable=False)
     last_seen = models.DateTimeField(null=True, blank=True, editable=False)
+    # When the node took the snapshot stored above: reports processed out of order
+    # (several control processes) must not put older state over newer.
+    reported_at = models.DateTimeField(null=True, blank=True, editable=False)
     state = models.CharField(max_length=16, choices=State.choices, default=State.UNKNOWN, editable=False)
     maintenance_mode = models.BooleanField(default=False, editable=False)
     maintenance_reason = models.CharField(max_length=200, blank=True, editable=False)

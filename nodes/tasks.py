@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from celery import Task, shared_task
@@ -29,7 +30,9 @@ _reboot_requested = False
 
 
 def agent_snapshot(driver: Driver) -> dict[str, Any]:
+    taken = time.time()  # before reading: the stamp is never newer than the state it goes with
     snap = driver.snapshot()
+    snap["taken_at"] = taken
     snap["agent_instance"] = os.environ.get("TGP_AGENT_INSTANCE", "")
     return snap
 

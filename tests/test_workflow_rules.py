@@ -114,3 +114,12 @@ def test_only_a_catch_up_may_install_an_older_release(make_node, releases):
 def test_an_unknown_node_report_is_ignored():
     assert workflow.apply_snapshot("ghost", {"installed_version": "1.0"}) is None
     assert not Node.objects.exists()
+
+
+def test_an_older_snapshot_processed_late_does_not_overwrite_a_newer_one(make_node):
+    node = make_node("gw")
+    workflow.apply_snapshot(node.hostname, {"logon_enabled": True, "taken_at": 2000.0, "boot_id": "b"})
+    workflow.apply_snapshot(node.hostname, {"logon_enabled": False, "taken_at": 1000.0, "boot_id": "b"})
+    node.refresh_from_db()
+    assert node.logon_enabled is True
+    assert node.last_seen is not None

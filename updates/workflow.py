@@ -9,7 +9,7 @@ transition below is a conditional UPDATE, so a duplicate message changes nothing
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from celery import chain, signature
@@ -257,10 +257,12 @@ def apply_snapshot(hostname: str, snapshot: dict[str, Any]) -> Node | None:
         "in_load_balancer": bool(snapshot.get("in_load_balancer", False)),
         "boot_id": str(snapshot.get("boot_id", "")),
         "agent_instance": str(snapshot.get("agent_instance", "")),
-        "last_seen": timezone.now(),
     }
-    updated = Node.objects.filter(hostname=hostname).update(**fields)
-    if not updated:
+    now = timezone.now()
+    taken = datetime.fromtimestamp(float(snapshot["taken_at"]), tz=UTC) if "taken_at" in snapshot else now
+    nodes = Node.objects.filter(hostname=hostname)
+    newer = nodes.filter(Q(reported_at__isnull=True) | Q(reported_at__lte=taken))
+    if not newer.update(**fields, reported_at=taken, last_seen=now) and not nodes.update(last_seen=now):
         log.warning("report from unknown node %r ignored", hostname)
         return None
     Node.objects.filter(hostname=hostname, state=Node.State.UNKNOWN).update(state=Node.State.ONLINE)
