@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 # (key in a row, colour, legend)
 SEGMENTS = [
     ("wait", (225, 225, 225), "waiting for a slot"),
-    ("prep", (120, 180, 230), "drain + download"),
+    ("prep", (120, 180, 230), "drain + checks before install"),
     ("install", (30, 90, 170), "install (the node's duration)"),
     ("post", (240, 150, 40), "reboot (skipped) + verify + resume"),
     ("complete", (90, 90, 90), "complete (slot released)"),

@@ -41,9 +41,12 @@ class Agent:
         return [
             sys.executable, "-m", "celery", "-A", "tgpadmin", "worker",
             "-Q", f"node.{self.hostname}", "-n", f"agent@{self.hostname}",
-            # No prefetch: a worker that goes down (reboot, crash) must not take the
-            # run's next message with it; it stays in the queue for the next worker.
-            "--pool", "threads", "--concurrency", "1", "--disable-prefetch",
+            # One step at a time, and nothing reserved ahead: the solo pool runs a task in
+            # the consumer's own loop, so no message is fetched while a step runs, and a
+            # worker that goes down (reboot, crash) cannot take the run's next message
+            # with it. (--disable-prefetch would do the same on the threads pool, but
+            # then polls: up to 1 s between two steps.)
+            "--pool", "solo",
             "--without-gossip", "--without-mingle", "-E", "-l", self.loglevel,
         ]  # fmt: skip
 

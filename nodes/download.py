@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -118,16 +120,72 @@ def _stream_body(
     # No re-chunking: httpx's chunker drops its buffered tail when the connection is
     # cut, and every received byte kept in .part is one less to fetch on resume.
     # Network reads are bounded (64 KiB) so memory stays flat anyway.
-    for chunk in resp.iter_raw():
-        if done + len(chunk) > size:
-            fh.close()
-            part.unlink(missing_ok=True)
-            raise PackageVerificationError(f"{url} is larger than listed ({size} bytes); refusing it")
-        fh.write(chunk)
-        digest.update(chunk)
-        done += len(chunk)
-        _report(progress, done, size)
+    with _Sink(fh, digest) as sink:
+        for chunk in resp.iter_raw():
+            if done + len(chunk) > size:
+                sink.discard()
+                part.unlink(missing_ok=True)
+                raise PackageVerificationError(f"{url} is larger than listed ({size} bytes); refusing it")
+            sink.put(chunk)
+            done += len(chunk)
+            _report(progress, done, size)
     return done
+
+
+class _Sink:
+    """Writes and hashes in a thread of its own while the caller parses HTTP.
+
+    Both release the GIL, so on two cores they overlap the network reads. The
+    file is flushed to disk every SYNC_EVERY bytes on the way, so that the final
+    fsync does not wait for the whole file. The queue is bounded: memory stays
+    at a few chunks whatever the file size. Leaving the block waits until every
+    chunk handed over is on its way to disk (a cut connection keeps what came).
+    """
+
+    SYNC_EVERY = 32 * 1024 * 1024
+    DEPTH = 32  # chunks in flight: at most 2 MiB with httpx's 64 KiB reads
+
+    def __init__(self, fh: BinaryIO, digest: hashlib._Hash) -> None:
+        self.fh, self.digest = fh, digest
+        self.queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.DEPTH)
+        self.error: OSError | None = None
+        self.discarding = False
+        self.thread = threading.Thread(target=self._run, name="download-sink", daemon=True)
+
+    def __enter__(self) -> _Sink:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None and not self.discarding:
+            raise self.error
+
+    def put(self, chunk: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put(chunk)
+
+    def discard(self) -> None:
+        """The rest is thrown away (the file is being deleted)."""
+        self.discarding = True
+
+    def _run(self) -> None:
+        unsynced = 0
+        while (chunk := self.queue.get()) is not None:
+            if self.error is not None or self.discarding:
+                continue  # keep taking chunks so that the reader never blocks
+            try:
+                self.fh.write(chunk)
+                self.digest.update(chunk)
+                unsynced += len(chunk)
+                if unsynced >= self.SYNC_EVERY:
+                    self.fh.flush()
+                    os.fdatasync(self.fh.fileno())
+                    unsynced = 0
+            except OSError as exc:
+                self.error = exc
 
 
 def _finish(part: Path, dest: Path, digest: hashlib._Hash, done: int, size: int, sha256: str) -> Path:

@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import httpx
 from django.conf import settings
 
 from nodes.download import download_package
@@ -25,6 +24,7 @@ from updates.repository import (
     fetch_index,
     package_url,
     parse_and_verify,
+    repo_client,
 )
 from updates.slots import slots_for_url
 
@@ -96,7 +96,7 @@ class _Throttle:
 
 
 def download(driver: Driver, payload: dict[str, Any], report: Report) -> None:
-    with httpx.Client(timeout=settings.TGP_DOWNLOAD_TIMEOUT, follow_redirects=False) as client:
+    with repo_client(settings.TGP_DOWNLOAD_TIMEOUT) as client:
         index, raw, sig = fetch_index(
             settings.TGP_REPO_URL, repo_public_key(), min_serial=driver.last_serial(), client=client
         )

@@ -26,6 +26,7 @@ from updates.repository import DownloadError
 
 log = logging.getLogger(__name__)
 CONTROL_QUEUE = "control"
+REPORT_PRIORITY = 9  # Redis: 0 (the default) is fetched first, 9 last
 _reboot_requested = False
 
 
@@ -38,21 +39,31 @@ def agent_snapshot(driver: Driver) -> dict[str, Any]:
 
 
 def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
+    """Reports go out at a lower priority than the chains' own control steps: when a
+    whole cluster starts at once, its reports must not hold up the nodes that are
+    out of service and waiting for verify or complete. Nothing depends on a report
+    being processed before the chain's next step (verify takes its snapshot from the
+    chain)."""
     from tgpadmin.celery import app
 
     app.send_task(
         name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True,
-        retry=True, retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY,
+        priority=REPORT_PRIORITY, retry=True, retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY,
     )  # fmt: skip
 
 
 class Reporter:
     def __init__(self, driver: Driver, run_id: int, step: str) -> None:
         self.driver, self.run_id, self.step = driver, run_id, step
+        self.snapshot: dict[str, Any] | None = None
 
     def __call__(self, event: str, **fields: Any) -> None:
         if event != "progress":
-            fields["snapshot"] = agent_snapshot(self.driver)
+            fields["at"] = time.time()  # the step's times are the node's (see workflow.record_step)
+        # A step's start and its progress change nothing the control plane keeps about
+        # the node: only its outcome carries a snapshot (a third of the reports' writes).
+        if event not in ("started", "progress"):
+            fields["snapshot"] = self.snapshot = agent_snapshot(self.driver)
             fields["hostname"] = self.driver.hostname
         send_to_control("control.record_step", self.run_id, self.step, event, **fields)
 
@@ -78,12 +89,15 @@ class NodeStep(Task):
             log.exception("could not report the failure of %s", self.name)
 
 
-def _run_step(task: Task, payload: dict[str, Any], fn: Any) -> None:
+def _run_step(task: Task, payload: dict[str, Any], fn: Any) -> dict[str, Any] | None:
+    """Run one step; returns the node's snapshot after it, which a chain hands to
+    the next task (control.verify takes it from there)."""
     driver = driver_for(payload)
     report = Reporter(driver, payload["run"], task.step)  # type: ignore[attr-defined]
     if not task.request.retries:
         report("started")
     fn(driver, payload, report)
+    return report.snapshot
 
 
 @shared_task(name="node.notify", step="notify", bind=True, base=NodeStep, acks_late=False)
@@ -123,8 +137,8 @@ def install(self: Task, payload: dict[str, Any]) -> None:
 
 
 @shared_task(name="node.reboot", step="reboot", bind=True, base=NodeStep, acks_late=False)
-def reboot(self: Task, payload: dict[str, Any]) -> None:
-    _run_step(self, payload, _reboot)
+def reboot(self: Task, payload: dict[str, Any]) -> dict[str, Any] | None:
+    return _run_step(self, payload, _reboot)
 
 
 def _reboot(driver: Driver, payload: dict[str, Any], report: Reporter) -> None:

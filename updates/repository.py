@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import os
 import re
 import shutil
+import ssl
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -385,6 +387,18 @@ def _parse_time(value: str, field: str) -> datetime:
 # --------------------------------------------------------------------------- fetch
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    # Loading the CA bundle takes ~20 ms: once per process, not once per download.
+    return httpx.create_ssl_context()
+
+
+def repo_client(timeout: float) -> httpx.Client:
+    """An HTTP client for the repository. Redirects are not followed: the index
+    names the only place a package may come from."""
+    return httpx.Client(timeout=timeout, follow_redirects=False, verify=_tls_context())
+
+
 def fetch_index(
     base_url: str,
     public_key_b64: str,
@@ -394,7 +408,7 @@ def fetch_index(
     timeout: float = 30.0,
 ) -> tuple[RepositoryIndex, bytes, bytes]:
     own_client = client is None
-    client = client or httpx.Client(timeout=timeout)
+    client = client or repo_client(timeout)
     try:
         base = base_url.rstrip("/")
         index_bytes = _get_bounded(client, f"{base}/{INDEX_NAME}", timeout)

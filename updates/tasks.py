@@ -30,16 +30,20 @@ def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
     retry_jitter=False,
     max_retries=None,  # bounded by TGP_REBOOT_TIMEOUT inside verify_node_back
 )
-def verify(run_id: int) -> None:
-    workflow.verify_node_back(run_id)
+def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
+    # snapshot: what node.reboot returned, handed on by the chain (None when a chain starts here).
+    workflow.verify_node_back(run_id, snapshot)
 
 
 @shared_task(
     name="control.slot",
     autoretry_for=(workflow.SlotWait,),
-    retry_backoff=1,
-    retry_backoff_max=30,  # a freed slot wakes the next waiter at once; this is only the fallback
-    retry_jitter=False,
+    # Only the fallback: a freed slot goes to the longest waiter at once (wake_waiters).
+    # Slow and spread out, so that a cluster's waiters do not flood the control queue
+    # that the nodes holding slots need for their own steps.
+    retry_backoff=5,
+    retry_backoff_max=30,
+    retry_jitter=True,
     max_retries=None,  # a node waiting for a slot waits; freed slots also wake it at once
 )
 def slot(run_id: int) -> None:

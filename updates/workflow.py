@@ -8,6 +8,7 @@ transition below is a conditional UPDATE, so a duplicate message changes nothing
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,7 +16,7 @@ from typing import Any
 from celery import chain, signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Q, Value
+from django.db.models import Case, F, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -81,17 +82,19 @@ def check_can_start(node: Node, release: Release, trigger: str, packages: list[s
 
 def plan_steps(node: Node, trigger: str) -> list[str]:
     """The steps of a run, in order. A scheduled run downloads ahead of its update
-    time. A cluster node takes an update slot before anything disruptive; on the
-    scheduled path it then leaves the load balancer and holds for the cluster's
-    lead time before its users are logged off, so at most `cap` nodes are ever
-    out of the load balancer."""
-    if trigger == UpdateRun.Trigger.SCHEDULED:
-        steps = ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
-    else:
-        steps = ["notify", "slot", "drain", "download", "install", "reboot", "verify", "resume"]
+    time. A cluster node downloads, then takes an update slot before anything
+    disruptive; on the scheduled path it then leaves the load balancer and holds
+    for the cluster's lead time before its users are logged off, so at most `cap`
+    nodes are ever out of the load balancer."""
     if node.cluster_id is None:
-        steps = [s for s in steps if s not in ("slot", "exclude", "hold")]
-    return steps
+        if trigger == UpdateRun.Trigger.SCHEDULED:
+            return ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
+        return ["notify", "drain", "download", "install", "reboot", "verify", "resume"]
+    # A cluster node downloads while it waits for its slot: its users keep working
+    # meanwhile, and the slot (a node out of service) is held only for the update itself.
+    if trigger == UpdateRun.Trigger.SCHEDULED:
+        return ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
+    return ["notify", "download", "slot", "drain", "install", "reboot", "verify", "resume"]
 
 
 def start_update(
@@ -195,6 +198,10 @@ def build_chain(run: UpdateRun, from_step: str) -> Any:
     for name in steps:
         if name in NODE_STEPS:
             sigs.append(signature(f"node.{name}", args=(payload,), immutable=True).set(queue=run.node.queue))
+        elif name == "verify":
+            # Not immutable after reboot: it gets the node's snapshot that node.reboot returns.
+            args = (run.pk,) if sigs else (None, run.pk)
+            sigs.append(signature("control.verify", args=args, immutable=not sigs).set(queue=CONTROL_QUEUE))
         else:
             sigs.append(signature(f"control.{name}", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
     if last:
@@ -249,6 +256,13 @@ def dispatch(run_id: int, from_step: str | None = None) -> None:
 
 def apply_snapshot(hostname: str, snapshot: dict[str, Any]) -> Node | None:
     """Store what an agent says about its node. Returns the node, or None if unknown."""
+    if not store_snapshot(hostname, snapshot):
+        return None
+    return Node.objects.get(hostname=hostname)
+
+
+def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
+    """apply_snapshot without reading the node back: False if the node is unknown."""
     fields = {
         "installed_version": str(snapshot.get("installed_version", "")),
         "installed_packages": dict(snapshot.get("packages", {})),
@@ -262,11 +276,14 @@ def apply_snapshot(hostname: str, snapshot: dict[str, Any]) -> Node | None:
     taken = datetime.fromtimestamp(float(snapshot["taken_at"]), tz=UTC) if "taken_at" in snapshot else now
     nodes = Node.objects.filter(hostname=hostname)
     newer = nodes.filter(Q(reported_at__isnull=True) | Q(reported_at__lte=taken))
-    if not newer.update(**fields, reported_at=taken, last_seen=now) and not nodes.update(last_seen=now):
-        log.warning("report from unknown node %r ignored", hostname)
-        return None
-    Node.objects.filter(hostname=hostname, state=Node.State.UNKNOWN).update(state=Node.State.ONLINE)
-    return Node.objects.get(hostname=hostname)
+    online = Case(When(state=Node.State.UNKNOWN, then=Value(Node.State.ONLINE)), default=F("state"))
+    if newer.update(**fields, reported_at=taken, last_seen=now, state=online):
+        return True
+    # An older snapshot processed late: the node was still seen.
+    if nodes.update(last_seen=now, state=online):
+        return True
+    log.warning("report from unknown node %r ignored", hostname)
+    return False
 
 
 def record_step(
@@ -279,10 +296,34 @@ def record_step(
     bytes_total: int | None = None,
     snapshot: dict[str, Any] | None = None,
     hostname: str = "",
+    at: float | None = None,
 ) -> None:
-    """Record one event of a step: started, progress, succeeded, skipped or failed."""
-    if snapshot and hostname:
-        apply_snapshot(hostname, snapshot)
+    """Record one event of a step: started, progress, succeeded, skipped or failed.
+
+    `at` is when it happened on the node (epoch seconds): a step's times are the
+    node's, not when a control worker got round to the report, which may be
+    seconds later under load. A node clock ahead of ours is capped at now."""
+    # One transaction: a report is a handful of small writes, and one commit each
+    # would be most of what it costs. The node's row comes last, as in complete_run
+    # and fail_run (run, steps, node): the same lock order everywhere, no deadlock.
+    with transaction.atomic():
+        now = timezone.now()
+        when = min(datetime.fromtimestamp(at, tz=UTC), now) if at is not None else now
+        _record_event(run_id, step, event, when, detail=detail, bytes_done=bytes_done, bytes_total=bytes_total)
+        if snapshot and hostname:
+            store_snapshot(hostname, snapshot)
+
+
+def _record_event(
+    run_id: int,
+    step: str,
+    event: str,
+    when: datetime,
+    *,
+    detail: str,
+    bytes_done: int | None,
+    bytes_total: int | None,
+) -> None:
     now = timezone.now()
     running = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING)
     moved = {"current_step": step} if event == "started" else {}
@@ -301,20 +342,20 @@ def record_step(
     if event == "started":
         # Reports can arrive out of order (several control processes): never reopen a finished step.
         steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).update(
-            state=UpdateStep.State.RUNNING, started_at=now, attempts=F("attempts") + 1, **changes
+            state=UpdateStep.State.RUNNING, started_at=when, attempts=F("attempts") + 1, **changes
         )
     elif event == "progress":
         steps.filter(state=UpdateStep.State.RUNNING).update(**changes)
     elif event in ("succeeded", "skipped"):
         # started_at too: its own report may be processed after this one.
-        steps.update(state=event, finished_at=now, started_at=Coalesce("started_at", Value(now)), **changes)
+        steps.update(state=event, finished_at=when, started_at=Coalesce("started_at", Value(when)), **changes)
         if step == "download":
             clear_download_warning(run_id)
             start_update_phase(run_id)
     elif event == "failed":
         if step == "download" and retry_download_later(run_id, detail):
             return
-        steps.update(state=UpdateStep.State.FAILED, finished_at=now, **changes)
+        steps.update(state=UpdateStep.State.FAILED, finished_at=when, **changes)
         fail_run(run_id, f"{step}: {detail or 'failed'}")
     else:
         log.warning("unknown step event %r for run %s ignored", event, run_id)
@@ -409,9 +450,16 @@ def target_reached(run: UpdateRun, node: Node) -> bool:
     return bool(run.packages) or node.installed_version == run.release.version
 
 
-def verify_node_back(run_id: int) -> None:
+def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> None:
     """Succeeds once the node reports the target version (and a new boot, if it
-    had to reboot); fails the run after TGP_REBOOT_TIMEOUT; else NodeNotBack."""
+    had to reboot); fails the run after TGP_REBOOT_TIMEOUT; else NodeNotBack.
+
+    `snapshot` is the node's state after its last step, handed on by the chain:
+    verify never waits for that step's report, which may still be queued."""
+    if snapshot:
+        hostname = Node.objects.filter(runs__pk=run_id).values_list("hostname", flat=True).first()
+        if hostname:
+            store_snapshot(hostname, snapshot)
     run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
@@ -532,20 +580,21 @@ def release_slot(node: Node, token: int | None = None) -> None:
 
 
 def wake_waiters(cluster: Cluster) -> None:
-    """Nodes waiting for a slot retry with backoff; a freed slot is offered to the
-    longest waiter at once instead of idling until its next retry."""
+    """Nodes waiting for a slot retry with backoff; a freed slot goes to the
+    longest waiter at once, here, instead of idling until its next retry (or a
+    trip through the control queue)."""
     free = cluster.max_parallel_updates - len(cluster_slots().holders(cluster.name))
     if free <= 0:
         return
-    # Only as many as there are free slots: waking every waiter floods the control queue.
     waiting_runs = (
         UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__node__cluster=cluster)
         .order_by("started_at")
         .values_list("run_id", flat=True)[:free]
     )
     for run_id in waiting_runs:
-        sig = signature("control.slot", args=(run_id,)).set(queue=CONTROL_QUEUE)
-        transaction.on_commit(sig.apply_async)
+        # SlotWait: another waiter's own retry was faster; this one keeps its place.
+        with contextlib.suppress(SlotWait):
+            take_slot(run_id)
 
 
 def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
