@@ -7,19 +7,19 @@ back to the control plane through ``report``.
 
 from __future__ import annotations
 
-import hashlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 from django.conf import settings
 
 from nodes.download import download_package
 from nodes.drivers.base import Driver
 from updates.repository import (
     PackageEntry,
-    PackageVerificationError,
     RepositoryIndex,
     fetch_index,
     package_url,
@@ -103,26 +103,50 @@ def download(driver: Driver, payload: dict[str, Any], report: Report) -> None:
         release = index.release(payload["version"])
         packages = selected(release.packages, payload["packages"])
         total = sum(p.size for p in packages)
-        target = driver.download_dir(release.version)
-        throttle = _Throttle(report, total)
-        for entry in packages:
-            download_package(
-                client,
-                package_url(settings.TGP_REPO_URL, entry),
-                target / Path(entry.file).name,
-                size=entry.size,
-                sha256=entry.sha256,
-                chunk_size=settings.TGP_DOWNLOAD_CHUNK,
-                progress=throttle,
-            )
-            throttle.base += entry.size
-    # The install step verifies this copy again instead of trusting the disk.
-    (target / "index.json").write_bytes(raw)
-    (target / "index.json.sig").write_bytes(sig)
+        fetch_packages(client, driver, release.version, packages, _Throttle(report, total))
+    # The install step checks the packages against this copy again instead of trusting the disk.
+    target = driver.download_dir(release.version)
+    _write_synced(target / "index.json", raw)
+    _write_synced(target / "index.json.sig", sig)
     driver.remember_serial(index.serial)
     report(
         "succeeded", bytes_done=total, bytes_total=total, detail=f"{len(packages)} package(s), {total} bytes verified"
     )
+
+
+def fetch_packages(
+    client: httpx.Client,
+    driver: Driver,
+    version: str,
+    packages: list[PackageEntry],
+    throttle: _Throttle | None = None,
+) -> list[tuple[PackageEntry, Path]]:
+    """Each package in the download directory, checked against the signed index:
+    a file that is there and matches costs no request; anything else is fetched."""
+    files = []
+    for entry in packages:
+        path = driver.download_dir(version) / Path(entry.file).name
+        download_package(
+            client,
+            package_url(settings.TGP_REPO_URL, entry),
+            path,
+            size=entry.size,
+            sha256=entry.sha256,
+            chunk_size=settings.TGP_DOWNLOAD_CHUNK,
+            progress=throttle,
+        )
+        if throttle is not None:
+            throttle.base += entry.size
+        files.append((entry, path))
+    return files
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    # Small, and what every later check trusts: unlike the packages, worth an fsync.
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def verified_index(driver: Driver, version: str) -> RepositoryIndex:
@@ -135,25 +159,14 @@ def verified_index(driver: Driver, version: str) -> RepositoryIndex:
     )
 
 
-def verify_file(path: Path, *, size: int, sha256: str) -> None:
-    """Check a downloaded file again right before it is installed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1024 * 1024):
-            digest.update(chunk)
-    if path.stat().st_size != size or digest.hexdigest() != sha256:
-        raise PackageVerificationError(f"{path.name} does not match the signed index; not installed")
-
-
 def install(driver: Driver, payload: dict[str, Any], report: Report) -> None:
     check_fence(payload)
     release = verified_index(driver, payload["version"]).release(payload["version"])
     packages = selected(release.packages, payload["packages"])
-    files = []
-    for entry in packages:
-        path = driver.download_dir(release.version) / Path(entry.file).name
-        verify_file(path, size=entry.size, sha256=entry.sha256)
-        files.append((entry, path))
+    # Every file is checked against the signed index right before it is installed.
+    # One a power cut ate (downloads are not fsynced) is fetched again, not a failed run.
+    with repo_client(settings.TGP_DOWNLOAD_TIMEOUT) as client:
+        files = fetch_packages(client, driver, release.version, packages)
     detail = driver.install(payload["run"], release.version, files, full=not payload["packages"])
     report("succeeded", detail=detail)
 

@@ -1,0 +1,114 @@
+"""Hand-offs between the steps of a run: what keeps a node's time out of service
+short when a whole cluster updates at once (bench/rollout.py measures how short)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from celery import signature
+from django.utils import timezone
+
+from nodes import tasks as node_tasks
+from nodes.models import Cluster, Node
+from tgpadmin.celery import app
+from updates import workflow
+from updates.models import UpdateRun, UpdateStep
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def cluster():
+    # A name of its own: the slots live in the session's Redis.
+    return Cluster.objects.create(name=f"handoff-{uuid.uuid4().hex[:8]}", max_parallel_updates=1)
+
+
+def started(node, release, capture):
+    with capture(execute=False):
+        return workflow.start_update(Node.objects.get(pk=node.pk), release)
+
+
+def test_a_cluster_node_downloads_before_it_takes_a_slot(make_node, cluster):
+    node = make_node("c", cluster=cluster)
+    steps = workflow.plan_steps(node, UpdateRun.Trigger.MANUAL)
+    assert steps.index("download") < steps.index("slot") < steps.index("drain")
+    single = workflow.plan_steps(make_node("gw"), UpdateRun.Trigger.MANUAL)
+    assert single[:3] == ["notify", "drain", "download"], "a single system keeps the manual's order"
+
+
+def test_a_freed_slot_goes_to_the_longest_waiter_at_once(
+    make_node, cluster, releases, django_capture_on_commit_callbacks
+):
+    first = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
+    second = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=False):
+        workflow.take_slot(first.pk)
+    with pytest.raises(workflow.SlotWait), django_capture_on_commit_callbacks(execute=False):
+        workflow.take_slot(second.pk)
+
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        assert workflow.complete_run(first.pk)
+
+    # No control.slot retry ran, and none had to: the waiter holds the slot already.
+    assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
+    assert [h.node for h in workflow.cluster_slots().holders(cluster.name)] == [second.node.hostname]
+    assert queued, "the waiter's next steps are queued once the hand-off commits"
+    workflow.release_slot(second.node)
+
+
+def test_verify_takes_the_snapshot_the_chain_hands_over(make_node, releases, django_capture_on_commit_callbacks):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1")
+    run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
+    # What node.reboot returned: the node runs 2.2.0 after a new boot. Its own report
+    # is still queued, so the database knows nothing of it yet.
+    snapshot = {
+        "installed_version": "2.2.0",
+        "packages": {p.name: p.version for p in releases["2.2.0"].packages.all()},
+        "boot_id": "boot-2",
+        "taken_at": time.time(),
+    }
+    workflow.verify_node_back(run.pk, snapshot)  # NodeNotBack if it waited for the report
+    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+    assert Node.objects.get(pk=node.pk).installed_version == "2.2.0"
+
+
+def test_step_times_are_the_nodes_own_not_when_the_report_was_processed(
+    make_node, releases, django_capture_on_commit_callbacks
+):
+    run = started(make_node("gw"), releases["2.2.0"], django_capture_on_commit_callbacks)
+    began = time.time() - 42  # the report waited 42 s in a busy control queue
+    workflow.record_step(run.pk, "notify", "started", at=began)
+    workflow.record_step(run.pk, "notify", "succeeded", at=began + 1)
+    notify = UpdateStep.objects.get(run=run, name="notify")
+    assert notify.started_at == datetime.fromtimestamp(began, tz=UTC)
+    assert notify.finished_at - notify.started_at == timedelta(seconds=1)
+
+
+def test_a_node_clock_ahead_of_ours_is_capped_at_now(make_node, releases, django_capture_on_commit_callbacks):
+    run = started(make_node("gw"), releases["2.2.0"], django_capture_on_commit_callbacks)
+    workflow.record_step(run.pk, "notify", "started", at=time.time() + 3600)
+    assert UpdateStep.objects.get(run=run, name="notify").started_at <= timezone.now()
+
+
+def test_reports_queue_behind_the_chains_control_steps(monkeypatch):
+    # A queue of its own, so that no control worker of the session takes the messages.
+    queue = f"control-order-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
+    node_tasks.send_to_control("control.node_report", "gw1", {"taken_at": time.time()})
+    signature("control.complete", args=(1,), immutable=True).set(queue=queue).apply_async()
+
+    with app.connection_for_read() as conn:
+        inbox = conn.SimpleQueue(queue)
+        try:
+            first = inbox.get(timeout=5)
+            first.ack()
+            second = inbox.get(timeout=5)
+            second.ack()
+        finally:
+            inbox.close()
+    # Sent second, fetched first: a node out of service does not wait behind reports.
+    assert [first.headers["task"], second.headers["task"]] == ["control.complete", "control.node_report"]
