@@ -142,7 +142,8 @@ def test_agent_killed_during_download_resumes_with_range_and_succeeds(
     repo.import_releases()
     node = make_node("gw")
     with RepoServer(repo.dir, rate=600 * 1024) as server:
-        agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey)
+        # Written in 256 KiB batches (1 MiB by default): progress counts written bytes only.
+        agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_DOWNLOAD_CHUNK="262144")
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "agent report")
         run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         step = UpdateStep.objects.filter(run=run, name="download")

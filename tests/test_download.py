@@ -192,7 +192,7 @@ def test_connection_cut_half_way_then_resume_with_range(server, client, tmp_path
     _download(client, url, dest, progress=lambda d, t: seen.append(d))
     assert b.requests[-1]["Range"] == f"bytes={half}-"
     assert dest.read_bytes() == PAYLOAD and not _part(dest).exists()
-    assert seen[0] > half and seen[-1] == len(PAYLOAD)
+    assert seen[0] >= half and seen[-1] == len(PAYLOAD), "progress counts on from the resumed offset"
 
 
 def test_server_ignoring_range_restarts_from_zero(server, client, tmp_path):

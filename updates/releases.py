@@ -47,9 +47,15 @@ def import_index(index: RepositoryIndex) -> tuple[int, int]:
     return created, updated
 
 
-def sync_from_url(url: str | None = None) -> RepositoryIndex:
-    index, _, _ = fetch_index(url or settings.TGP_REPO_URL, public_key(), min_serial=last_serial())
-    import_index(index)
+def sync_from_url(url: str | None = None, *, only_if_newer: bool = False) -> RepositoryIndex:
+    """Fetch, verify and import the index. only_if_newer: skip the import when this
+    serial was imported already (every build of the repository raises the serial,
+    so it is the very same index): 500 schedules firing in the same minute then
+    cost one import, not 500."""
+    known = last_serial()
+    index, _, _ = fetch_index(url or settings.TGP_REPO_URL, public_key(), min_serial=known)
+    if not (only_if_newer and index.serial == known):
+        import_index(index)
     return index
 
 

@@ -39,7 +39,7 @@ def update_time_for(schedule: UpdateSchedule, kind: str, now: datetime) -> datet
 
 def refresh_releases() -> str:
     try:
-        index = sync_from_url()
+        index = sync_from_url(only_if_newer=True)
     except (RepositoryError, OSError) as exc:
         log.warning("repository not reachable, using the releases known: %s", exc)
         return f"repository not reachable ({exc}); "
