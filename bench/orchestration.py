@@ -4,16 +4,19 @@ A real control worker and real node agents (simulated appliances) on a private
 Redis and SQLite database, a signed demo repository on loopback HTTP. Auto-Update
 runs one after the other (fresh nodes on 2.1.0, a batch of agents at a time), then:
 
-- DB gaps: UpdateStep.finished_at of step k to started_at of step k+1 (for the last
-  step: UpdateRun.finished_at, written by control.complete). These are the control
-  worker's receive times: a node's report is stamped when the control worker
-  processes it, not when the node sent it.
+- Gaps as recorded: UpdateStep.finished_at of step k to started_at of step k+1 (for
+  the last step: UpdateRun.finished_at, written by control.complete). A node step's
+  times are the node's own (each report carries when it happened on the node); a
+  control step's (verify, complete) are when the control worker ran it. So a
+  node -> node gap is the hand-off on the node (its report, the chain's next
+  message through Redis, the worker taking it), and a gap that crosses to the
+  control plane includes the control queue.
 - What a gap is made of: the control worker's own run time per task, parsed from
   its log ("Task control.record_step[...] succeeded in 0.0042s"). Celery task
   events would give node-side times too, but a node worker buffers them and the
   simulated reboot (os._exit) drops the buffer, so they are incomplete.
 
-Target: p50 of the DB gaps under 5 ms. The reboot step's own duration (the simulated
+Target: p50 of the gaps under 5 ms. The reboot step's own duration (the simulated
 appliance restarting its worker) and verify's retries are step durations, not gaps.
 """
 
@@ -226,8 +229,8 @@ def report(db: dict[str, Any], tasks: dict[str, Any], runs: int, wall: float) ->
         "name": "orchestration",
         "metrics": [
             metric("runs", runs, ""),
-            metric("gap p50 (DB, control receive times)", db["p50_ms"], "ms", f"< {TARGET_MS:g}", db["p50_ms"] < 5),
-            metric("gap p99 (DB, control receive times)", db["p99_ms"], "ms"),
+            metric("gap p50 (recorded step times)", db["p50_ms"], "ms", f"< {TARGET_MS:g}", db["p50_ms"] < 5),
+            metric("gap p99 (recorded step times)", db["p99_ms"], "ms"),
             *(metric(f"gap p50 {k}", per[k]["p50_ms"], "ms") for k in per if k.startswith("[")),
             metric("control.record_step run time p50", record["p50_ms"], "ms"),
             metric("control.record_step run time p99", record["p99_ms"], "ms"),

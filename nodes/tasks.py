@@ -46,8 +46,10 @@ def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
     chain)."""
     from tgpadmin.celery import app
 
+    # A short kwargsrepr: Celery would otherwise render the whole snapshot for each message.
+    shown = {k: ("..." if k == "snapshot" else v) for k, v in kwargs.items()}
     app.send_task(
-        name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True,
+        name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True, kwargsrepr=repr(shown),
         priority=REPORT_PRIORITY, retry=True, retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY,
     )  # fmt: skip
 

@@ -150,7 +150,11 @@ CELERY_RESULT_EXPIRES = 24 * 3600
 # The database rows are the truth about a run; task results are kept only where a
 # task asks for it (Flower shows outcomes from events, not from the backend).
 CELERY_TASK_IGNORE_RESULT = True
-CELERY_TASK_SEND_SENT_EVENT = True
+# "task-sent" events let Flower show a task before a worker takes it. A node agent
+# publishes only reports and the next step of its own chain, one to two messages per
+# step: it leaves them out (each would be a second publish), Flower sees those tasks
+# from the receiving worker's events.
+CELERY_TASK_SEND_SENT_EVENT = not os.environ.get("TGP_AGENT_NODE")
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TRACK_STARTED = True

@@ -456,6 +456,11 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
 
     `snapshot` is the node's state after its last step, handed on by the chain:
     verify never waits for that step's report, which may still be queued."""
+    verify = UpdateStep.objects.filter(run_id=run_id, name="verify")
+    # Started now, on the first attempt: not once the checks below are done.
+    verify.filter(state=UpdateStep.State.PENDING, run__state=UpdateRun.State.RUNNING).update(
+        state=UpdateStep.State.RUNNING, started_at=timezone.now(), attempts=1
+    )
     if snapshot:
         hostname = Node.objects.filter(runs__pk=run_id).values_list("hostname", flat=True).first()
         if hostname:
@@ -473,8 +478,6 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
         )
         return
     now = timezone.now()
-    verify = UpdateStep.objects.filter(run_id=run_id, name="verify")
-    verify.filter(state=UpdateStep.State.PENDING).update(state=UpdateStep.State.RUNNING, started_at=now, attempts=1)
     # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
     UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
     since = reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
