@@ -252,6 +252,7 @@ def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float
     batch_fair = batched(durations, CAP, per_node)
     ratio = makespan / ideal
     floor = greedy(durations, CAP)
+    ramp = next((t for t, n in concurrency if n >= CAP), float("nan"))
     marks = {
         "measured makespan": makespan,
         "ideal": ideal,
@@ -282,6 +283,8 @@ def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float
             metric("most nodes out of service at once (DB times)", db_peak, "", f"<= {CAP}", db_peak <= CAP),
             metric("most slot holdings overlapping (DB stamps, see docs)", slot_peak, ""),
             metric("per-node overhead while holding a slot, p50", per_node * 1000, "ms"),
+            metric(f"ramp-up: first start_update -> {CAP} nodes out of service", ramp, "s"),
+            metric("the start_update loop for all nodes", start_loop, "s"),
             metric("verify had to wait for the install report", sum(r["verify_waited"] for r in done), "runs"),
         ],
         "details": {

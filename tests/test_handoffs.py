@@ -94,21 +94,27 @@ def test_a_node_clock_ahead_of_ours_is_capped_at_now(make_node, releases, django
     assert UpdateStep.objects.get(run=run, name="notify").started_at <= timezone.now()
 
 
-def test_reports_queue_behind_the_chains_control_steps(monkeypatch):
+def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
+    monkeypatch, make_node, cluster, releases, django_capture_on_commit_callbacks
+):
+    run = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     # A queue of its own, so that no control worker of the session takes the messages.
     queue = f"control-order-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
     node_tasks.send_to_control("control.node_report", "gw1", {"taken_at": time.time()})
+    (slot,) = workflow.build_chain(run, "slot").tasks  # the slot request as a run's chain carries it
+    slot.set(queue=queue).apply_async()
     signature("control.complete", args=(1,), immutable=True).set(queue=queue).apply_async()
 
     with app.connection_for_read() as conn:
         inbox = conn.SimpleQueue(queue)
         try:
-            first = inbox.get(timeout=5)
-            first.ack()
-            second = inbox.get(timeout=5)
-            second.ack()
+            fetched = []
+            for _ in range(3):
+                message = inbox.get(timeout=5)
+                message.ack()
+                fetched.append(message.headers["task"])
         finally:
             inbox.close()
-    # Sent second, fetched first: a node out of service does not wait behind reports.
-    assert [first.headers["task"], second.headers["task"]] == ["control.complete", "control.node_report"]
+    # Sent last, fetched first: a node out of service does not wait behind reports or slot requests.
+    assert fetched == ["control.complete", "control.node_report", "control.slot"]

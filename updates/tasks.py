@@ -36,7 +36,7 @@ def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
 
 
 @shared_task(
-    name="control.slot",
+    name="control.slot",  # sent at workflow.SLOT_PRIORITY; its retries keep it
     autoretry_for=(workflow.SlotWait,),
     # Only the fallback: a freed slot goes to the longest waiter at once (wake_waiters).
     # Slow and spread out, so that a cluster's waiters do not flood the control queue

@@ -27,6 +27,10 @@ from updates.slots import ClusterSlots, slots_for_url
 log = logging.getLogger(__name__)
 
 CONTROL_QUEUE = "control"
+# Asking for a slot is never urgent: no node is out of service yet. Like the nodes'
+# reports (nodes.tasks.REPORT_PRIORITY), it yields to the verify and complete of the
+# nodes that are: Redis serves priority 0 (the default) first.
+SLOT_PRIORITY = 9
 NODE_STEPS = {"notify", "exclude", "drain", "download", "install", "reboot", "resume"}
 
 
@@ -203,7 +207,8 @@ def build_chain(run: UpdateRun, from_step: str) -> Any:
             args = (run.pk,) if sigs else (None, run.pk)
             sigs.append(signature("control.verify", args=args, immutable=not sigs).set(queue=CONTROL_QUEUE))
         else:
-            sigs.append(signature(f"control.{name}", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
+            sig = signature(f"control.{name}", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE)
+            sigs.append(sig.set(priority=SLOT_PRIORITY) if name == "slot" else sig)
     if last:
         sigs.append(signature("control.complete", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
     return chain(*sigs)
