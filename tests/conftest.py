@@ -14,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,36 @@ def test_database_url() -> str:
 test_database_url.__test__ = False  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True)
+class HotfixProviders:
+    """The loopback mail and phone providers of tests/test_hotfix_notices.py, which the
+    session's control worker is pointed at (its environment is fixed when it starts)."""
+
+    smtp_port: int = field(default_factory=free_port)
+    phone_port: int = field(default_factory=free_port)
+    twilio_sid: str = field(default_factory=lambda: "AC" + uuid.uuid4().hex)
+    twilio_token: str = field(default_factory=lambda: "token-" + uuid.uuid4().hex)
+    twilio_from: str = "+15005550006"
+    worker_max_retries: int = 2
+
+    def worker_env(self) -> dict[str, str]:
+        return {
+            "TGP_EMAIL_HOST": "127.0.0.1",
+            "TGP_EMAIL_PORT": str(self.smtp_port),
+            "TGP_EMAIL_FROM": "hotfix@tgpadmin.test",
+            "TGP_HOTFIX_PHONE_GATEWAY": "twilio",
+            "TGP_TWILIO_ACCOUNT_SID": self.twilio_sid,
+            "TGP_TWILIO_AUTH_TOKEN": self.twilio_token,
+            "TGP_TWILIO_FROM": self.twilio_from,
+            "TGP_TWILIO_BASE_URL": f"http://127.0.0.1:{self.phone_port}",
+            "TGP_HOTFIX_RETRY_BACKOFF": "1",
+            "TGP_HOTFIX_DELIVERY_MAX_RETRIES": str(self.worker_max_retries),
+        }
+
+
+HOTFIX = HotfixProviders()
+
+
 def process_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -98,9 +129,10 @@ class ControlWorker:
         self.name = f"control-{uuid.uuid4().hex[:6]}@tests"
         cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", self.name]
         cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
+        env = process_env(self.redis_url, DATABASE_URL=self.db_url, **HOTFIX.worker_env())
         with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=process_env(self.redis_url, DATABASE_URL=self.db_url), stdout=log,
+                cmd, cwd=ROOT, env=env, stdout=log,
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
             )  # fmt: skip
         # The worker says so once it consumes (whichever broker it is on).

@@ -15,7 +15,6 @@ import base64
 import email
 import email.policy
 import json
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,33 +35,15 @@ from hotfixes import services
 from hotfixes import tasks as hotfix_tasks
 from hotfixes.models import Contact, HotfixNotice
 from nodes.models import Cluster, Node
-from tests.conftest import wait_for
-from tests.servers import free_port
+from tests.conftest import HOTFIX, wait_for
 from tgpadmin.celery import app as celery_app
 from updates.models import Package, Release
 
-SID = "AC" + uuid.uuid4().hex
-TOKEN = "token-" + uuid.uuid4().hex
-FROM_NUMBER = "+15005550006"
+# The session's control worker is configured for these providers (tests/conftest.py).
+SID, TOKEN, FROM_NUMBER = HOTFIX.twilio_sid, HOTFIX.twilio_token, HOTFIX.twilio_from
+SMTP_PORT, PHONE_PORT = HOTFIX.smtp_port, HOTFIX.phone_port
+WORKER_MAX_RETRIES = HOTFIX.worker_max_retries
 WEBHOOK_TOKEN = "hook-" + uuid.uuid4().hex
-SMTP_PORT = free_port()
-PHONE_PORT = free_port()
-WORKER_MAX_RETRIES = 2
-
-os.environ.update(
-    {
-        "TGP_EMAIL_HOST": "127.0.0.1",
-        "TGP_EMAIL_PORT": str(SMTP_PORT),
-        "TGP_EMAIL_FROM": "hotfix@tgpadmin.test",
-        "TGP_HOTFIX_PHONE_GATEWAY": "twilio",
-        "TGP_TWILIO_ACCOUNT_SID": SID,
-        "TGP_TWILIO_AUTH_TOKEN": TOKEN,
-        "TGP_TWILIO_FROM": FROM_NUMBER,
-        "TGP_TWILIO_BASE_URL": f"http://127.0.0.1:{PHONE_PORT}",
-        "TGP_HOTFIX_RETRY_BACKOFF": "1",
-        "TGP_HOTFIX_DELIVERY_MAX_RETRIES": str(WORKER_MAX_RETRIES),
-    }
-)
 
 _serial = iter(range(1, 10**6))
 
