@@ -46,6 +46,12 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         yield context.new_page()
         context.close()
         browser.close()
+        # Inside sync_playwright the ORM runs in Playwright's greenlet, with context
+        # variables of its own, so Django opened a database connection for that context.
+        # Close it here: left open, it keeps PostgreSQL from dropping the test database.
+        from django.db import connections
+
+        connections.close_all()
 
 
 @pytest.fixture
