@@ -25,9 +25,7 @@ from __future__ import annotations
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -35,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from bench.common import database_url, metric, percentile, redis_server, setup_django, spawn, stop_process
+from bench.common import database_url, in_workspace, metric, percentile, spawn, stop_process
 from bench.orchestration import base_env, start_control, task_runtimes
 
 OPTIONS = {"nodes"}
@@ -45,13 +43,7 @@ AFTER_RUN_AT = 45.0  # seconds to wait after run_at for the update phase (second
 
 
 def run(nodes: int = 500) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="tgp-bench-beat-"))
-    try:
-        with redis_server(work) as redis_url:
-            setup_django(work / "var")
-            return measure(work, redis_url, nodes)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return in_workspace("beat", lambda work, redis_url: measure(work, redis_url, nodes))
 
 
 def next_minute(moment: datetime) -> datetime:

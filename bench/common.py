@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,18 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[An
             cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
+
+
+def in_workspace(name: str, measure: Callable[[Path, str], dict[str, Any]]) -> dict[str, Any]:
+    """Run measure(work, redis_url) in a temporary directory with its own Redis and
+    SQLite database, removed afterwards."""
+    work = Path(tempfile.mkdtemp(prefix=f"tgp-bench-{name}-"))
+    try:
+        with redis_server(work) as redis_url:
+            setup_django(work / "var")
+            return measure(work, redis_url)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 @contextmanager

@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import defaultdict
@@ -34,7 +32,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import SECRET, database_url, metric, percentile, redis_server, setup_django, spawn, stop_process
+from bench.common import SECRET, database_url, in_workspace, metric, percentile, spawn, stop_process
 from tgpadmin.processes import wait_for as wait
 
 OPTIONS = {"runs"}
@@ -44,13 +42,7 @@ REPORTS = ("control.record_step", "control.node_report")  # messages about a run
 
 
 def run(runs: int = 24) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="tgp-bench-orch-"))
-    try:
-        with redis_server(work) as redis_url:
-            setup_django(work / "var")
-            return measure(work, redis_url, runs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return in_workspace("orch", lambda work, redis_url: measure(work, redis_url, runs))
 
 
 def base_env(work: Path, redis_url: str) -> dict[str, str]:

@@ -26,8 +26,6 @@ from __future__ import annotations
 import heapq
 import random
 import re
-import shutil
-import tempfile
 import time
 import uuid
 from datetime import datetime, timedelta
@@ -35,7 +33,7 @@ from pathlib import Path
 from statistics import mean, median
 from typing import Any
 
-from bench.common import ROOT, metric, percentile, redis_server, setup_django, stop_process
+from bench.common import ROOT, in_workspace, metric, percentile, stop_process
 from bench.orchestration import base_env, start_control, task_runtimes
 
 OPTIONS = {"nodes"}
@@ -57,13 +55,7 @@ def durations_for(count: int) -> list[float]:
 
 
 def run(nodes: int = 200) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix="tgp-bench-rollout-"))
-    try:
-        with redis_server(work) as redis_url:
-            setup_django(work / "var")
-            return measure(work, redis_url, nodes)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return in_workspace("rollout", lambda work, redis_url: measure(work, redis_url, nodes))
 
 
 def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:

@@ -154,7 +154,7 @@ class _Sink:
     """Writes and hashes in a thread of its own while the caller parses HTTP.
 
     File writes and sha256 both release the GIL, so on two cores they run beside
-    the network reads instead of after them (bench/download.py: about curl's
+    the network reads instead of after them (bench/download.py: up to about curl's
     throughput, against 0.56 x curl with all three in one thread). Leaving the
     block waits until everything handed over is written and hashed, and raises
     the first write error. A worker killed outright loses what is not written
