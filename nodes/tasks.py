@@ -167,8 +167,8 @@ def _reboot_after_task(**_: Any) -> None:
 
 
 @shared_task(name="node.resume", step="resume", bind=True, base=NodeStep, acks_late=False)
-def resume(self: Task, payload: dict[str, Any]) -> None:
-    _run_step(self, payload, steps.resume)
+def resume(self: Task, payload: dict[str, Any]) -> dict[str, Any] | None:
+    return _run_step(self, payload, steps.resume)
 
 
 @shared_task(name="node.announce", acks_late=False)

@@ -76,6 +76,19 @@ def test_verify_takes_the_snapshot_the_chain_hands_over(make_node, releases, dja
     assert Node.objects.get(pk=node.pk).installed_version == "2.2.0"
 
 
+def test_a_succeeded_run_shows_its_node_back_in_service_at_once(
+    make_node, releases, django_capture_on_commit_callbacks
+):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(logon_enabled=False, installed_version="2.1.0")
+    run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
+    # What node.resume returned; its own report is still queued behind control.complete.
+    snapshot = {"installed_version": "2.2.0", "logon_enabled": True, "boot_id": "b", "taken_at": time.time()}
+    assert workflow.complete_run(run.pk, snapshot)
+    node.refresh_from_db()
+    assert node.logon_enabled and not node.maintenance_mode
+
+
 def test_step_times_are_the_nodes_own_not_when_the_report_was_processed(
     make_node, releases, django_capture_on_commit_callbacks
 ):
@@ -104,7 +117,7 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     node_tasks.send_to_control("control.node_report", "gw1", {"taken_at": time.time()})
     (slot,) = workflow.build_chain(run, "slot").tasks  # the slot request as a run's chain carries it
     slot.set(queue=queue).apply_async()
-    signature("control.complete", args=(1,), immutable=True).set(queue=queue).apply_async()
+    signature("control.complete", args=(None, 1), immutable=True).set(queue=queue).apply_async()
 
     with app.connection_for_read() as conn:
         inbox = conn.SimpleQueue(queue)

@@ -63,8 +63,9 @@ def hold(run_id: int) -> None:
 
 
 @shared_task(name="control.complete")
-def complete(run_id: int) -> bool:
-    return workflow.complete_run(run_id)
+def complete(snapshot: dict[str, Any] | None, run_id: int) -> bool:
+    # snapshot: what node.resume returned, handed on by the chain (None when a chain starts here).
+    return workflow.complete_run(run_id, snapshot)
 
 
 @shared_task(name="control.reconcile")

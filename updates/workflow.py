@@ -203,15 +203,22 @@ def build_chain(run: UpdateRun, from_step: str) -> Any:
         if name in NODE_STEPS:
             sigs.append(signature(f"node.{name}", args=(payload,), immutable=True).set(queue=run.node.queue))
         elif name == "verify":
-            # Not immutable after reboot: it gets the node's snapshot that node.reboot returns.
-            args = (run.pk,) if sigs else (None, run.pk)
-            sigs.append(signature("control.verify", args=args, immutable=not sigs).set(queue=CONTROL_QUEUE))
+            sigs.append(_takes_snapshot("control.verify", run, after=sigs))
         else:
             sig = signature(f"control.{name}", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE)
             sigs.append(sig.set(priority=SLOT_PRIORITY) if name == "slot" else sig)
     if last:
-        sigs.append(signature("control.complete", args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE))
+        sigs.append(_takes_snapshot("control.complete", run, after=sigs))
     return chain(*sigs)
+
+
+def _takes_snapshot(name: str, run: UpdateRun, after: list[Any]) -> Any:
+    """verify and complete come right after a node step (reboot, resume), which
+    returns the node's snapshot: not immutable, the chain hands it on, so that they
+    never depend on that step's report (which queues behind them) having arrived.
+    First in a chain, they get None."""
+    args = (run.pk,) if after else (None, run.pk)
+    return signature(name, args=args, immutable=not after).set(queue=CONTROL_QUEUE)
 
 
 def start_update_phase(run_id: int) -> bool:
@@ -289,6 +296,14 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
         return True
     log.warning("report from unknown node %r ignored", hostname)
     return False
+
+
+def store_run_snapshot(run_id: int, snapshot: dict[str, Any] | None) -> None:
+    """A snapshot a chain handed on, stored for the run's node."""
+    if snapshot:
+        hostname = Node.objects.filter(runs__pk=run_id).values_list("hostname", flat=True).first()
+        if hostname:
+            store_snapshot(hostname, snapshot)
 
 
 def record_step(
@@ -466,10 +481,7 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
     verify.filter(state=UpdateStep.State.PENDING, run__state=UpdateRun.State.RUNNING).update(
         state=UpdateStep.State.RUNNING, started_at=timezone.now(), attempts=1
     )
-    if snapshot:
-        hostname = Node.objects.filter(runs__pk=run_id).values_list("hostname", flat=True).first()
-        if hostname:
-            store_snapshot(hostname, snapshot)
+    store_run_snapshot(run_id, snapshot)
     run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
@@ -492,8 +504,11 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
     raise NodeNotBack(f"{node} not back yet")
 
 
-def complete_run(run_id: int) -> bool:
-    """Mark an error-free run succeeded and end the node's maintenance mode."""
+def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
+    """Mark an error-free run succeeded and end the node's maintenance mode.
+    `snapshot`: the node's state after resume, handed on by the chain, so that the
+    node shows logon on and back in the load balancer when the run shows succeeded."""
+    store_run_snapshot(run_id, snapshot)
     with transaction.atomic():
         done = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
             state=UpdateRun.State.SUCCEEDED, finished_at=timezone.now(), current_step=""
