@@ -7,7 +7,6 @@ back to the control plane through ``report``.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +20,7 @@ from nodes.drivers.base import Driver
 from updates.repository import (
     PackageEntry,
     RepositoryIndex,
+    atomic_write,
     fetch_index,
     package_url,
     parse_and_verify,
@@ -106,8 +106,9 @@ def download(driver: Driver, payload: dict[str, Any], report: Report) -> None:
         fetch_packages(client, driver, release.version, packages, _Throttle(report, total))
     # The install step checks the packages against this copy again instead of trusting the disk.
     target = driver.download_dir(release.version)
-    _write_synced(target / "index.json", raw)
-    _write_synced(target / "index.json.sig", sig)
+    # Small, and what every later check trusts: unlike the packages, synced to disk.
+    atomic_write(target / "index.json", raw)
+    atomic_write(target / "index.json.sig", sig)
     driver.remember_serial(index.serial)
     report(
         "succeeded", bytes_done=total, bytes_total=total, detail=f"{len(packages)} package(s), {total} bytes verified"
@@ -139,14 +140,6 @@ def fetch_packages(
             throttle.base += entry.size
         files.append((entry, path))
     return files
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    # Small, and what every later check trusts: unlike the packages, worth an fsync.
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def verified_index(driver: Driver, version: str) -> RepositoryIndex:

@@ -204,7 +204,7 @@ def generate_keypair(private_path: Path, public_path: Path) -> str:
         os.fsync(fh.fileno())
     public_b64 = _public_b64(key.public_key())
     public_path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(public_path, (public_b64 + "\n").encode("ascii"))
+    atomic_write(public_path, (public_b64 + "\n").encode("ascii"))
     return public_b64
 
 
@@ -466,8 +466,8 @@ def build_repository(
     index_bytes = index.to_bytes()
     signature = base64.b64encode(key.sign(index_bytes)) + b"\n"
     _write_pool(out, files)
-    _atomic_write(out / INDEX_NAME, index_bytes)
-    _atomic_write(out / SIGNATURE_NAME, signature)
+    atomic_write(out / INDEX_NAME, index_bytes)
+    atomic_write(out / SIGNATURE_NAME, signature)
     return index
 
 
@@ -624,7 +624,8 @@ def _atomic_copy(src: Path, dest: Path) -> None:
         _atomic_write_stream(dest, [fh_in])
 
 
-def _atomic_write(dest: Path, data: bytes) -> None:
+def atomic_write(dest: Path, data: bytes) -> None:
+    """Replace dest with data, synced to disk first: never half a file."""
     _atomic_write_stream(dest, [data])
 
 
