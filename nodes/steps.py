@@ -83,10 +83,11 @@ def drain(driver: Driver, payload: dict[str, Any], report: Report) -> None:
 
 
 class _Throttle:
-    """Progress reports at most every 0.25 s: one message per chunk would flood the control queue."""
+    """Progress reports at most every 0.25 s, the first after 0.25 s: one message per
+    chunk would flood the control queue, and a download of a moment needs none."""
 
     def __init__(self, report: Report, total: int) -> None:
-        self.report, self.total, self.base, self.last = report, total, 0, 0.0
+        self.report, self.total, self.base, self.last = report, total, 0, time.monotonic()
 
     def __call__(self, done: int, _size: int) -> None:
         now = time.monotonic()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -27,6 +28,7 @@ from updates.repository import DownloadError
 log = logging.getLogger(__name__)
 CONTROL_QUEUE = "control"
 REPORT_PRIORITY = 9  # Redis: 0 (the default) is fetched first, 9 last
+ANNOUNCE_AFTER = 0.2  # seconds a step runs before its start is reported on its own
 _reboot_requested = False
 
 
@@ -55,19 +57,49 @@ def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
 
 
 class Reporter:
-    def __init__(self, driver: Driver, run_id: int, step: str) -> None:
+    """A step's reports to the control plane.
+
+    Its start is announced only once the step has run for ANNOUNCE_AFTER seconds:
+    most steps take milliseconds, and then their outcome, which says when they
+    started, is the only report (half the control plane's work). A slow step
+    (a download, an install) shows as running within that time."""
+
+    def __init__(self, driver: Driver, run_id: int, step: str, *, announce: bool = True) -> None:
         self.driver, self.run_id, self.step = driver, run_id, step
         self.snapshot: dict[str, Any] | None = None
+        self.started = time.time()
+        # Announced already on a retry (the attempt before it failed after announcing).
+        self._quiet = announce
+        self._lock = threading.Lock()  # the timer's announcement and the outcome never cross
+        self._timer = threading.Timer(ANNOUNCE_AFTER, self.announce)
+        self._timer.daemon = True
+        if announce:
+            self._timer.start()
+
+    def announce(self) -> None:
+        """Report the start now, if it is not reported yet (the step runs on)."""
+        with self._lock:
+            if self._quiet:
+                self._quiet = False
+                send_to_control("control.record_step", self.run_id, self.step, "started", at=self.started)
 
     def __call__(self, event: str, **fields: Any) -> None:
-        if event != "progress":
+        if event in ("started", "progress"):
+            self.announce()
+            if event == "progress":
+                send_to_control("control.record_step", self.run_id, self.step, event, **fields)
+            return
+        self._timer.cancel()
+        with self._lock:
+            if self._quiet:
+                fields["started"] = self.started
+                self._quiet = False
             fields["at"] = time.time()  # the step's times are the node's (see workflow.record_step)
-        # A step's start and its progress change nothing the control plane keeps about
-        # the node: only its outcome carries a snapshot (a third of the reports' writes).
-        if event not in ("started", "progress"):
+            # Only the outcome carries a snapshot: a start or progress changes nothing
+            # the control plane keeps about the node.
             fields["snapshot"] = self.snapshot = agent_snapshot(self.driver)
             fields["hostname"] = self.driver.hostname
-        send_to_control("control.record_step", self.run_id, self.step, event, **fields)
+            send_to_control("control.record_step", self.run_id, self.step, event, **fields)
 
 
 def driver_for(payload: dict[str, Any]) -> Driver:
@@ -85,7 +117,7 @@ class NodeStep(Task):
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
         payload = args[0]
         try:
-            report = Reporter(driver_for(payload), payload["run"], self.step)
+            report = Reporter(driver_for(payload), payload["run"], self.step, announce=False)
             report("failed", detail=f"{type(exc).__name__}: {exc}")
         except Exception:  # the report must not hide the original failure
             log.exception("could not report the failure of %s", self.name)
@@ -95,10 +127,12 @@ def _run_step(task: Task, payload: dict[str, Any], fn: Any) -> dict[str, Any] | 
     """Run one step; returns the node's snapshot after it, which a chain hands to
     the next task (control.verify takes it from there)."""
     driver = driver_for(payload)
-    report = Reporter(driver, payload["run"], task.step)  # type: ignore[attr-defined]
-    if not task.request.retries:
-        report("started")
-    fn(driver, payload, report)
+    report = Reporter(driver, payload["run"], task.step, announce=not task.request.retries)  # type: ignore[attr-defined]
+    try:
+        fn(driver, payload, report)
+    except Exception:
+        report.announce()  # retried (or failed by on_failure): it ran, and shows so
+        raise
     return report.snapshot
 
 

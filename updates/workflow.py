@@ -16,7 +16,7 @@ from typing import Any
 from celery import chain, signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, Q, Value, When
+from django.db.models import Case, F, IntegerField, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -317,21 +317,31 @@ def record_step(
     snapshot: dict[str, Any] | None = None,
     hostname: str = "",
     at: float | None = None,
+    started: float | None = None,
 ) -> None:
     """Record one event of a step: started, progress, succeeded, skipped or failed.
 
     `at` is when it happened on the node (epoch seconds): a step's times are the
     node's, not when a control worker got round to the report, which may be
-    seconds later under load. A node clock ahead of ours is capped at now."""
+    seconds later under load. A node clock ahead of ours is capped at now.
+    `started` comes with the outcome of a step that ended before it announced
+    itself (nodes.tasks.Reporter): one report says when it started and ended."""
     # One transaction: a report is a handful of small writes, and one commit each
     # would be most of what it costs. The node's row comes last, as in complete_run
     # and fail_run (run, steps, node): the same lock order everywhere, no deadlock.
     with transaction.atomic():
         now = timezone.now()
-        when = min(datetime.fromtimestamp(at, tz=UTC), now) if at is not None else now
-        _record_event(run_id, step, event, when, detail=detail, bytes_done=bytes_done, bytes_total=bytes_total)
+        when = _node_time(at, now)
+        began = _node_time(started, now) if started is not None else None
+        _record_event(
+            run_id, step, event, when, began=began, detail=detail, bytes_done=bytes_done, bytes_total=bytes_total
+        )
         if snapshot and hostname:
             store_snapshot(hostname, snapshot)
+
+
+def _node_time(at: float | None, now: datetime) -> datetime:
+    return min(datetime.fromtimestamp(at, tz=UTC), now) if at is not None else now
 
 
 def _record_event(
@@ -340,13 +350,15 @@ def _record_event(
     event: str,
     when: datetime,
     *,
+    began: datetime | None,
     detail: str,
     bytes_done: int | None,
     bytes_total: int | None,
 ) -> None:
     now = timezone.now()
     running = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING)
-    moved = {"current_step": step} if event == "started" else {}
+    # An outcome that says when its step began stands for that step's start report too.
+    moved = {"current_step": step} if event == "started" or began is not None else {}
     if not running.update(last_activity_at=now, **moved) and event not in ("succeeded", "skipped"):
         # The run ended already: a late or duplicate report. A late success still lands
         # on its step: the chain's next task may be processed before this report.
@@ -367,18 +379,29 @@ def _record_event(
     elif event == "progress":
         steps.filter(state=UpdateStep.State.RUNNING).update(**changes)
     elif event in ("succeeded", "skipped"):
-        # started_at too: its own report may be processed after this one.
-        steps.update(state=event, finished_at=when, started_at=Coalesce("started_at", Value(when)), **changes)
+        # started_at too: its own report may be processed after this one, or never sent.
+        steps.update(state=event, finished_at=when, **_began(began or when), **changes)
         if step == "download":
             clear_download_warning(run_id)
             start_update_phase(run_id)
     elif event == "failed":
         if step == "download" and retry_download_later(run_id, detail):
             return
-        steps.update(state=UpdateStep.State.FAILED, finished_at=when, **changes)
+        steps.update(state=UpdateStep.State.FAILED, finished_at=when, **_began(began), **changes)
         fail_run(run_id, f"{step}: {detail or 'failed'}")
     else:
         log.warning("unknown step event %r for run %s ignored", event, run_id)
+
+
+def _began(began: datetime | None) -> dict[str, Any]:
+    """A step that was never announced as started: its start (if known) and its attempt."""
+    if began is None:
+        return {}
+    first = Q(started_at__isnull=True)
+    return {
+        "started_at": Coalesce("started_at", Value(began)),
+        "attempts": Case(When(first, then=F("attempts") + 1), default=F("attempts"), output_field=IntegerField()),
+    }
 
 
 def clear_download_warning(run_id: int) -> None:

@@ -1,0 +1,101 @@
+"""What a node tells the control plane about a step: a quick step is one report
+(its outcome, which says when it began), a slow one shows as running while it runs.
+
+The reports go through real Redis, into a queue of the test's own (no control
+worker takes them), and are then recorded as the control worker would."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from nodes import tasks as node_tasks
+from nodes.drivers.simulated import SimulatedDriver
+from nodes.models import Node
+from tgpadmin.celery import app
+from updates import workflow
+from updates.models import UpdateRun, UpdateStep
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def inbox(monkeypatch):
+    """The reports the agent code sends, as (event, kwargs), read back from Redis."""
+    queue = f"reports-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
+    with app.connection_for_read() as conn:
+        simple = conn.SimpleQueue(queue)
+
+        def take(timeout: float = 5.0) -> tuple[str, dict[str, Any]]:
+            message = simple.get(timeout=timeout)
+            message.ack()
+            args, kwargs, _ = message.decode()
+            assert message.headers["task"] == "control.record_step"
+            return args[2], kwargs
+
+        yield SimpleNamespace(take=take, Empty=simple.Empty)
+        simple.close()
+
+
+@pytest.fixture
+def run(make_node, releases, state_dir, django_capture_on_commit_callbacks):
+    node = make_node("gw")
+    with django_capture_on_commit_callbacks(execute=False):  # no chain: the test plays the node
+        made = workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+    made.driver = SimulatedDriver(node.hostname, state_dir / node.hostname)
+    return made
+
+
+def record(run: UpdateRun, step: str, event: str, kwargs: dict[str, Any]) -> UpdateStep:
+    workflow.record_step(run.pk, step, event, **kwargs)
+    return UpdateStep.objects.get(run=run, name=step)
+
+
+def test_a_quick_step_is_one_report_that_says_when_it_began_and_ended(run, inbox):
+    report = node_tasks.Reporter(run.driver, run.pk, "notify")
+    report("succeeded", detail="maintenance mode on")
+
+    event, kwargs = inbox.take()
+    assert event == "succeeded" and kwargs["started"] <= kwargs["at"]
+    with pytest.raises(inbox.Empty):  # a start report on its way would be here by then
+        inbox.take(timeout=node_tasks.ANNOUNCE_AFTER * 3)
+
+    step = record(run, "notify", event, kwargs)
+    assert (step.state, step.attempts) == ("succeeded", 1)
+    assert step.started_at == datetime.fromtimestamp(kwargs["started"], tz=UTC)
+    assert step.finished_at >= step.started_at
+    assert UpdateRun.objects.get(pk=run.pk).current_step == "notify"
+
+
+def test_a_slow_step_shows_as_running_before_it_ends(run, inbox):
+    report = node_tasks.Reporter(run.driver, run.pk, "install")
+    event, kwargs = inbox.take()  # the step runs on: its start is announced without waiting for its end
+    assert event == "started"
+    step = record(run, "install", event, kwargs)
+    assert (step.state, step.attempts) == ("running", 1)
+    assert step.started_at == datetime.fromtimestamp(report.started, tz=UTC)
+
+    report("succeeded", detail="installed")
+    event, kwargs = inbox.take()
+    assert event == "succeeded" and "started" not in kwargs
+    step = record(run, "install", event, kwargs)
+    assert (step.state, step.attempts) == ("succeeded", 1), "one attempt, counted once"
+
+
+def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
+    task = SimpleNamespace(step="download", request=SimpleNamespace(retries=0))
+
+    def unreachable(*_: Any) -> None:
+        raise ConnectionError("repository unreachable")
+
+    with pytest.raises(ConnectionError):
+        node_tasks._run_step(task, {"run": run.pk, "node": run.node.hostname}, unreachable)
+    event, kwargs = inbox.take()
+    # While its retry waits (or until on_failure's report lands), the admin shows the step as running.
+    assert event == "started"
+    assert record(run, "download", event, kwargs).state == "running"
