@@ -1,7 +1,7 @@
 """Many simulated nodes served by a few worker processes (benchmarks only).
 
 A real node agent is a supervisor plus a Celery worker per node: 200 of them do
-not fit on 2 cores. Here one Celery worker (``--pool threads``) consumes the
+not fit on 2 cores. Here a few Celery workers (``--pool threads``) each consume the
 queues ``node.<hostname>`` of many nodes, with the TimedDriver of
 bench/rollout_driver.py. What that leaves out, on purpose:
 
