@@ -81,8 +81,13 @@ class SimulatedDriver(Driver):
             _write_atomic(self.state_file, json.dumps(data, indent=1, sort_keys=True))
 
     def read(self) -> dict[str, Any]:
-        with self.state() as data:
-            return json.loads(json.dumps(data))
+        """The state as it is: a shared lock, and nothing written back (state.json is
+        replaced atomically, so this never sees half a write)."""
+        if not self.state_file.exists():
+            return {}
+        with open(self.state_dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_SH)
+            return json.loads(self.state_file.read_text())
 
     def snapshot(self) -> dict[str, Any]:
         data = self.read()
