@@ -73,7 +73,9 @@ def redis_server(workdir: Path) -> Iterator[str]:
 def setup_django(var_dir: Path) -> None:
     """Django on a SQLite file of its own under var_dir, migrated. DATABASE_URL is
     dropped on purpose: a benchmark must never write into a real database."""
-    var_dir.mkdir(parents=True, exist_ok=True)
+    # static/ too: whitenoise warns about a STATIC_ROOT that does not exist (the admin
+    # benchmark serves pages; collectstatic is not what it measures).
+    (var_dir / "static").mkdir(parents=True, exist_ok=True)
     os.environ.pop("DATABASE_URL", None)
     os.environ["DJANGO_SETTINGS_MODULE"] = "tgpadmin.settings"
     os.environ["TGP_VAR_DIR"] = str(var_dir)

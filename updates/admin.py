@@ -55,7 +55,11 @@ class UpdateRunAdmin(ReadOnlyAdmin):
         "finished_at",
     ]
     list_filter = ["state", "trigger", "node__cluster"]
-    list_select_related = ["node", "release", "started_by"]
+    # Not list_select_related: with the joins, SQLite's planner starts from the nodes
+    # and sorts every run for each page (130-200 ms at 200,000 runs). Alone, the page
+    # of runs walks the created_at index and stops after 100; its nodes, releases and
+    # users follow in one query each (prefetch: the count stays flat).
+    list_select_related = ()
     search_fields = ["node__hostname", "release__version"]
     # No date_hierarchy: its distinct-years query scans every run (891 ms at 200,000 runs).
     change_form_template = "admin/updates/updaterun/change_form.html"
@@ -63,6 +67,9 @@ class UpdateRunAdmin(ReadOnlyAdmin):
         "node", "release", "packages", "trigger", "state", "started_by", "message", "current_step",
         "version_before", "boot_id_before", "created_at", "last_activity_at", "finished_at", "error",
     ]  # fmt: skip
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[UpdateRun]:
+        return super().get_queryset(request).prefetch_related("node", "release", "started_by")
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
         steps = UpdateStep.objects.filter(run_id=int(object_id)).order_by("position")

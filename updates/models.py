@@ -116,7 +116,8 @@ class UpdateRun(models.Model):
 
     class Meta:
         ordering = ["-created_at"]
-        indexes = [models.Index(fields=["state", "last_activity_at"])]
+        # created_at: the run list's order (see updates/admin.py: UpdateRunAdmin).
+        indexes = [models.Index(fields=["state", "last_activity_at"]), models.Index(fields=["created_at"])]
         constraints = [
             models.UniqueConstraint(fields=["node"], condition=Q(state="running"), name="one_running_run_per_node"),
             models.UniqueConstraint(
