@@ -66,6 +66,10 @@ class Node(models.Model):
     in_load_balancer = models.BooleanField(default=False, editable=False)
     boot_id = models.CharField(max_length=64, blank=True, editable=False)
     agent_instance = models.CharField(max_length=64, blank=True, editable=False)
+    # The agent instance whose worker has reported itself: it consumes. The supervisor
+    # reports a new instance (and a new boot) as soon as it starts the worker, which
+    # then takes a second or more to take work.
+    worker_instance = models.CharField(max_length=64, blank=True, editable=False)
     last_seen = models.DateTimeField(null=True, blank=True, editable=False)
     # When the node took the snapshot stored above: reports processed out of order
     # (several control processes) must not put older state over newer.

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from celery import Task, shared_task
-from celery.signals import task_postrun
+from celery.signals import task_postrun, worker_ready
 from django.conf import settings
 
 from nodes import steps
@@ -37,6 +37,8 @@ def agent_snapshot(driver: Driver) -> dict[str, Any]:
     snap = driver.snapshot()
     snap["taken_at"] = taken
     snap["agent_instance"] = os.environ.get("TGP_AGENT_INSTANCE", "")
+    # Taken by the agent's worker (the supervisor runs without TGP_AGENT_NODE): it consumes.
+    snap["worker"] = bool(os.environ.get("TGP_AGENT_NODE"))
     return snap
 
 
@@ -203,6 +205,16 @@ def _reboot_after_task(**_: Any) -> None:
 @shared_task(name="node.resume", step="resume", bind=True, base=NodeStep, acks_late=False)
 def resume(self: Task, payload: dict[str, Any]) -> dict[str, Any] | None:
     return _run_step(self, payload, steps.resume)
+
+
+@worker_ready.connect
+def _report_ready(**_: Any) -> None:
+    """An agent's worker says that it takes work now: after a reboot, the node is back
+    once this report is in (workflow.verify_node_back), not when the supervisor first
+    reports the new boot while the worker is still starting."""
+    hostname = os.environ.get("TGP_AGENT_NODE")
+    if hostname:
+        send_to_control("control.node_report", hostname, agent_snapshot(driver_for({"node": hostname})))
 
 
 @shared_task(name="node.announce", acks_late=False)

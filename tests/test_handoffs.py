@@ -76,6 +76,58 @@ def test_verify_takes_the_snapshot_the_chain_hands_over(make_node, releases, dja
     assert Node.objects.get(pk=node.pk).installed_version == "2.2.0"
 
 
+def test_a_node_is_back_from_its_reboot_once_its_agent_takes_work_again(
+    make_node, releases, django_capture_on_commit_callbacks
+):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1")
+    run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
+    assert run.release.needs_reboot
+    after = {
+        "installed_version": "2.2.0",
+        "packages": {p.name: p.version for p in releases["2.2.0"].packages.all()},
+        "boot_id": "boot-2",
+    }
+    # The supervisor reports the new boot and the worker it just started, which is
+    # still importing: the chain's next step would only wait for it in the queue.
+    workflow.store_snapshot(node.hostname, {**after, "agent_instance": "agent-2", "taken_at": time.time()})
+    with pytest.raises(workflow.NodeNotBack):
+        workflow.verify_node_back(run.pk)
+    # The worker's own report: it consumes.
+    ready = {**after, "agent_instance": "agent-2", "worker": True, "taken_at": time.time()}
+    workflow.store_snapshot(node.hostname, ready)
+    workflow.verify_node_back(run.pk)
+    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+
+
+def test_the_workers_ready_report_carries_a_waiting_verify_on_and_only_one_verify_does(
+    make_node, releases, django_capture_on_commit_callbacks
+):
+    node = make_node("gw")
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1")
+    run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
+    after = {
+        "installed_version": "2.2.0",
+        "packages": {p.name: p.version for p in releases["2.2.0"].packages.all()},
+        "boot_id": "boot-2",
+        "agent_instance": "agent-2",
+    }
+    workflow.store_snapshot(node.hostname, {**after, "taken_at": time.time()})  # the supervisor
+    with pytest.raises(workflow.NodeNotBack):
+        workflow.verify_node_back(run.pk)  # the chain's verify: now waiting for its retry
+
+    with django_capture_on_commit_callbacks(execute=False) as heartbeat:
+        workflow.node_reported(node.hostname, {**after, "taken_at": time.time()})
+    with django_capture_on_commit_callbacks(execute=False) as ready:
+        workflow.node_reported(node.hostname, {**after, "worker": True, "taken_at": time.time()})
+    assert (len(heartbeat), len(ready)) == (0, 1), "the worker's report, not a heartbeat, queues verify again"
+
+    workflow.verify_node_back(run.pk)  # the one queued by the ready report
+    with pytest.raises(workflow.CarriedOn):
+        workflow.verify_node_back(run.pk)  # the chain's retry: its chain stops, no second resume
+    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+
+
 def test_a_succeeded_run_shows_its_node_back_in_service_at_once(
     make_node, releases, django_capture_on_commit_callbacks
 ):

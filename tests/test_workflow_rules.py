@@ -123,3 +123,20 @@ def test_an_older_snapshot_processed_late_does_not_overwrite_a_newer_one(make_no
     node.refresh_from_db()
     assert node.logon_enabled is True
     assert node.last_seen is not None
+
+
+def test_a_reboot_whose_report_and_verify_were_lost_is_carried_on_at_verify(
+    run, django_capture_on_commit_callbacks, settings
+):
+    # Redis went down while the control worker held the reboot step's report and the
+    # chain's verify: the node came back, and nothing would move the run on.
+    for name in ["notify", "drain", "download", "install"]:
+        workflow.record_step(run.pk, name, "succeeded")
+    workflow.record_step(run.pk, "reboot", "started")
+    Node.objects.filter(pk=run.node_id).update(boot_id="boot-2")
+    quiet = workflow.timezone.now() - workflow.timedelta(seconds=settings.TGP_RECONCILE_AFTER + 1)
+    UpdateRun.objects.filter(pk=run.pk).update(last_activity_at=quiet)
+
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        assert workflow.reconcile() == 1
+    assert len(queued) == 1 and queued[0].args == (run.pk, "verify")

@@ -25,6 +25,7 @@ def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
 @shared_task(
     name="control.verify",
     autoretry_for=(workflow.NodeNotBack,),
+    throws=(workflow.CarriedOn,),  # expected: logged without a traceback
     retry_backoff=1,
     retry_backoff_max=3,
     retry_jitter=False,

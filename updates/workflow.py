@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from celery import chain, signature
@@ -284,6 +285,8 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
         "boot_id": str(snapshot.get("boot_id", "")),
         "agent_instance": str(snapshot.get("agent_instance", "")),
     }
+    if snapshot.get("worker"):
+        fields["worker_instance"] = fields["agent_instance"]
     now = timezone.now()
     taken = datetime.fromtimestamp(float(snapshot["taken_at"]), tz=UTC) if "taken_at" in snapshot else now
     nodes = Node.objects.filter(hostname=hostname)
@@ -483,6 +486,11 @@ class RunFailed(Exception):
     """Stops the chain after the run was recorded as failed."""
 
 
+class CarriedOn(Exception):
+    """Another verify of the same run found the node back first and carries the run
+    on: this chain stops here."""
+
+
 def target_reached(run: UpdateRun, node: Node) -> bool:
     wanted = run.release.packages.all()
     if run.packages:
@@ -506,16 +514,26 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
     )
     store_run_snapshot(run_id, snapshot)
     run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
+    if run.state == UpdateRun.State.SUCCEEDED:
+        raise CarriedOn(f"run {run_id} succeeded already")  # a retry that outlived its run
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
     reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
     node = run.node
     # From the release, not from the reboot step's row: its report may still be on the way.
-    rebooted = not run.release.needs_reboot or node.boot_id != run.boot_id_before
+    # Back means its agent's worker consumes again: the chain's next step is for it.
+    rebooted = not run.release.needs_reboot or (
+        node.boot_id != run.boot_id_before and node.worker_instance == node.agent_instance
+    )
     if target_reached(run, node) and rebooted:
-        record_step(
-            run_id, "verify", "succeeded", detail=f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
-        )
+        # Claimed: of two verifies that find the node back (the chain's, retrying, and
+        # the one the worker's ready report queued), only one carries the run on.
+        with transaction.atomic():
+            claimed = verify.exclude(state=UpdateStep.State.SUCCEEDED).update(state=UpdateStep.State.SUCCEEDED)
+            if not claimed:
+                raise CarriedOn(f"run {run_id}: verified already")
+            detail = f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
+            record_step(run_id, "verify", "succeeded", detail=detail)
         return
     now = timezone.now()
     # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
@@ -649,6 +667,8 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
     node step is safe to run twice."""
     before = Node.objects.filter(hostname=hostname).values_list("agent_instance", "boot_id").first()
     node = apply_snapshot(hostname, snapshot)
+    if node is not None and snapshot.get("worker"):
+        wake_verify(node)
     if node is None or before is None or not before[0] or before[0] == node.agent_instance:
         return
     if before[1] != node.boot_id:
@@ -665,6 +685,17 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
     transaction.on_commit(lambda: dispatch(run.pk, pending.name))
 
 
+def wake_verify(node: Node) -> None:
+    """The node's worker takes work again: a run whose verify waits for it (between
+    two retries, up to 3 s apart) goes on now. The verify queued here and the waiting
+    one both check; the first to find the node back claims the step."""
+    waiting = UpdateRun.objects.filter(
+        node=node, state=UpdateRun.State.RUNNING, steps__name="verify", steps__state=UpdateStep.State.RUNNING
+    )
+    for run_id in waiting.values_list("pk", flat=True):
+        transaction.on_commit(partial(dispatch, run_id, "verify"))
+
+
 CONTROL_STEPS = {"slot", "hold", "verify"}
 
 
@@ -676,7 +707,7 @@ def reconcile() -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RECONCILE_AFTER)
     touched = 0
     quiet = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
-    for run in quiet.select_related("node__cluster"):
+    for run in quiet.select_related("node__cluster", "release"):
         touched += _carry_on(run, cutoff)
     return touched
 
@@ -689,6 +720,13 @@ def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
     pending = first_unfinished(run)
     if pending is None:
         return complete_run(run.pk)
+    if pending.name == "reboot" and run.release.needs_reboot and run.node.boot_id != run.boot_id_before:
+        # The node rebooted, but neither the reboot step's report nor the chain's verify
+        # reached us (a control worker or Redis went down holding them): verify goes on.
+        log.warning("run %s: %s rebooted, its reboot step was never reported: carrying on at verify", run.pk, run.node)
+        UpdateRun.objects.filter(pk=run.pk).update(last_activity_at=timezone.now())
+        transaction.on_commit(partial(dispatch, run.pk, "verify"))
+        return True
     agent_alive = run.node.last_seen is not None and run.node.last_seen > cutoff
     lost_node_step = pending.name in NODE_STEPS and pending.state == UpdateStep.State.PENDING and agent_alive
     if pending.name in CONTROL_STEPS or lost_node_step:
