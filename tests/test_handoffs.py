@@ -59,67 +59,56 @@ def test_a_freed_slot_goes_to_the_longest_waiter_at_once(
     workflow.release_slot(second.node)
 
 
-def test_verify_takes_the_snapshot_the_chain_hands_over(make_node, releases, django_capture_on_commit_callbacks):
-    node = make_node("gw")
-    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1")
-    run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
-    # What node.reboot returned: the node runs 2.2.0 after a new boot. Its own report
-    # is still queued, so the database knows nothing of it yet.
-    snapshot = {
-        "installed_version": "2.2.0",
-        "packages": {p.name: p.version for p in releases["2.2.0"].packages.all()},
-        "boot_id": "boot-2",
-        "taken_at": time.time(),
-    }
-    workflow.verify_node_back(run.pk, snapshot)  # NodeNotBack if it waited for the report
-    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
-    assert Node.objects.get(pk=node.pk).installed_version == "2.2.0"
-
-
-def test_a_node_is_back_from_its_reboot_once_its_agent_takes_work_again(
-    make_node, releases, django_capture_on_commit_callbacks
-):
+@pytest.fixture
+def rebooting(make_node, releases, django_capture_on_commit_callbacks):
+    """A run to 2.2.0 (which needs a reboot) on a node that was on boot-1, and the
+    snapshot of that node back on 2.2.0 after a new boot."""
     node = make_node("gw")
     Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1")
     run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
     assert run.release.needs_reboot
-    after = {
-        "installed_version": "2.2.0",
-        "packages": {p.name: p.version for p in releases["2.2.0"].packages.all()},
-        "boot_id": "boot-2",
-    }
+    packages = {p.name: p.version for p in releases["2.2.0"].packages.all()}
+
+    def back(**fields):
+        return {"installed_version": "2.2.0", "packages": packages, "boot_id": "boot-2", "taken_at": time.time(),
+                **fields}  # fmt: skip
+
+    return run, node.hostname, back
+
+
+def test_verify_takes_the_snapshot_the_chain_hands_over(rebooting):
+    run, hostname, back = rebooting
+    # What node.reboot returned: the node runs 2.2.0 after a new boot. Its own report
+    # is still queued, so the database knows nothing of it yet.
+    workflow.verify_node_back(run.pk, back())  # NodeNotBack if it waited for the report
+    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+    assert Node.objects.get(hostname=hostname).installed_version == "2.2.0"
+
+
+def test_a_node_is_back_from_its_reboot_once_its_agent_takes_work_again(rebooting):
+    run, hostname, back = rebooting
     # The supervisor reports the new boot and the worker it just started, which is
     # still importing: the chain's next step would only wait for it in the queue.
-    workflow.store_snapshot(node.hostname, {**after, "agent_instance": "agent-2", "taken_at": time.time()})
+    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))
     with pytest.raises(workflow.NodeNotBack):
         workflow.verify_node_back(run.pk)
-    # The worker's own report: it consumes.
-    ready = {**after, "agent_instance": "agent-2", "worker": True, "taken_at": time.time()}
-    workflow.store_snapshot(node.hostname, ready)
+    workflow.store_snapshot(hostname, back(agent_instance="agent-2", worker=True))  # the worker's own report
     workflow.verify_node_back(run.pk)
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
 
 
 def test_the_workers_ready_report_carries_a_waiting_verify_on_and_only_one_verify_does(
-    make_node, releases, django_capture_on_commit_callbacks
+    rebooting, django_capture_on_commit_callbacks
 ):
-    node = make_node("gw")
-    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", boot_id="boot-1")
-    run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
-    after = {
-        "installed_version": "2.2.0",
-        "packages": {p.name: p.version for p in releases["2.2.0"].packages.all()},
-        "boot_id": "boot-2",
-        "agent_instance": "agent-2",
-    }
-    workflow.store_snapshot(node.hostname, {**after, "taken_at": time.time()})  # the supervisor
+    run, hostname, back = rebooting
+    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor
     with pytest.raises(workflow.NodeNotBack):
         workflow.verify_node_back(run.pk)  # the chain's verify: now waiting for its retry
 
     with django_capture_on_commit_callbacks(execute=False) as heartbeat:
-        workflow.node_reported(node.hostname, {**after, "taken_at": time.time()})
+        workflow.node_reported(hostname, back(agent_instance="agent-2"))
     with django_capture_on_commit_callbacks(execute=False) as ready:
-        workflow.node_reported(node.hostname, {**after, "worker": True, "taken_at": time.time()})
+        workflow.node_reported(hostname, back(agent_instance="agent-2", worker=True))
     assert (len(heartbeat), len(ready)) == (0, 1), "the worker's report, not a heartbeat, queues verify again"
 
     workflow.verify_node_back(run.pk)  # the one queued by the ready report
