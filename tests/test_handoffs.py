@@ -97,6 +97,26 @@ def test_a_node_is_back_from_its_reboot_once_its_agent_takes_work_again(rebootin
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
 
 
+def test_a_ready_report_processed_after_a_later_heartbeat_still_counts(rebooting):
+    run, hostname, back = rebooting
+    ready = back(agent_instance="agent-2", worker=True)
+    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor's next beat, taken later
+    workflow.store_snapshot(hostname, ready)  # two control processes: the ready report lands second
+    workflow.store_snapshot(hostname, back(boot_id="boot-1", agent_instance="agent-1", worker=True, taken_at=0))
+    # ... and a late report of the worker that rebooted changes nothing.
+    workflow.verify_node_back(run.pk)
+    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+
+
+def test_a_lost_ready_report_delays_verify_but_does_not_fail_the_run(rebooting):
+    run, hostname, back = rebooting
+    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))  # only the supervisor got through
+    rebooted_at = timezone.now() - workflow.WORKER_GRACE - timedelta(seconds=1)
+    UpdateStep.objects.filter(run=run, name="reboot").update(state="succeeded", finished_at=rebooted_at)
+    workflow.verify_node_back(run.pk)  # resume waits for the worker in its queue, as before ready reports
+    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+
+
 def test_the_workers_ready_report_carries_a_waiting_verify_on_and_only_one_verify_does(
     rebooting, django_capture_on_commit_callbacks
 ):

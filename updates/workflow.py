@@ -294,7 +294,11 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
     online = Case(When(state=Node.State.UNKNOWN, then=Value(Node.State.ONLINE)), default=F("state"))
     if newer.update(**fields, reported_at=taken, last_seen=now, state=online):
         return True
-    # An older snapshot processed late: the node was still seen.
+    # An older snapshot processed late: the node was still seen. A worker's report
+    # still says that its worker is up, if it is the node's current agent: a heartbeat
+    # taken just after it may have been processed first (two control processes).
+    if "worker_instance" in fields:
+        nodes.filter(agent_instance=fields["agent_instance"]).update(worker_instance=fields["worker_instance"])
     if nodes.update(last_seen=now, state=online):
         return True
     log.warning("report from unknown node %r ignored", hostname)
@@ -486,6 +490,9 @@ class RunFailed(Exception):
     """Stops the chain after the run was recorded as failed."""
 
 
+WORKER_GRACE = timedelta(seconds=15)
+
+
 class CarriedOn(Exception):
     """Another verify of the same run found the node back first and carries the run
     on: this chain stops here."""
@@ -520,11 +527,14 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
         raise RunFailed(f"run {run_id} is {run.state}")
     reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
     node = run.node
+    now = timezone.now()
+    since = reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
     # From the release, not from the reboot step's row: its report may still be on the way.
-    # Back means its agent's worker consumes again: the chain's next step is for it.
-    rebooted = not run.release.needs_reboot or (
-        node.boot_id != run.boot_id_before and node.worker_instance == node.agent_instance
-    )
+    # Back means its agent's worker consumes again: the chain's next step is for it. Its
+    # ready report may be lost (Redis restarted while a control worker held it): after
+    # WORKER_GRACE the new boot is enough, and resume waits for the worker in its queue.
+    worker_up = node.worker_instance == node.agent_instance or now - since > WORKER_GRACE
+    rebooted = not run.release.needs_reboot or (node.boot_id != run.boot_id_before and worker_up)
     if target_reached(run, node) and rebooted:
         # Claimed: of two verifies that find the node back (the chain's, retrying, and
         # the one the worker's ready report queued), only one carries the run on.
@@ -535,10 +545,8 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
             detail = f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
             record_step(run_id, "verify", "succeeded", detail=detail)
         return
-    now = timezone.now()
     # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
     UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
-    since = reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
     if now - since > timedelta(seconds=settings.TGP_REBOOT_TIMEOUT):
         fail_run(run_id, f"verify: {node} did not come back within {settings.TGP_REBOOT_TIMEOUT:.0f} s")
         raise RunFailed(f"run {run_id} failed")
