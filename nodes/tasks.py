@@ -86,10 +86,9 @@ class Reporter:
                 send_to_control("control.record_step", self.run_id, self.step, "started", at=self.started)
 
     def __call__(self, event: str, **fields: Any) -> None:
-        if event in ("started", "progress"):
+        if event == "progress":  # a step that reports progress is running: its start goes first
             self.announce()
-            if event == "progress":
-                send_to_control("control.record_step", self.run_id, self.step, event, **fields)
+            send_to_control("control.record_step", self.run_id, self.step, event, **fields)
             return
         self._timer.cancel()
         with self._lock:

@@ -528,12 +528,15 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
     reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
     node = run.node
     now = timezone.now()
-    since = reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
+
+    def since() -> datetime:  # only asked when waiting: not a query on every successful verify
+        return reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
+
     # From the release, not from the reboot step's row: its report may still be on the way.
     # Back means its agent's worker consumes again: the chain's next step is for it. Its
     # ready report may be lost (Redis restarted while a control worker held it): after
     # WORKER_GRACE the new boot is enough, and resume waits for the worker in its queue.
-    worker_up = node.worker_instance == node.agent_instance or now - since > WORKER_GRACE
+    worker_up = node.worker_instance == node.agent_instance or now - since() > WORKER_GRACE
     rebooted = not run.release.needs_reboot or (node.boot_id != run.boot_id_before and worker_up)
     if target_reached(run, node) and rebooted:
         # Claimed: of two verifies that find the node back (the chain's, retrying, and
@@ -547,7 +550,7 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
         return
     # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
     UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
-    if now - since > timedelta(seconds=settings.TGP_REBOOT_TIMEOUT):
+    if now - since() > timedelta(seconds=settings.TGP_REBOOT_TIMEOUT):
         fail_run(run_id, f"verify: {node} did not come back within {settings.TGP_REBOOT_TIMEOUT:.0f} s")
         raise RunFailed(f"run {run_id} failed")
     raise NodeNotBack(f"{node} not back yet")
