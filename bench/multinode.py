@@ -8,8 +8,8 @@ bench/rollout_driver.py. What that leaves out, on purpose:
 - no TGP_AGENT_NODE: node tasks then skip the "message for my node?" check;
 - no supervisor, so no heartbeats: each node's row is seeded as reported
   (``apply_snapshot``), and every step report carries a fresh snapshot anyway;
-- no reboots: the benchmarks' release (built here) needs none, so the reboot step
-  is skipped and verify only waits for the target version.
+- no reboots: the benchmarks' release (built here) needs none, so its runs have
+  no reboot step and verify only waits for the target version.
 """
 
 from __future__ import annotations

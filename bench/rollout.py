@@ -7,8 +7,8 @@ TimedDriver: a node's install takes its duration, everything else is instant).
 Durations: uniform 1-3 s, random.Random(42). Cluster: max_parallel_updates=10,
 lb_lead_time=0. A release that needs no reboot (the simulated reboot would exit
 the worker of all nodes). All 200 runs are started with workflow.start_update
-(manual trigger, cluster node: notify, download, slot, drain, install, reboot (skipped),
-verify, resume, complete); the slot semaphore enforces the cap.
+(manual trigger, cluster node: notify, download, slot, drain, install, verify,
+resume, complete; no reboot step: the release needs none); the slot semaphore enforces the cap.
 
 - makespan: first start_update call -> last UpdateRun.finished_at (DB);
 - ideal: max(sum(durations) / cap, max(durations));
@@ -236,9 +236,7 @@ def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float
         "slot held (DB) -> drain called on the node (chain dispatch)": [r["drain"] - r["slot"] for r in done],
         "drain called -> install called (drain, fence and package checks)": [r["install"] - r["drain"] for r in done],
         "install beyond its duration": [(r["install_end"] - r["install"]) - r["duration"] for r in done],
-        "install done -> resume done (reports, reboot skipped, verify, resume)": [
-            r["resume_end"] - r["install_end"] for r in done
-        ],
+        "install done -> resume done (reports, verify, resume)": [r["resume_end"] - r["install_end"] for r in done],
         "resume done (node) -> run finished (DB: report, complete)": [r["finished"] - r["resume_end"] for r in done],
         "run finished -> next node holds the slot (release, wake_waiters, slot)": handovers(done),
         "per node, slot holding minus duration": overhead,

@@ -13,7 +13,7 @@ SEGMENTS = [
     ("wait", (225, 225, 225), "waiting for a slot"),
     ("prep", (120, 180, 230), "drain + checks before install"),
     ("install", (30, 90, 170), "install (the node's duration)"),
-    ("post", (240, 150, 40), "reboot (skipped) + verify + resume"),
+    ("post", (240, 150, 40), "verify + resume"),
     ("complete", (90, 90, 90), "complete (slot released)"),
     ("stuck", (220, 40, 40), "stuck holding a slot"),
 ]

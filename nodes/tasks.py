@@ -169,8 +169,9 @@ def download(self: Task, payload: dict[str, Any]) -> None:
 
 
 @shared_task(name="node.install", step="install", bind=True, base=NodeStep, acks_late=False)
-def install(self: Task, payload: dict[str, Any]) -> None:
-    _run_step(self, payload, steps.install)
+def install(self: Task, payload: dict[str, Any]) -> dict[str, Any] | None:
+    # Its snapshot goes on to verify, which follows it when the release needs no reboot.
+    return _run_step(self, payload, steps.install)
 
 
 @shared_task(name="node.reboot", step="reboot", bind=True, base=NodeStep, acks_late=False)

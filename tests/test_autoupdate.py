@@ -62,6 +62,39 @@ def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
     assert not UpdateLock.objects.filter(node=node).exists()
 
 
+def test_a_release_that_needs_no_reboot_is_installed_without_one(
+    tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
+):
+    from updates.demo import build_demo_package
+    from updates.repository import build_repository
+
+    repo = Repo(tmp_path / "repo")
+    release_dir = repo.root / "src" / "stable" / "2.3.0"
+    release_dir.mkdir()
+    (release_dir / "release.json").write_text(json.dumps({"notes": "hotfix", "needs_reboot": False}))
+    for name in ("tgpro-base", "tgpro-browser", "tgpro-vnc"):
+        (release_dir / f"{name}_2.3.0.tar.gz").write_bytes(build_demo_package(name, "2.3.0", package_bytes=1024))
+    shutil.rmtree(repo.dir)
+    repo.index = build_repository(repo.root / "src", repo.dir, repo.key)
+    repo.import_releases()
+    node = make_node("gw", version="2.2.0")
+    boot_before = appliance(state_dir, node)["boot_id"]
+    with RepoServer(repo.dir) as server:
+        start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey)
+        wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, f"the first report of {node}")
+        run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.3.0"))
+        run = wait_run(run, "succeeded")
+
+    # The run page lists what happened: no reboot step at all, verify right after install.
+    names = list(run.steps.order_by("position").values_list("name", flat=True))
+    assert names == ["notify", "drain", "download", "install", "verify", "resume"]
+    assert all(state == "succeeded" for state in run.steps.values_list("state", flat=True))
+    state = appliance(state_dir, node)
+    assert state["installed_version"] == "2.3.0" and state["boot_id"] == boot_before
+    node.refresh_from_db()
+    assert node.installed_version == "2.3.0" and node.logon_enabled and not node.maintenance_mode
+
+
 def test_users_get_the_notice_before_they_are_logged_off(demo_repo, make_node, agent_for, wait_run, state_dir):
     repo, _ = demo_repo
     repo.import_releases()

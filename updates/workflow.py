@@ -85,21 +85,26 @@ def check_can_start(node: Node, release: Release, trigger: str, packages: list[s
         raise UpdateRefused(f"{node} already runs {release.version}: no updates available.")
 
 
-def plan_steps(node: Node, trigger: str) -> list[str]:
+def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
     """The steps of a run, in order. A scheduled run downloads ahead of its update
     time. A cluster node downloads, then takes an update slot before anything
     disruptive; on the scheduled path it then leaves the load balancer and holds
     for the cluster's lead time before its users are logged off, so at most `cap`
-    nodes are ever out of the load balancer."""
+    nodes are ever out of the load balancer. A release that needs no reboot
+    (`reboot=False`) gets no reboot step: one hand-off less while the node is out
+    of service."""
     if node.cluster_id is None:
         if trigger == UpdateRun.Trigger.SCHEDULED:
-            return ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
-        return ["notify", "drain", "download", "install", "reboot", "verify", "resume"]
+            steps = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
+        else:
+            steps = ["notify", "drain", "download", "install", "reboot", "verify", "resume"]
     # A cluster node downloads while it waits for its slot: its users keep working
     # meanwhile, and the slot (a node out of service) is held only for the update itself.
-    if trigger == UpdateRun.Trigger.SCHEDULED:
-        return ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
-    return ["notify", "download", "slot", "drain", "install", "reboot", "verify", "resume"]
+    elif trigger == UpdateRun.Trigger.SCHEDULED:
+        steps = ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
+    else:
+        steps = ["notify", "download", "slot", "drain", "install", "reboot", "verify", "resume"]
+    return steps if reboot else [name for name in steps if name != "reboot"]
 
 
 def start_update(
@@ -132,7 +137,8 @@ def start_update(
                 scheduled_for=scheduled_for,
             )
             UpdateStep.objects.bulk_create(
-                UpdateStep(run=run, name=name, position=i) for i, name in enumerate(plan_steps(node, trigger))
+                UpdateStep(run=run, name=name, position=i)
+                for i, name in enumerate(plan_steps(node, trigger, reboot=release.needs_reboot))
             )
             Node.objects.filter(pk=node.pk).update(
                 maintenance_mode=True,
@@ -214,8 +220,8 @@ def build_chain(run: UpdateRun, from_step: str) -> Any:
 
 
 def _takes_snapshot(name: str, run: UpdateRun, after: list[Any]) -> Any:
-    """verify and complete come right after a node step (reboot, resume), which
-    returns the node's snapshot: not immutable, the chain hands it on, so that they
+    """verify and complete come right after a node step (reboot or install, resume),
+    which returns the node's snapshot: not immutable, the chain hands it on, so that they
     never depend on that step's report (which queues behind them) having arrived.
     First in a chain, they get None."""
     args = (run.pk,) if after else (None, run.pk)
@@ -525,12 +531,13 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
         raise CarriedOn(f"run {run_id} succeeded already")  # a retry that outlived its run
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
-    reboot = run.steps.get(name=UpdateStep.Name.REBOOT)
     node = run.node
     now = timezone.now()
 
     def since() -> datetime:  # only asked when waiting: not a query on every successful verify
-        return reboot.finished_at or verify.values_list("started_at", flat=True).first() or now
+        # A release that needs no reboot has no reboot step (plan_steps).
+        rebooted_at = run.steps.filter(name=UpdateStep.Name.REBOOT).values_list("finished_at", flat=True).first()
+        return rebooted_at or verify.values_list("started_at", flat=True).first() or now
 
     # From the release, not from the reboot step's row: its report may still be on the way.
     # Back means its agent's worker consumes again: the chain's next step is for it. Its
