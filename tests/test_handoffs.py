@@ -60,6 +60,53 @@ def test_a_freed_slot_goes_to_the_longest_waiter_at_once(
 
 
 @pytest.fixture
+def in_line(make_node, cluster, releases, django_capture_on_commit_callbacks):
+    """Two runs in a cluster with one slot: the first holds it, the second waits in line."""
+    first = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
+    second = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=False):
+        workflow.take_slot(first.pk)
+        with pytest.raises(workflow.SlotWait):
+            workflow.take_slot(second.pk)
+    yield first, second
+    for run in (first, second):
+        workflow.cluster_slots().release(cluster.name, run.node.hostname)
+
+
+def test_a_node_waiting_in_line_is_not_failed_as_silent(in_line, settings):
+    _, second = in_line
+    settings.TGP_RUN_STALL_TIMEOUT = 60
+    UpdateRun.objects.filter(pk=second.pk).update(last_activity_at=timezone.now() - timedelta(hours=2))
+    workflow.reap_stale_runs()
+    assert UpdateRun.objects.get(pk=second.pk).state == "running", "waiting for a slot is not silence"
+
+
+def test_the_reconciler_hands_on_a_slot_whose_release_woke_nobody(in_line, cluster, django_capture_on_commit_callbacks):
+    first, second = in_line
+    # The slot was freed, but the control worker died before it woke the waiter.
+    workflow.cluster_slots().release(cluster.name, first.node.hostname)
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        workflow.reconcile()
+    assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
+    assert [h.node for h in workflow.cluster_slots().holders(cluster.name)] == [second.node.hostname]
+    assert len(queued) == 1, "its next steps are queued once"
+
+
+def test_a_waiter_that_holds_its_slot_already_goes_on_even_in_a_full_cluster(
+    in_line, cluster, django_capture_on_commit_callbacks
+):
+    first, second = in_line
+    # The second run's slot step took the slot and was cut short before it said so
+    # (the control worker killed): Redis counts it as a holder, the database as waiting.
+    workflow.cluster_slots().release(cluster.name, first.node.hostname)
+    assert workflow.cluster_slots().acquire(cluster.name, second.node.hostname, 1)
+    assert workflow.cluster_slots().acquire(cluster.name, first.node.hostname, 1) is None, "the cluster is full"
+    with django_capture_on_commit_callbacks(execute=False):
+        assert workflow.wake_waiters(cluster) == 1
+    assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
+
+
+@pytest.fixture
 def rebooting(make_node, releases, django_capture_on_commit_callbacks):
     """A run to 2.2.0 (which needs a reboot) on a node that was on boot-1, and the
     snapshot of that node back on 2.2.0 after a new boot."""

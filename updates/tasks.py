@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -36,19 +37,13 @@ def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
     workflow.verify_node_back(run_id, snapshot)
 
 
-@shared_task(
-    name="control.slot",  # sent at workflow.SLOT_PRIORITY; its retries keep it
-    autoretry_for=(workflow.SlotWait,),
-    # Only the fallback: a freed slot goes to the longest waiter at once (wake_waiters).
-    # Slow and spread out, so that a cluster's waiters do not flood the control queue
-    # that the nodes holding slots need for their own steps.
-    retry_backoff=5,
-    retry_backoff_max=30,
-    retry_jitter=True,
-    max_retries=None,  # a node waiting for a slot waits; freed slots also wake it at once
-)
+@shared_task(name="control.slot")  # sent at workflow.SLOT_PRIORITY
 def slot(run_id: int) -> None:
-    workflow.take_slot(run_id)
+    # No retry while the cluster is full: the node waits in line in the database, and
+    # a released slot goes to the longest waiter at once (workflow.wake_waiters). A
+    # retry per waiter would be control-queue traffic that grows with the cluster.
+    with contextlib.suppress(workflow.SlotWait):
+        workflow.take_slot(run_id)
 
 
 @shared_task(

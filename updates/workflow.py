@@ -8,7 +8,6 @@ transition below is a conditional UPDATE, so a duplicate message changes nothing
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -592,7 +591,7 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
 
 
 class SlotWait(Exception):
-    """Every update slot of the cluster is taken (retried: a waiting node does not fail)."""
+    """Every update slot of the cluster is taken: the node waits in line (it does not fail)."""
 
 
 class HoldOn(Exception):
@@ -623,10 +622,7 @@ def take_slot(run_id: int) -> None:
     token = cluster_slots().acquire(cluster.name, node.hostname, cluster.max_parallel_updates)
     if token is None:
         holders = ", ".join(h.node for h in cluster_slots().holders(cluster.name))
-        step.update(
-            detail=f"waiting: {cluster.max_parallel_updates} of {cluster.max_parallel_updates} slots held by {holders}"
-        )
-        # Waiting in line is not silence: keep the run away from the stall reaper.
+        step.update(detail=f"waiting in line: all {cluster.max_parallel_updates} slots were taken ({holders})")
         UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
         raise SlotWait(f"{node} waits for an update slot of {cluster}")
     if step.filter(state=UpdateStep.State.RUNNING).update(
@@ -661,22 +657,29 @@ def release_slot(node: Node, token: int | None = None) -> None:
         wake_waiters(cluster)
 
 
-def wake_waiters(cluster: Cluster) -> None:
-    """Nodes waiting for a slot retry with backoff; a freed slot goes to the
-    longest waiter at once, here, instead of idling until its next retry (or a
-    trip through the control queue)."""
-    free = cluster.max_parallel_updates - len(cluster_slots().holders(cluster.name))
-    if free <= 0:
-        return
-    waiting_runs = (
-        UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__node__cluster=cluster)
-        .order_by("started_at")
-        .values_list("run_id", flat=True)[:free]
-    )
-    for run_id in waiting_runs:
-        # SlotWait: another waiter's own retry was faster; this one keeps its place.
-        with contextlib.suppress(SlotWait):
+def wake_waiters(cluster: Cluster) -> int:
+    """Offer the cluster's free slots to its waiting nodes, longest waiter first; the
+    slot is taken here, in place, and the run's next steps are queued. A waiting
+    node has no task of its own (control.slot ends when the cluster is full): it
+    goes on when a release calls this, or when the reconciler does, should a
+    release have been lost. Returns how many waiters went on."""
+    held = {h.node for h in cluster_slots().holders(cluster.name)}
+    waiting = UpdateStep.objects.filter(
+        name="slot", state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING, run__node__cluster=cluster
+    ).order_by("started_at")
+    # A waiter whose node holds a slot already (its slot step was cut short after
+    # taking one) goes first: it counts against the cap, and no release would wake it.
+    holding = list(waiting.filter(run__node__hostname__in=held).values_list("run_id", flat=True))
+    free = max(cluster.max_parallel_updates - len(held), 0)
+    first = list(waiting.exclude(run__node__hostname__in=held).values_list("run_id", flat=True)[:free])
+    woken = 0
+    for run_id in holding + first:
+        try:
             take_slot(run_id)
+        except SlotWait:  # another hand-off was faster: this one keeps its place in line
+            continue
+        woken += 1
+    return woken
 
 
 def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
@@ -727,7 +730,15 @@ def reconcile() -> int:
     quiet = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
     for run in quiet.select_related("node__cluster", "release"):
         touched += _carry_on(run, cutoff)
+    # Waiting nodes have no task that retries: free slots are offered again here.
+    for cluster in Cluster.objects.filter(pk__in=_waiting_in_line().values("run__node__cluster")):
+        touched += wake_waiters(cluster)
     return touched
+
+
+def _waiting_in_line() -> Any:
+    """The slot steps of runs that wait for a slot (a QuerySet of UpdateStep)."""
+    return UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
 
 
 def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
@@ -738,6 +749,8 @@ def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
     pending = first_unfinished(run)
     if pending is None:
         return complete_run(run.pk)
+    if pending.name == "slot" and pending.state == UpdateStep.State.RUNNING:
+        return False  # waiting in line, not lost: reconcile() offers free slots
     if pending.name == "reboot" and run.release.needs_reboot and run.node.boot_id != run.boot_id_before:
         # The node rebooted, but neither the reboot step's report nor the chain's verify
         # reached us (a control worker or Redis went down holding them): verify goes on.
@@ -759,8 +772,10 @@ def reap_stale_runs() -> int:
     """Fail runs whose node went silent for longer than TGP_RUN_STALL_TIMEOUT."""
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RUN_STALL_TIMEOUT)
     failed = 0
-    stale = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff).filter(
-        Q(scheduled_for__isnull=True) | Q(scheduled_for__lt=cutoff)  # a scheduled run may rest until its update time
+    stale = (
+        UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
+        .filter(Q(scheduled_for__isnull=True) | Q(scheduled_for__lt=cutoff))  # may rest until its update time
+        .exclude(pk__in=_waiting_in_line().values("run_id"))  # waiting in line is not silence
     )
     for run_id in stale.values_list("pk", flat=True):
         reason = f"no word from the node for {settings.TGP_RUN_STALL_TIMEOUT:.0f} s"
