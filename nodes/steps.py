@@ -26,7 +26,7 @@ from updates.repository import (
     parse_and_verify,
     repo_client,
 )
-from updates.slots import slots_for_url
+from updates.slots import shared_slots
 
 Report = Callable[..., None]
 
@@ -60,7 +60,7 @@ def check_fence(payload: dict[str, Any]) -> None:
     cluster, fence = payload.get("cluster"), payload.get("fence")
     if not cluster:
         return
-    if fence is None or not slots_for_url(settings.REDIS_URL).check(cluster, payload["node"], int(fence)):
+    if fence is None or not shared_slots(settings.REDIS_URL).check(cluster, payload["node"], int(fence)):
         raise FenceLost(f"{payload['node']} does not hold update slot {fence} of {cluster} any more; stopped")
 
 

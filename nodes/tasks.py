@@ -28,6 +28,7 @@ from updates.repository import DownloadError
 log = logging.getLogger(__name__)
 CONTROL_QUEUE = "control"
 REPORT_PRIORITY = 9  # Redis: 0 (the default) is fetched first, 9 last
+READY_PRIORITY = 0  # a worker's ready report: see _report_ready
 ANNOUNCE_AFTER = 0.2  # seconds a step runs before its start is reported on its own
 _reboot_requested = False
 
@@ -42,7 +43,7 @@ def agent_snapshot(driver: Driver) -> dict[str, Any]:
     return snap
 
 
-def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
+def send_to_control(name: str, *args: Any, priority: int = REPORT_PRIORITY, **kwargs: Any) -> None:
     """Reports go out at a lower priority than the chains' own control steps: when a
     whole cluster starts at once, its reports must not hold up the nodes that are
     out of service and waiting for verify or complete. Nothing depends on a report
@@ -54,7 +55,7 @@ def send_to_control(name: str, *args: Any, **kwargs: Any) -> None:
     shown = {k: ("..." if k == "snapshot" else v) for k, v in kwargs.items()}
     app.send_task(
         name, args=args, kwargs=kwargs, queue=CONTROL_QUEUE, ignore_result=True, kwargsrepr=repr(shown),
-        priority=REPORT_PRIORITY, retry=True, retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY,
+        priority=priority, retry=True, retry_policy=settings.CELERY_TASK_PUBLISH_RETRY_POLICY,
     )  # fmt: skip
 
 
@@ -214,7 +215,10 @@ def _report_ready(**_: Any) -> None:
     reports the new boot while the worker is still starting."""
     hostname = os.environ.get("TGP_AGENT_NODE")
     if hostname:
-        send_to_control("control.node_report", hostname, agent_snapshot(driver_for({"node": hostname})))
+        # Ahead of the fleet's heartbeats, like the chains' own control steps: after a
+        # reboot, this report is what a node out of service waits for (verify).
+        snapshot = agent_snapshot(driver_for({"node": hostname}))
+        send_to_control("control.node_report", hostname, snapshot, priority=READY_PRIORITY)
 
 
 @shared_task(name="node.announce", acks_late=False)

@@ -99,3 +99,27 @@ def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
     # While its retry waits (or until on_failure's report lands), the admin shows the step as running.
     assert event == "started"
     assert record(run, "download", event, kwargs).state == "running"
+
+
+def test_a_workers_ready_report_goes_ahead_of_the_fleets_heartbeats(make_node, state_dir, settings, monkeypatch):
+    # After a reboot, verify waits for this report while the node is out of service: it
+    # must not queue behind a backlog of other nodes' heartbeats.
+    node = make_node("gw")
+    settings.TGP_NODE_STATE_DIR = state_dir
+    queue = f"control-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
+    monkeypatch.setenv("TGP_AGENT_NODE", node.hostname)
+    for i in range(20):
+        node_tasks.send_to_control("control.node_report", f"other{i}", {"taken_at": 0})
+    node_tasks._report_ready()
+
+    with app.connection_for_read() as conn, conn.SimpleQueue(queue) as backlog:
+        message = backlog.get(timeout=5)
+        message.ack()
+        args, _, _ = message.decode()
+        assert args[0] == node.hostname and args[1]["worker"] is True
+        while True:  # leave nothing behind in Redis
+            try:
+                backlog.get(timeout=0.2).ack()
+            except backlog.Empty:
+                break

@@ -21,6 +21,7 @@ a cluster live in the same hash slot and one script may touch both):
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -147,6 +148,12 @@ class ClusterSlots:
 
 def slots_for_url(url: str) -> ClusterSlots:
     return ClusterSlots(redis.Redis.from_url(url))
+
+
+@functools.cache
+def shared_slots(url: str) -> ClusterSlots:
+    """One client (and connection pool) per URL and process, not a connection per call."""
+    return slots_for_url(url)
 
 
 def acquire_or_raise(slots: ClusterSlots, cluster: str, node: str, cap: int) -> int:

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from nodes.models import Cluster, Node
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
-from updates.slots import ClusterSlots, slots_for_url
+from updates.slots import ClusterSlots, shared_slots
 
 log = logging.getLogger(__name__)
 
@@ -598,14 +598,8 @@ class HoldOn(Exception):
     """The load-balancer lead time has not passed yet (retried)."""
 
 
-_slots: dict[str, ClusterSlots] = {}
-
-
 def cluster_slots() -> ClusterSlots:
-    # One client (and connection pool) per URL and process.
-    if settings.REDIS_URL not in _slots:
-        _slots[settings.REDIS_URL] = slots_for_url(settings.REDIS_URL)
-    return _slots[settings.REDIS_URL]
+    return shared_slots(settings.REDIS_URL)
 
 
 def take_slot(run_id: int) -> None:
