@@ -239,3 +239,29 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
             inbox.close()
     # Sent last, fetched first: a node out of service does not wait behind reports or slot requests.
     assert fetched == ["control.complete", "control.node_report", "control.slot"]
+
+
+def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
+    make_node, cluster, releases, django_capture_on_commit_callbacks, monkeypatch
+):
+    first = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
+    second = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=False):
+        workflow.take_slot(first.pk)
+    slots = workflow.cluster_slots()
+    acquire = slots.acquire
+
+    def freed_meanwhile(*args, **kwargs):
+        # Another control process completes the first run while the second asks (and
+        # has not yet woken the line: this ask is what takes the slot).
+        monkeypatch.setattr(slots, "acquire", acquire)
+        UpdateRun.objects.filter(pk=first.pk).update(state="succeeded", finished_at=timezone.now())
+        slots.release(cluster.name, first.node.hostname)
+        return acquire(*args, **kwargs)
+
+    monkeypatch.setattr(slots, "acquire", freed_meanwhile)
+    with django_capture_on_commit_callbacks(execute=False):
+        workflow.take_slot(second.pk)
+    held_at = UpdateStep.objects.get(run=second, name="slot").finished_at
+    assert held_at >= UpdateRun.objects.get(pk=first.pk).finished_at, "never two nodes in one slot, on the record"
+    slots.release(cluster.name, second.node.hostname)

@@ -619,6 +619,9 @@ def take_slot(run_id: int) -> None:
         step.update(detail=f"waiting in line: all {cluster.max_parallel_updates} slots were taken ({holders})")
         UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
         raise SlotWait(f"{node} waits for an update slot of {cluster}")
+    # Stamped once held, not when asked: the slot may have been freed in between, and
+    # the step's end must never come before the release that made room for it.
+    now = timezone.now()
     if step.filter(state=UpdateStep.State.RUNNING).update(
         state=UpdateStep.State.SUCCEEDED, finished_at=now, detail=f"slot held, fencing token {token}"
     ):
