@@ -5,11 +5,13 @@ or as a direct request to the action's page."""
 from __future__ import annotations
 
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.db.models import Count, Exists, OuterRef, QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
@@ -73,6 +75,12 @@ class ClusterAdmin(admin.ModelAdmin):
             self.message_user(request, f"Released the update slot of {node} in {cluster}.", messages.SUCCESS)
             wake_waiters(cluster)
         return HttpResponseRedirect(reverse("admin:nodes_cluster_change", args=[pk]))
+
+    def save_model(self, request: HttpRequest, obj: Cluster, form: Any, change: bool) -> None:
+        super().save_model(request, obj, form, change)
+        if change and "max_parallel_updates" in form.changed_data:
+            # A raised cap lets waiting nodes go on now, not on the reconciler's next round.
+            transaction.on_commit(partial(wake_waiters, obj))
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Cluster]:
         return super().get_queryset(request).annotate(node_count=Count("nodes"))

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from celery import signature
+from django.urls import reverse
 from django.utils import timezone
 
 from nodes import tasks as node_tasks
@@ -265,3 +266,17 @@ def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
     held_at = UpdateStep.objects.get(run=second, name="slot").finished_at
     assert held_at >= UpdateRun.objects.get(pk=first.pk).finished_at, "never two nodes in one slot, on the record"
     slots.release(cluster.name, second.node.hostname)
+
+
+def test_raising_the_cap_lets_the_longest_waiter_go_on_at_once(
+    in_line, cluster, admin_client, django_capture_on_commit_callbacks
+):
+    _, second = in_line
+    form = {"name": cluster.name, "max_parallel_updates": 2, "lb_lead_time": "01:00:00"}
+    with django_capture_on_commit_callbacks(execute=False) as saved:
+        page = admin_client.post(reverse("admin:nodes_cluster_change", args=[cluster.pk]), form)
+    assert page.status_code == 302
+    with django_capture_on_commit_callbacks(execute=False):  # its chain is not what this test is about
+        for callback in saved:
+            callback()
+    assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
