@@ -67,8 +67,11 @@ class Reporter:
     started, is the only report (half the control plane's work). A slow step
     (a download, an install) shows as running within that time."""
 
-    def __init__(self, driver: Driver, run_id: int, step: str, *, announce: bool = True) -> None:
+    def __init__(
+        self, driver: Driver, run_id: int, step: str, *, announce: bool = True, outbox: list[Any] | None = None
+    ) -> None:
         self.driver, self.run_id, self.step = driver, run_id, step
+        self.outbox = outbox  # where the outcome waits until the task has returned (NodeStep)
         self.snapshot: dict[str, Any] | None = None
         self.started = time.time()
         # Announced already on a retry (the attempt before it failed after announcing).
@@ -101,7 +104,11 @@ class Reporter:
             # the control plane keeps about the node.
             fields["snapshot"] = self.snapshot = agent_snapshot(self.driver)
             fields["hostname"] = self.driver.hostname
-            send_to_control("control.record_step", self.run_id, self.step, event, **fields)
+            message = (self.run_id, self.step, event, fields)
+            if self.outbox is None:
+                send_to_control("control.record_step", *message[:3], **fields)
+            else:
+                self.outbox.append(message)
 
 
 def driver_for(payload: dict[str, Any]) -> Driver:
@@ -112,24 +119,45 @@ def driver_for(payload: dict[str, Any]) -> Driver:
 
 
 class NodeStep(Task):
-    """Reports the final failure of a step (after any retries) to the control plane."""
+    """A node step. Its outcome report goes out once the task has returned, after the
+    chain's next message: the next step (often the control plane's verify or
+    complete, which take the node's snapshot from the chain) need not wait for the
+    report to be published first. Reports the final failure of a step (after any
+    retries) too."""
 
     step = ""
+
+    def outbox(self) -> list[Any]:
+        """The outcome reports of the running task, sent by after_return."""
+        box = getattr(self.request, "tgp_outbox", None)
+        if box is None:
+            box = []
+            setattr(self.request, "tgp_outbox", box)  # noqa: B010  (Celery's Context takes any attribute)
+        return box  # type: ignore[no-any-return]
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
         payload = args[0]
         try:
-            report = Reporter(driver_for(payload), payload["run"], self.step, announce=False)
+            report = Reporter(driver_for(payload), payload["run"], self.step, announce=False, outbox=self.outbox())
             report("failed", detail=f"{type(exc).__name__}: {exc}")
         except Exception:  # the report must not hide the original failure
             log.exception("could not report the failure of %s", self.name)
+
+    def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
+        # Celery calls this after it has published the chain's next message, and before
+        # task_postrun (where a simulated reboot exits the worker).
+        box = self.outbox()
+        while box:
+            run_id, step, event, fields = box.pop(0)
+            send_to_control("control.record_step", run_id, step, event, **fields)
 
 
 def _run_step(task: Task, payload: dict[str, Any], fn: Any) -> dict[str, Any] | None:
     """Run one step; returns the node's snapshot after it, which a chain hands to
     the next task (control.verify takes it from there)."""
     driver = driver_for(payload)
-    report = Reporter(driver, payload["run"], task.step, announce=not task.request.retries)  # type: ignore[attr-defined]
+    retried = bool(task.request.retries)
+    report = Reporter(driver, payload["run"], task.step, announce=not retried, outbox=task.outbox())  # type: ignore[attr-defined]
     try:
         fn(driver, payload, report)
     except Exception:

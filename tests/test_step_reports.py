@@ -88,7 +88,7 @@ def test_a_slow_step_shows_as_running_before_it_ends(run, inbox):
 
 
 def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
-    task = SimpleNamespace(step="download", request=SimpleNamespace(retries=0))
+    task = SimpleNamespace(step="download", request=SimpleNamespace(retries=0), outbox=list)
 
     def unreachable(*_: Any) -> None:
         raise ConnectionError("repository unreachable")
@@ -123,3 +123,27 @@ def test_a_workers_ready_report_goes_ahead_of_the_fleets_heartbeats(make_node, s
                 backlog.get(timeout=0.2).ack()
             except backlog.Empty:
                 break
+
+
+def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, settings, state_dir, monkeypatch):
+    # The next step (often verify or complete, which take the node's snapshot from the
+    # chain) must not wait for the report to be published. Both go to one private
+    # queue at one priority here, so Redis keeps them in the order they were sent.
+    from celery import signature
+    from celery.app.trace import build_tracer
+
+    queue = f"order-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
+    settings.TGP_NODE_STATE_DIR = state_dir
+    payload = workflow.node_payload(run)
+    after = signature("control.complete", args=(run.pk,), queue=queue, priority=9)
+    trace = build_tracer("node.notify", node_tasks.notify, app=app, eager=False)
+    trace(uuid.uuid4().hex, (payload,), {}, {"chain": [dict(after)], "delivery_info": {"priority": 9}})
+
+    with app.connection_for_read() as conn, conn.SimpleQueue(queue) as sent:
+        order = []
+        for _ in range(2):
+            message = sent.get(timeout=5)
+            message.ack()
+            order.append(message.headers["task"])
+    assert order == ["control.complete", "control.record_step"]

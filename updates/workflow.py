@@ -575,8 +575,10 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
             return False
         run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
         # The chain reaches this point only after every step succeeded: a step whose
-        # own report was lost (a control worker killed) must not show as running.
-        run.steps.filter(state=UpdateStep.State.RUNNING).update(
+        # own report was lost (a control worker killed, or an agent killed between the
+        # chain's next message and the report, see nodes.tasks.NodeStep) must not show
+        # as running or pending. A report that arrives later still lands on its step.
+        run.steps.filter(state__in=[UpdateStep.State.RUNNING, UpdateStep.State.PENDING]).update(
             state=UpdateStep.State.SUCCEEDED, finished_at=timezone.now()
         )
         Node.objects.filter(pk=run.node_id).update(
