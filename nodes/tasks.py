@@ -104,11 +104,10 @@ class Reporter:
             # the control plane keeps about the node.
             fields["snapshot"] = self.snapshot = agent_snapshot(self.driver)
             fields["hostname"] = self.driver.hostname
-            message = (self.run_id, self.step, event, fields)
             if self.outbox is None:
-                send_to_control("control.record_step", *message[:3], **fields)
+                send_to_control("control.record_step", self.run_id, self.step, event, **fields)
             else:
-                self.outbox.append(message)
+                self.outbox.append((self.run_id, self.step, event, fields))
 
 
 def driver_for(payload: dict[str, Any]) -> Driver:

@@ -16,7 +16,7 @@ from typing import Any
 from celery import chain, signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, IntegerField, Q, Value, When
+from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -623,12 +623,14 @@ def take_slot(run_id: int) -> None:
         raise SlotWait(f"{node} waits for an update slot of {cluster}")
     # Stamped once held, not when asked: the slot may have been freed in between, and
     # the step's end must never come before the release that made room for it.
-    now = timezone.now()
+    held_at = timezone.now()
     if step.filter(state=UpdateStep.State.RUNNING).update(
-        state=UpdateStep.State.SUCCEEDED, finished_at=now, detail=f"slot held, fencing token {token}"
+        state=UpdateStep.State.SUCCEEDED, finished_at=held_at, detail=f"slot held, fencing token {token}"
     ):
-        drain_at = max(run.scheduled_for, now + cluster.lb_lead_time) if run.scheduled_for else None
-        UpdateRun.objects.filter(pk=run_id).update(slot_token=token, drain_not_before=drain_at, last_activity_at=now)
+        drain_at = max(run.scheduled_for, held_at + cluster.lb_lead_time) if run.scheduled_for else None
+        UpdateRun.objects.filter(pk=run_id).update(
+            slot_token=token, drain_not_before=drain_at, last_activity_at=held_at
+        )
         # Named, not "the first unfinished step": an earlier step's report may still be queued.
         after_slot = step_after(run, "slot")
         transaction.on_commit(lambda: dispatch(run_id, after_slot))
@@ -656,6 +658,11 @@ def release_slot(node: Node, token: int | None = None) -> None:
         wake_waiters(cluster)
 
 
+def _waiting_in_line() -> QuerySet[UpdateStep]:
+    """The slot steps of runs that wait for a slot."""
+    return UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
+
+
 def wake_waiters(cluster: Cluster) -> int:
     """Offer the cluster's free slots to its waiting nodes, longest waiter first; the
     slot is taken here, in place, and the run's next steps are queued. A waiting
@@ -663,9 +670,7 @@ def wake_waiters(cluster: Cluster) -> int:
     goes on when a release calls this, or when the reconciler does, should a
     release have been lost. Returns how many waiters went on."""
     held = {h.node for h in cluster_slots().holders(cluster.name)}
-    waiting = UpdateStep.objects.filter(
-        name="slot", state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING, run__node__cluster=cluster
-    ).order_by("started_at")
+    waiting = _waiting_in_line().filter(run__node__cluster=cluster).order_by("started_at")
     # A waiter whose node holds a slot already (its slot step was cut short after
     # taking one) goes first: it counts against the cap, and no release would wake it.
     holding = list(waiting.filter(run__node__hostname__in=held).values_list("run_id", flat=True))
@@ -733,11 +738,6 @@ def reconcile() -> int:
     for cluster in Cluster.objects.filter(pk__in=_waiting_in_line().values("run__node__cluster")):
         touched += wake_waiters(cluster)
     return touched
-
-
-def _waiting_in_line() -> Any:
-    """The slot steps of runs that wait for a slot (a QuerySet of UpdateStep)."""
-    return UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
 
 
 def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
