@@ -422,3 +422,27 @@ def test_build_repo_command_rejects_zero_expiry_days(tmp_path):
     with pytest.raises(CommandError, match="at least 1"):
         call_command("build_repo", "src", "out", "--key", str(tmp_path / "k.key"), "--expires-days", "0")
     assert not (tmp_path / "k.key").exists()
+
+
+def test_threads_that_start_downloading_at_once_load_the_ca_bundle_once(monkeypatch):
+    from updates import repository
+
+    built = []
+    real = httpx.create_ssl_context
+
+    def slow_build(*args, **kwargs):  # as slow as on a loaded machine, so that the threads overlap
+        built.append(1)
+        threading.Event().wait(0.05)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(repository, "_tls", None)
+    monkeypatch.setattr(httpx, "create_ssl_context", slow_build)
+    clients = []
+    threads = [threading.Thread(target=lambda: clients.append(repository.repo_client(5))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert len(clients) == 8 and len(built) == 1
+    for client in clients:
+        client.close()

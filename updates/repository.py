@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import functools
 import hashlib
 import json
 import os
@@ -20,6 +19,7 @@ import re
 import shutil
 import ssl
 import tempfile
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -387,10 +387,18 @@ def _parse_time(value: str, field: str) -> datetime:
 # --------------------------------------------------------------------------- fetch
 
 
-@functools.cache
+_tls_lock = threading.Lock()
+_tls: ssl.SSLContext | None = None
+
+
 def _tls_context() -> ssl.SSLContext:
-    # Loading the CA bundle takes ~20 ms: once per process, not once per download.
-    return httpx.create_ssl_context()
+    # Loading the CA bundle takes 20-100 ms of CPU: once per process, not once per
+    # download, nor once per thread when several threads start downloading at once.
+    global _tls
+    with _tls_lock:
+        if _tls is None:
+            _tls = httpx.create_ssl_context()
+        return _tls
 
 
 def repo_client(timeout: float) -> httpx.Client:
