@@ -127,12 +127,9 @@ class NodeStep(Task):
     step = ""
 
     def outbox(self) -> list[Any]:
-        """The outcome reports of the running task, sent by after_return."""
-        box = getattr(self.request, "tgp_outbox", None)
-        if box is None:
-            box = []
-            setattr(self.request, "tgp_outbox", box)  # noqa: B010  (Celery's Context takes any attribute)
-        return box  # type: ignore[no-any-return]
+        """The outcome reports of the running task (its request), sent by after_return."""
+        box: list[Any] = self.request.__dict__.setdefault("tgp_outbox", [])
+        return box
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
         payload = args[0]
@@ -146,9 +143,9 @@ class NodeStep(Task):
         # Celery calls this after it has published the chain's next message, and before
         # task_postrun (where a simulated reboot exits the worker).
         box = self.outbox()
-        while box:
-            run_id, step, event, fields = box.pop(0)
+        for run_id, step, event, fields in box:
             send_to_control("control.record_step", run_id, step, event, **fields)
+        box.clear()
 
 
 def _run_step(task: Task, payload: dict[str, Any], fn: Any) -> dict[str, Any] | None:

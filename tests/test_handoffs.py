@@ -9,6 +9,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from celery import signature
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
@@ -80,6 +82,28 @@ def test_a_node_waiting_in_line_is_not_failed_as_silent(in_line, settings):
     UpdateRun.objects.filter(pk=second.pk).update(last_activity_at=timezone.now() - timedelta(hours=2))
     workflow.reap_stale_runs()
     assert UpdateRun.objects.get(pk=second.pk).state == "running", "waiting for a slot is not silence"
+
+
+def test_the_reconciler_leaves_a_long_line_alone_at_a_cost_that_does_not_grow_with_it(
+    in_line, make_node, cluster, releases, django_capture_on_commit_callbacks
+):
+    def reconcile_quietly() -> tuple[int, int]:
+        UpdateRun.objects.update(last_activity_at=timezone.now() - timedelta(hours=1))  # all quiet for long
+        with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=False) as queued:
+            workflow.reconcile()
+        return len(queries), len(queued)
+
+    short = reconcile_quietly()
+    more = [started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)]
+    more += [started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)]
+    with django_capture_on_commit_callbacks(execute=False):
+        for run in more:
+            with pytest.raises(workflow.SlotWait):
+                workflow.take_slot(run.pk)
+    long = reconcile_quietly()
+    assert short[1] == long[1] == 0, "the cluster is full: nothing to queue for anyone in line"
+    assert long[0] == short[0], "three waiters cost the reconciler what one does"
+    assert set(UpdateStep.objects.filter(name="slot").values_list("state", flat=True)) == {"succeeded", "running"}
 
 
 def test_the_reconciler_hands_on_a_slot_whose_release_woke_nobody(in_line, cluster, django_capture_on_commit_callbacks):

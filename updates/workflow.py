@@ -618,8 +618,8 @@ def take_slot(run_id: int) -> None:
     token = cluster_slots().acquire(cluster.name, node.hostname, cluster.max_parallel_updates)
     if token is None:
         holders = ", ".join(h.node for h in cluster_slots().holders(cluster.name))
+        # No last_activity_at: the reaper and the reconciler leave waiting runs alone.
         step.update(detail=f"waiting in line: all {cluster.max_parallel_updates} slots were taken ({holders})")
-        UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
         raise SlotWait(f"{node} waits for an update slot of {cluster}")
     # Stamped once held, not when asked: the slot may have been freed in between, and
     # the step's end must never come before the release that made room for it.
@@ -658,9 +658,10 @@ def release_slot(node: Node, token: int | None = None) -> None:
         wake_waiters(cluster)
 
 
-def _waiting_in_line() -> QuerySet[UpdateStep]:
-    """The slot steps of runs that wait for a slot."""
-    return UpdateStep.objects.filter(name="slot", state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
+def _running(step: str) -> QuerySet[UpdateStep]:
+    """The running `step` steps of running runs: a running slot step is a node waiting
+    in line for a slot, a running verify step one waiting for its node to come back."""
+    return UpdateStep.objects.filter(name=step, state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
 
 
 def wake_waiters(cluster: Cluster) -> int:
@@ -670,7 +671,7 @@ def wake_waiters(cluster: Cluster) -> int:
     goes on when a release calls this, or when the reconciler does, should a
     release have been lost. Returns how many waiters went on."""
     held = {h.node for h in cluster_slots().holders(cluster.name)}
-    waiting = _waiting_in_line().filter(run__node__cluster=cluster).order_by("started_at")
+    waiting = _running("slot").filter(run__node__cluster=cluster).order_by("started_at")
     # A waiter whose node holds a slot already (its slot step was cut short after
     # taking one) goes first: it counts against the cap, and no release would wake it.
     holding = list(waiting.filter(run__node__hostname__in=held).values_list("run_id", flat=True))
@@ -714,10 +715,7 @@ def wake_verify(node: Node) -> None:
     """The node's worker takes work again: a run whose verify waits for it (between
     two retries, up to 3 s apart) goes on now. The verify queued here and the waiting
     one both check; the first to find the node back claims the step."""
-    waiting = UpdateRun.objects.filter(
-        node=node, state=UpdateRun.State.RUNNING, steps__name="verify", steps__state=UpdateStep.State.RUNNING
-    )
-    for run_id in waiting.values_list("pk", flat=True):
+    for run_id in _running("verify").filter(run__node=node).values_list("run_id", flat=True):
         transaction.on_commit(partial(dispatch, run_id, "verify"))
 
 
@@ -731,11 +729,13 @@ def reconcile() -> int:
     twice. Returns how many runs it touched."""
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RECONCILE_AFTER)
     touched = 0
+    in_line = _running("slot")
     quiet = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
-    for run in quiet.select_related("node__cluster", "release"):
+    # A node waiting in line is not lost, and may wait long: not walked one by one here.
+    for run in quiet.exclude(pk__in=in_line.values("run_id")).select_related("node__cluster", "release"):
         touched += _carry_on(run, cutoff)
     # Waiting nodes have no task that retries: free slots are offered again here.
-    for cluster in Cluster.objects.filter(pk__in=_waiting_in_line().values("run__node__cluster")):
+    for cluster in Cluster.objects.filter(pk__in=in_line.values("run__node__cluster")):
         touched += wake_waiters(cluster)
     return touched
 
@@ -748,8 +748,6 @@ def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
     pending = first_unfinished(run)
     if pending is None:
         return complete_run(run.pk)
-    if pending.name == "slot" and pending.state == UpdateStep.State.RUNNING:
-        return False  # waiting in line, not lost: reconcile() offers free slots
     if pending.name == "reboot" and run.release.needs_reboot and run.node.boot_id != run.boot_id_before:
         # The node rebooted, but neither the reboot step's report nor the chain's verify
         # reached us (a control worker or Redis went down holding them): verify goes on.
@@ -774,7 +772,7 @@ def reap_stale_runs() -> int:
     stale = (
         UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
         .filter(Q(scheduled_for__isnull=True) | Q(scheduled_for__lt=cutoff))  # may rest until its update time
-        .exclude(pk__in=_waiting_in_line().values("run_id"))  # waiting in line is not silence
+        .exclude(pk__in=_running("slot").values("run_id"))  # waiting in line is not silence
     )
     for run_id in stale.values_list("pk", flat=True):
         reason = f"no word from the node for {settings.TGP_RUN_STALL_TIMEOUT:.0f} s"
