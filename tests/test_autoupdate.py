@@ -62,9 +62,7 @@ def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
     assert not UpdateLock.objects.filter(node=node).exists()
 
 
-def test_a_release_that_needs_no_reboot_is_installed_without_one(
-    tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
-):
+def test_a_release_that_needs_no_reboot_is_installed_without_one(tmp_path, make_node, agent_for, wait_run, state_dir):
     from updates.demo import build_demo_package
     from updates.repository import build_repository
 
@@ -80,8 +78,7 @@ def test_a_release_that_needs_no_reboot_is_installed_without_one(
     node = make_node("gw", version="2.2.0")
     boot_before = appliance(state_dir, node)["boot_id"]
     with RepoServer(repo.dir) as server:
-        start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey)
-        wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, f"the first report of {node}")
+        agent_for(node, repo_url=server.url, pubkey=repo.pubkey)
         run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.3.0"))
         run = wait_run(run, "succeeded")
 
