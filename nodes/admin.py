@@ -231,7 +231,7 @@ class NodeAdmin(admin.ModelAdmin):
         if not nodes:
             self.message_user(request, "Select at least one node.", messages.WARNING)
             return HttpResponseRedirect(reverse("admin:nodes_node_changelist"))
-        plans = [services.plan_update(node) for node in nodes]
+        plans = services.plan_updates(nodes)
         if request.method == "POST" and request.POST.get("confirm") == "yes":
             runs, refused = services.start_planned(plans, request.user)
             for msg in refused:

@@ -9,6 +9,8 @@ transition below is a conditional UPDATE, so a duplicate message changes nothing
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
@@ -49,23 +51,50 @@ def default_message(release: Release) -> str:
     )
 
 
+@dataclass(frozen=True)
+class StartChecks:
+    """What deciding whether an update may start needs, read for many nodes at once:
+    three queries or so however many nodes, so that confirming and starting an
+    Auto-Update of a whole cluster costs no query per node."""
+
+    locks: dict[int, str]  # node id -> the reason of its active update lock
+    busy: frozenset[int]  # ids of nodes with a running run
+    newest: dict[str, Release | None]  # channel -> its newest release
+
+    @classmethod
+    def read(cls, nodes: Iterable[Node]) -> StartChecks:
+        nodes = list(nodes)
+        ids = [node.pk for node in nodes]
+        locks = UpdateLock.objects.filter(node_id__in=ids, removed_at__isnull=True)
+        running = UpdateRun.objects.filter(node_id__in=ids, state=UpdateRun.State.RUNNING)
+        return cls(
+            locks=dict(locks.values_list("node_id", "reason")),
+            busy=frozenset(running.values_list("node_id", flat=True)),
+            newest={channel: Release.newest(channel) for channel in {node.channel for node in nodes}},
+        )
+
+
 def _check_packages(release: Release, trigger: str, packages: list[str]) -> None:
     if trigger == UpdateRun.Trigger.CATCHUP_PARTIAL and not packages:
         raise UpdateRefused("Choose at least one package for a partial update.")
     if trigger == UpdateRun.Trigger.CATCHUP_FULL and packages:
         raise UpdateRefused("A full update from Oldstable installs the whole release, not single packages.")
-    unknown = set(packages) - set(release.packages.values_list("name", flat=True))
+    unknown = set(packages) - set(release.packages.values_list("name", flat=True)) if packages else set()
     if unknown:
         raise UpdateRefused(f"Not in release {release.version}: {', '.join(sorted(unknown))}.")
 
 
-def check_can_start(node: Node, release: Release, trigger: str, packages: list[str] | None = None) -> None:
+def check_can_start(
+    node: Node, release: Release, trigger: str, packages: list[str] | None = None, checks: StartChecks | None = None
+) -> None:
+    """UpdateRefused with the reason for the operator, if the update may not start.
+    `checks`: read for many nodes at once (StartChecks.read); by default for this one."""
     packages = packages or []
     _check_packages(release, trigger, packages)
-    lock = active_lock(node)
-    if lock:
-        raise UpdateRefused(f"{node} has an update lock ({lock.reason}); remove it first.")
-    if UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).exists():
+    checks = checks or StartChecks.read([node])
+    if node.pk in checks.locks:
+        raise UpdateRefused(f"{node} has an update lock ({checks.locks[node.pk]}); remove it first.")
+    if node.pk in checks.busy:
         raise UpdateRefused(f"{node} is already updating.")
     catchup = trigger in (UpdateRun.Trigger.CATCHUP_FULL, UpdateRun.Trigger.CATCHUP_PARTIAL)
     if catchup:
@@ -74,7 +103,7 @@ def check_can_start(node: Node, release: Release, trigger: str, packages: list[s
         return
     if packages:
         raise UpdateRefused("Only a partial update from Oldstable installs single packages.")
-    newest = Release.newest(node.channel)
+    newest = checks.newest.get(node.channel)
     if newest is None or release.version_sort < newest.version_sort:
         raise UpdateRefused(
             f"{release.version} is older than the newest {node.channel} release; "
@@ -118,42 +147,100 @@ def start_update(
     scheduled_for: datetime | None = None,
 ) -> UpdateRun:
     """Create the run and its steps, switch the node into maintenance, and queue
-    the chain once the transaction has committed."""
+    the chain once the transaction has committed. UpdateRefused with the reason."""
+    runs, refused = _start(
+        [(node, release)], user=user, trigger=trigger, packages=sorted(packages or []), message=message,
+        schedule=schedule, scheduled_for=scheduled_for,
+    )  # fmt: skip
+    if refused:
+        raise UpdateRefused(refused[0])
+    return runs[0]
+
+
+def start_updates(targets: Sequence[tuple[Node, Release]], *, user: Any = None) -> tuple[list[UpdateRun], list[str]]:
+    """The operator's Auto-Update of many nodes at once (a whole cluster, say): the
+    runs of the nodes that may update, and the reasons for the ones that may not.
+    One transaction and a fixed number of queries, however many nodes."""
+    return _start(targets, user=user, trigger=UpdateRun.Trigger.MANUAL)
+
+
+def _start(
+    targets: Sequence[tuple[Node, Release]],
+    *,
+    user: Any,
+    trigger: str,
+    packages: list[str] | None = None,
+    message: str = "",
+    schedule: Any = None,
+    scheduled_for: datetime | None = None,
+) -> tuple[list[UpdateRun], list[str]]:
+    packages = packages or []
     try:
         with transaction.atomic():
-            node = Node.objects.select_for_update().get(pk=node.pk)
-            check_can_start(node, release, trigger, packages)
-            run = UpdateRun.objects.create(
-                node=node,
-                release=release,
-                trigger=trigger,
-                packages=sorted(packages or []),
-                started_by=user if getattr(user, "pk", None) else None,
-                message=message or default_message(release),
-                boot_id_before=node.boot_id,
-                version_before=node.installed_version,
-                schedule=schedule,
-                scheduled_for=scheduled_for,
-            )
-            UpdateStep.objects.bulk_create(
-                UpdateStep(run=run, name=name, position=i)
-                for i, name in enumerate(plan_steps(node, trigger, reboot=release.needs_reboot))
-            )
-            Node.objects.filter(pk=node.pk).update(
-                maintenance_mode=True,
-                maintenance_reason=f"Update to {release.version} (run {run.pk})",
-                state=Node.State.UPDATING,
-            )
-            if scheduled_for is not None and not waiting(run):
-                # Started at its update time: this chain carries the whole run.
-                UpdateRun.objects.filter(pk=run.pk).update(update_phase_started=True)
-            log.info("run %s started: %s -> %s (%s)", run.pk, node, release.version, trigger)
-            transaction.on_commit(lambda: dispatch(run.pk))
+            # Locked in id order: two starts of overlapping node sets never deadlock.
+            ids = [node.pk for node, _ in targets]
+            rows = Node.objects.select_for_update(of=("self",)).select_related("cluster").filter(pk__in=ids)
+            locked = {node.pk: node for node in rows.order_by("pk")}
+            checks = StartChecks.read(locked.values())
+            runs, refused = [], []
+            for given, release in targets:
+                node = locked.get(given.pk)
+                try:
+                    if node is None:
+                        raise UpdateRefused(f"{given} no longer exists.")
+                    check_can_start(node, release, trigger, packages, checks)
+                except UpdateRefused as exc:
+                    refused.append(str(exc))
+                    continue
+                checks = replace(checks, busy=checks.busy | {node.pk})  # the same node twice: once
+                runs.append(
+                    UpdateRun(
+                        node=node, release=release, trigger=trigger, packages=packages,
+                        started_by=user if getattr(user, "pk", None) else None,
+                        message=message or default_message(release),
+                        boot_id_before=node.boot_id, version_before=node.installed_version,
+                        schedule=schedule, scheduled_for=scheduled_for,
+                    )
+                )  # fmt: skip
+            _create(runs)
     except IntegrityError:
         # A partial unique index lost a race with another start (or a second beat
-        # fired the same slot): same answer as the check.
-        raise UpdateRefused(f"{node} is already updating.") from None
-    return run
+        # fired the same slot): nothing of this start was kept.
+        if len(targets) == 1:
+            return [], [f"{targets[0][0]} is already updating."]
+        return [], ["Nothing was started: another start came first for one of these nodes. Try again."]
+    return runs, refused
+
+
+def _create(runs: list[UpdateRun]) -> None:
+    """Save new runs (of locked nodes) with their steps, switch their nodes into
+    maintenance, and queue their chains once the transaction has committed."""
+    if not runs:
+        return
+    for run in runs:
+        # Started at its update time: this chain carries the whole run.
+        run.update_phase_started = run.scheduled_for is not None and not waiting(run)
+    UpdateRun.objects.bulk_create(runs)
+    names = {run.pk: plan_steps(run.node, run.trigger, reboot=run.release.needs_reboot) for run in runs}
+    UpdateStep.objects.bulk_create(
+        UpdateStep(run=run, name=name, position=i) for run in runs for i, name in enumerate(names[run.pk])
+    )
+    for run in runs:
+        run.node.maintenance_mode = True
+        run.node.maintenance_reason = f"Update to {run.release.version} (run {run.pk})"
+        run.node.state = Node.State.UPDATING
+        log.info("run %s started: %s -> %s (%s)", run.pk, run.node, run.release.version, run.trigger)
+    Node.objects.bulk_update([run.node for run in runs], ["maintenance_mode", "maintenance_reason", "state"])
+    transaction.on_commit(partial(_dispatch_new, runs, names))
+
+
+def _dispatch_new(runs: list[UpdateRun], names: dict[int, list[str]]) -> None:
+    """Queue the chains of runs just created, from the objects at hand: no query per run."""
+    still = set(UpdateRun.objects.filter(pk__in=names, state=UpdateRun.State.RUNNING).values_list("pk", flat=True))
+    for run in runs:
+        if run.pk in still:
+            build_chain(run, names[run.pk][0], names=names[run.pk]).apply_async()
+            log.info("run %s dispatched to %s", run.pk, run.node.queue)
 
 
 def node_payload(run: UpdateRun) -> dict[str, Any]:
@@ -171,13 +258,13 @@ def node_payload(run: UpdateRun) -> dict[str, Any]:
     }
 
 
-def segment(run: UpdateRun, from_step: str) -> tuple[list[str], bool]:
+def segment(run: UpdateRun, from_step: str, names: list[str] | None = None) -> tuple[list[str], bool]:
     """The steps one chain carries from `from_step`, and whether it ends the run.
 
     A chain stops after the slot step (which queues the rest once it holds a
     slot, with the fencing token in the payload) and, for a scheduled run, after
-    the download (the rest starts at the update time)."""
-    names = step_names(run)
+    the download (the rest starts at the update time). `names`: the run's steps, if known."""
+    names = names or step_names(run)
     steps = []
     for name in names[names.index(from_step) :]:
         steps.append(name)
@@ -201,9 +288,9 @@ def waiting(run: UpdateRun) -> bool:
     return bool(start and timezone.now() < start)
 
 
-def build_chain(run: UpdateRun, from_step: str) -> Any:
+def build_chain(run: UpdateRun, from_step: str, names: list[str] | None = None) -> Any:
     payload = node_payload(run)
-    steps, last = segment(run, from_step)
+    steps, last = segment(run, from_step, names)
     sigs = []
     for name in steps:
         if name in NODE_STEPS:
