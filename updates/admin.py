@@ -80,7 +80,7 @@ class UpdateRunAdmin(ReadOnlyAdmin):
 class UpdateLockAdmin(ReadOnlyAdmin):
     list_display = ["node", "created_at", "reason", "run", "removed_at", "removed_by"]
     list_filter = [("removed_at", admin.EmptyFieldListFilter)]
-    list_select_related = ["node", "run", "removed_by"]
+    list_select_related = ["node", "run__node", "run__release", "removed_by"]  # a run names its node and release
     readonly_fields = ["node", "reason", "run", "created_at", "removed_at", "removed_by"]
     actions = ["remove"]
 
