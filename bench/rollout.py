@@ -36,7 +36,7 @@ from typing import Any
 from bench.common import ROOT, in_workspace, metric, percentile, stop_process
 from bench.orchestration import base_env, start_control, task_runtimes
 
-OPTIONS = {"nodes"}
+OPTIONS = {"nodes", "scale"}
 CAP = 10
 SEED = 42
 LOW, HIGH = 1.0, 3.0
@@ -48,28 +48,37 @@ TARGET_RATIO = 1.05
 # ~450 ms with one process, ~150 ms with four, on 2 cores), which real nodes, each
 # on its own machine, never do.
 NODE_WORKERS = 4
-TIMEOUT = 300.0  # the whole rollout; ideal is ~37 s for 200 nodes
+TIMEOUT = 300.0  # the whole rollout at scale 1; ideal is ~39 s for 200 nodes
 STALL = 20.0  # no run ended for this long while some still run: they are stuck
-PNG = ROOT / "var" / "bench" / "rollout.png"
 
 
-def durations_for(count: int) -> list[float]:
+def durations_for(count: int, scale: float = 1.0) -> list[float]:
+    """The same draws at every scale: --scale 5 is the same rollout with each install
+    five times as long (5-15 s), so that the fixed cost per node weighs less."""
     rng = random.Random(SEED)
-    return [rng.uniform(LOW, HIGH) for _ in range(count)]
+    return [rng.uniform(LOW, HIGH) * scale for _ in range(count)]
 
 
-def run(nodes: int = 200) -> dict[str, Any]:
-    return in_workspace("rollout", lambda work, redis_url: measure(work, redis_url, nodes))
+def run(nodes: int = 200, scale: float = 1.0) -> dict[str, Any]:
+    if not scale > 0:
+        raise ValueError(f"--scale must be positive, not {scale}")
+    return in_workspace("rollout", lambda work, redis_url: measure(work, redis_url, nodes, scale))
 
 
-def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:
+def named(scale: float) -> tuple[str, Path]:
+    """Results and picture of a scaled run are kept apart from the standard one's."""
+    name = "rollout" if scale == 1 else f"rollout-x{scale:g}"
+    return name, ROOT / "var" / "bench" / f"{name}.png"
+
+
+def measure(work: Path, redis_url: str, count: int, scale: float = 1.0) -> dict[str, Any]:
     from bench.multinode import NEW, build_noreboot_repo, seed_nodes, start_node_workers
     from nodes.models import Cluster
     from tests.servers import RepoServer
     from updates import workflow
     from updates.models import Release
 
-    durations = durations_for(count)
+    durations = durations_for(count, scale)
     repo_dir, pubkey = build_noreboot_repo(work / "repo")
     release = Release.objects.get(version=NEW)
     tag = uuid.uuid4().hex[:6]
@@ -89,21 +98,21 @@ def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:
             started = time.monotonic()
             run_ids = [workflow.start_update(node, release).pk for node in nodes]
             start_loop = time.monotonic() - started
-            wait_until_done(run_ids)
+            wait_until_done(run_ids, scale)
     finally:
         for proc in workers:
             stop_process(proc)
         stop_process(control)
-    return report(collect(run_ids, durations, t0, work / "nodes"), durations, start_loop, work)
+    return report(collect(run_ids, durations, t0, work / "nodes"), durations, start_loop, work, scale)
 
 
-def wait_until_done(run_ids: list[int]) -> None:
+def wait_until_done(run_ids: list[int], scale: float = 1.0) -> None:
     """Until every run ended, or none ended for STALL seconds (a run stuck holding a
     slot: reported, not waited for), or TIMEOUT."""
     from updates.models import UpdateRun
 
     runs = UpdateRun.objects.filter(pk__in=run_ids)
-    deadline = time.monotonic() + TIMEOUT
+    deadline = time.monotonic() + TIMEOUT * max(scale, 1.0)
     last_done, last_change = -1, time.monotonic()
     while time.monotonic() < deadline:
         done = runs.exclude(state=UpdateRun.State.RUNNING).count()
@@ -111,7 +120,7 @@ def wait_until_done(run_ids: list[int]) -> None:
             return
         if done != last_done:
             last_done, last_change = done, time.monotonic()
-        elif time.monotonic() - last_change > STALL:
+        elif time.monotonic() - last_change > STALL * max(scale, 1.0):
             return
         time.sleep(0.5)
 
@@ -230,7 +239,10 @@ def stuck_detail(run_ids: list[int]) -> list[dict[str, Any]]:
     return out
 
 
-def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float, work: Path) -> dict[str, Any]:
+def report(
+    rows: list[dict[str, Any]], durations: list[float], start_loop: float, work: Path, scale: float = 1.0
+) -> dict[str, Any]:
+    name, png = named(scale)
     failed = [r for r in rows if r["state"] != "succeeded"]
     done = [r for r in rows if r["state"] == "succeeded"]
     makespan = max(r["finished"] for r in done)
@@ -275,10 +287,10 @@ def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float
     )
     from bench.timeline_png import draw
 
-    draw(sorted(rows, key=lambda r: r["created"]), concurrency, cap=CAP, marks=marks, title=title, out=PNG)
+    draw(sorted(rows, key=lambda r: r["created"]), concurrency, cap=CAP, marks=marks, title=title, out=png)
     log_counts = control_log_counts(work / "control.log")
     return {
-        "name": "rollout",
+        "name": name,
         "metrics": [
             metric("nodes (runs succeeded)", len(done), "", f"= {len(rows)}", not failed),
             metric("runs stuck (still running when the rest had ended)", len(stuck), "", "= 0", not stuck),
@@ -305,7 +317,7 @@ def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float
         "details": {
             "durations": {
                 "seed": SEED,
-                "uniform": [LOW, HIGH],
+                "uniform": [LOW * scale, HIGH * scale],
                 "sum_s": round(sum(durations), 3),
                 "max_s": round(max(durations), 3),
                 "mean_s": round(mean(durations), 3),
@@ -318,7 +330,7 @@ def report(rows: list[dict[str, Any]], durations: list[float], start_loop: float
             "failed_runs": [{"run": r["run"], "state": r["state"], "error": r["error"]} for r in failed][:10],
             "stuck_runs": stuck_detail([r["run"] for r in stuck]),
             "node_worker": {"processes": NODE_WORKERS, "threads": len(rows)},
-            "png": str(PNG.relative_to(ROOT)),
+            "png": str(png.relative_to(ROOT)),
             "per_node": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows],
         },
     }

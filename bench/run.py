@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 # Issue order. None: the benchmark needs code that has not landed yet.
 BENCHMARKS: dict[str, str | None] = {
     "rollout": "bench.rollout",  # 1. rollout makespan: 200 nodes, cap 10
+    "rollout-x5": "bench.rollout_x5",  # 1, each install five times as long (5-15 s)
     "orchestration": "bench.orchestration",  # 2. orchestration overhead per step
     "download": "bench.download",  # 3. download throughput, memory, resume
     "admin": "bench.admin_scale",  # 4. admin at scale
@@ -45,9 +46,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         type=int,
         help="admin: fleet size (default 10000); rollout: cluster size (default 200); beat: schedules (default 500)",
     )
+    parser.add_argument(
+        "--scale", type=float, help="rollout: install durations times this (default 1: 1-3 s); kept as 'rollout-xN'"
+    )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scale is not None and not args.scale > 0:
+        parser.error(f"--scale must be a positive number, not {args.scale}")
     unknown = set(args.names) - set(BENCHMARKS)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
@@ -55,7 +61,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k in ("size", "runs", "nodes") if (v := getattr(args, k)) is not None}
+    return {k: v for k in ("size", "runs", "nodes", "scale") if (v := getattr(args, k)) is not None}
 
 
 def run_child(name: str, module: str, opts: dict[str, Any], out: Path) -> None:
