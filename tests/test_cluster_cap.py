@@ -1,5 +1,6 @@
-"""The cluster cap: six nodes, at most two at once, random step durations.
-Sampled throughout the rollout, never more than two nodes are out of service."""
+"""The cluster cap: six nodes, at most two at once, random step durations, all six
+started at once as the admin starts a selection. Sampled throughout the rollout,
+never more than two nodes are out of service."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 
 import pytest
 
+from nodes import services
 from nodes.models import Cluster, Node
 from tests.conftest import wait_for
 from updates import workflow
@@ -32,8 +34,11 @@ def test_never_more_nodes_out_of_service_than_the_cap_and_all_end_updated(demo_r
     nodes = [make_node("c", cluster=cluster, users=("u",)) for _ in range(6)]
     for node in nodes:
         agent_for(node, TGP_SIM_STEP_SECONDS="0.2-0.8")
-    release = Release.objects.get(version="2.2.0")
-    runs = [workflow.start_update(Node.objects.get(pk=n.pk), release) for n in nodes]
+    # Started as the node list's Auto-Update starts a selection: the whole cluster in one go.
+    plans = services.plan_updates(list(Node.objects.filter(cluster=cluster)))
+    assert {plan.release for plan in plans} == {Release.objects.get(version="2.2.0")}
+    runs, refused = services.start_planned(plans, user=None)
+    assert len(runs) == 6 and not refused
 
     samples, peak_slots = [], 0
     deadline = time.monotonic() + 240
