@@ -186,10 +186,13 @@ class NodeAdmin(admin.ModelAdmin):
 
     # --- actions: each hands over to a page or a service and reports counts ---
 
+    # The Auto-Update and announce actions answer with their page itself, as Django's
+    # delete action does, not with a redirect that carries the selection in its URL:
+    # "select all" over a large fleet would make a URL longer than proxies accept.
+
     @admin.action(description="Auto-Update (asks for confirmation)")
     def autoupdate(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse:
-        ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
-        return HttpResponseRedirect(f"{reverse('admin:nodes_node_autoupdate')}?ids={ids}")
+        return self._autoupdate_page(request, list(queryset.select_related("cluster")))
 
     @admin.action(description="Catch up from Oldstable (full or partial update)")
     def catchup(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse | None:
@@ -200,8 +203,7 @@ class NodeAdmin(admin.ModelAdmin):
 
     @admin.action(description="Announce maintenance to logged-in users")
     def announce_maintenance(self, request: HttpRequest, queryset: QuerySet[Node]) -> HttpResponse:
-        ids = ",".join(str(pk) for pk in queryset.values_list("pk", flat=True))
-        return HttpResponseRedirect(f"{reverse('admin:nodes_node_announce')}?ids={ids}")
+        return self._announce_page(request, list(queryset), self._announce_form())
 
     @admin.action(description="Remove update lock")
     def remove_update_lock(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
@@ -231,9 +233,8 @@ class NodeAdmin(admin.ModelAdmin):
         if not nodes:
             self.message_user(request, "Select at least one node.", messages.WARNING)
             return HttpResponseRedirect(reverse("admin:nodes_node_changelist"))
-        plans = services.plan_updates(nodes)
         if request.method == "POST" and request.POST.get("confirm") == "yes":
-            runs, refused = services.start_planned(plans, request.user)
+            runs, refused = services.start_planned(services.plan_updates(nodes), request.user)
             for msg in refused:
                 self.message_user(request, msg, messages.ERROR)
             if runs:
@@ -241,6 +242,11 @@ class NodeAdmin(admin.ModelAdmin):
             if len(runs) == 1:
                 return HttpResponseRedirect(reverse("admin:updates_updaterun_change", args=[runs[0].pk]))
             return HttpResponseRedirect(reverse("admin:updates_updaterun_changelist"))
+        return self._autoupdate_page(request, nodes)
+
+    def _autoupdate_page(self, request: HttpRequest, nodes: list[Node]) -> HttpResponse:
+        require(request, "nodes.start_update")
+        plans = services.plan_updates(nodes)
         context = {
             **self.admin_site.each_context(request),
             "title": "Auto-Update: confirm",
@@ -254,15 +260,23 @@ class NodeAdmin(admin.ModelAdmin):
     def announce_view(self, request: HttpRequest) -> HttpResponse:
         require(request, "nodes.start_update")
         nodes = list(self._selected(request))
-        initial = {
-            "starts_at": timezone.localtime() + timedelta(seconds=services.notice_lead()),
-            "message": "Maintenance: this server will be updated. Please save your work in time.",
-        }
-        form = AnnounceForm(request.POST or None, initial=initial)
+        form = self._announce_form(request.POST or None)
         if request.method == "POST" and form.is_valid() and nodes:
             sent = services.announce(nodes, form.cleaned_data["message"], form.cleaned_data["starts_at"], request.user)
             self.message_user(request, f"Announced maintenance on {sent} node(s).", messages.SUCCESS)
             return HttpResponseRedirect(reverse("admin:nodes_node_changelist"))
+        return self._announce_page(request, nodes, form)
+
+    @staticmethod
+    def _announce_form(data: Any = None) -> AnnounceForm:
+        initial = {
+            "starts_at": timezone.localtime() + timedelta(seconds=services.notice_lead()),
+            "message": "Maintenance: this server will be updated. Please save your work in time.",
+        }
+        return AnnounceForm(data, initial=initial)
+
+    def _announce_page(self, request: HttpRequest, nodes: list[Node], form: AnnounceForm) -> HttpResponse:
+        require(request, "nodes.start_update")
         context = {
             **self.admin_site.each_context(request),
             "title": "Announce maintenance",

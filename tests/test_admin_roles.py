@@ -3,12 +3,15 @@ only, and anybody else gets 403, whichever way the request comes."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 
 from nodes.models import Node
 from updates import workflow
-from updates.models import UpdateLock, UpdateRun
+from updates.models import MaintenanceNotice, UpdateLock, UpdateRun
 
 pytestmark = pytest.mark.django_db
 
@@ -56,9 +59,7 @@ def test_viewer_sees_the_fleet_but_no_role_actions(client, staff, gw):
 def test_confirmation_page_lists_the_users_who_will_be_logged_off(client, staff, gw):
     login(client, staff("op", "update"))
     action = {"action": "autoupdate", "_selected_action": [gw.pk]}
-    response = client.post(reverse("admin:nodes_node_changelist"), action)
-    assert response.status_code == 302
-    page = client.get(response["Location"])
+    page = client.post(reverse("admin:nodes_node_changelist"), action)
     assert page.status_code == 200
     assert "alice, bob" in page.text and "2.2.0" in page.text
     assert not UpdateRun.objects.exists(), "nothing starts before the confirmation"
@@ -76,6 +77,27 @@ def test_update_group_starts_autoupdate_after_confirmation(client, staff, gw, dj
     assert len(queued) == 1, "the chain is queued once the transaction commits"
     gw.refresh_from_db()
     assert gw.maintenance_mode
+
+
+def test_update_group_announces_maintenance_to_the_selected_nodes(
+    client, staff, gw, make_node, django_capture_on_commit_callbacks
+):
+    other = make_node("gw")
+    login(client, staff("op", "update"))
+    page = client.post(
+        reverse("admin:nodes_node_changelist"),
+        {"action": "announce_maintenance", "_selected_action": [gw.pk, other.pk]},
+    )
+    assert page.status_code == 200 and gw.hostname in page.text and other.hostname in page.text
+    starts = (timezone.localtime() + timedelta(hours=2)).strftime("%Y-%m-%d %H:%M:%S")
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        response = client.post(
+            reverse("admin:nodes_node_announce"),
+            {"ids": page.context["ids"], "message": "Update tonight", "starts_at": starts},
+        )
+    assert response.status_code == 302
+    assert set(MaintenanceNotice.objects.values_list("node", flat=True)) == {gw.pk, other.pk}
+    assert len(queued) == 2, "one notice per node, queued once the transaction commits"
 
 
 def test_update_group_removes_a_lock_and_the_history_keeps_who(client, staff, gw):

@@ -109,3 +109,20 @@ def test_a_node_named_twice_starts_once(releases):
     runs, refused = workflow.start_updates([(node, release), (node, release)])
     assert len(runs) == 1
     assert refused == [f"{node} is already updating."]
+
+
+def test_selecting_every_node_of_a_large_fleet_confirms_without_their_ids_in_a_url(
+    operator, django_capture_on_commit_callbacks
+):
+    # "Select all" across pages: the action gets every node, not only the page's.
+    # Their ids go into the page's form, not into a redirect's URL: 1,200 of them
+    # would make a URL longer than a proxy in front of the admin accepts.
+    nodes = cluster_of(1200)
+    select_all = {"action": "autoupdate", "select_across": "1", "_selected_action": [nodes[0].pk]}
+    page = operator.post(reverse("admin:nodes_node_changelist"), select_all)
+    assert page.status_code == 200 and "Location" not in page
+    assert page.text.count('class="planned"') == 1200
+    assert f'<form method="post" action="{URL}">' in page.text
+    with django_capture_on_commit_callbacks(execute=False):
+        operator.post(URL, {"ids": page.context["ids"], "confirm": "yes"})
+    assert UpdateRun.objects.filter(node__in=nodes).count() == 1200
