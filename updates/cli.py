@@ -11,17 +11,31 @@ from updates.models import UpdateRun
 
 def wait_for_run(run_id: int, timeout: float, stdout: OutputWrapper) -> None:
     """Follow a run until it ends; CommandError (exit 1) if it fails or outlasts timeout."""
+    wait_for_runs([run_id], timeout, stdout)
+
+
+def wait_for_runs(run_ids: list[int], timeout: float, stdout: OutputWrapper) -> None:
+    """Follow runs until all have ended, each step as it starts; CommandError (exit 1)
+    naming every run that failed or outlasted the timeout."""
     deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        run = UpdateRun.objects.get(pk=run_id)
-        if run.current_step and run.current_step != last:
-            last = run.current_step
-            stdout.write(f"  {last}")
-        if run.state == UpdateRun.State.SUCCEEDED:
-            stdout.write(f"run {run_id} succeeded")
-            return
-        if run.state == UpdateRun.State.FAILED:
-            raise CommandError(f"run {run_id} failed: {run.error}")
-        time.sleep(0.5)
-    raise CommandError(f"run {run_id} still {run.state} after {timeout:.0f} s")
+    shown: dict[int, str] = {}
+    failed: list[str] = []
+    pending = set(run_ids)
+    while pending and time.monotonic() < deadline:
+        for run in UpdateRun.objects.filter(pk__in=pending).select_related("node").order_by("pk"):
+            several = len(run_ids) > 1  # then each line names its node
+            name = f"run {run.pk} ({run.node})" if several else f"run {run.pk}"
+            if run.current_step and run.current_step != shown.get(run.pk):
+                shown[run.pk] = run.current_step
+                stdout.write(f"  {run.node}: {run.current_step}" if several else f"  {run.current_step}")
+            if run.state == UpdateRun.State.SUCCEEDED:
+                stdout.write(f"{name} succeeded")
+                pending.discard(run.pk)
+            elif run.state == UpdateRun.State.FAILED:
+                failed.append(f"{name} failed: {run.error}")
+                pending.discard(run.pk)
+        if pending:
+            time.sleep(0.5)
+    failed += [f"run {pk} still running after {timeout:.0f} s" for pk in sorted(pending)]
+    if failed:
+        raise CommandError("; ".join(failed))

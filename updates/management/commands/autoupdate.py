@@ -4,37 +4,69 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from nodes.models import Node
-from nodes.services import plan_update
-from updates import workflow
-from updates.cli import wait_for_run
+from nodes.models import Cluster, Node
+from nodes.services import UpdatePlan, plan_updates, start_planned
+from updates.cli import wait_for_runs
 
 
 class Command(BaseCommand):
-    help = "Auto-Update one node to the newest release of its channel (logs its users off)."
+    help = (
+        "Auto-Update nodes to the newest release of their channel (logs their users off): "
+        "the nodes named, and with --cluster every node of a cluster, started at once within its cap."
+    )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("node", help="host name of the node")
+        parser.add_argument("nodes", nargs="*", metavar="node", help="host name of a node")
+        parser.add_argument("--cluster", help="every node of this cluster, besides the nodes named")
         parser.add_argument("--yes", action="store_true", help="confirm that logged-in users will be logged off")
-        parser.add_argument("--wait", action="store_true", help="wait for the run to end; exit 1 if it fails")
-        parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait")
+        parser.add_argument("--wait", action="store_true", help="wait for the runs to end; exit 1 if one fails")
+        parser.add_argument("--timeout", type=float, default=3600.0, help="seconds to wait with --wait, for all runs")
 
-    def handle(self, *args: Any, node: str, yes: bool, wait: bool, timeout: float, **options: Any) -> None:
-        target = Node.objects.filter(hostname=node).first()
-        if target is None:
-            raise CommandError(f"no node named {node!r}")
-        plan = plan_update(target)
-        if plan.refusal or plan.release is None:
-            raise CommandError(plan.refusal)
-        users = ", ".join(plan.users) or "nobody"
+    def handle(self, *args: Any, nodes: list[str], cluster: str | None, yes: bool, wait: bool, timeout: float,
+               **options: Any) -> None:  # fmt: skip
+        if not timeout > 0:
+            raise CommandError(f"--timeout must be a positive number of seconds, not {timeout}")
+        plans = plan_updates(self.targets(nodes, cluster))
+        startable = [plan for plan in plans if plan.release and not plan.refusal]
+        refused = [plan.refusal for plan in plans if plan.refusal]
+        if not startable:
+            raise CommandError("\n".join(refused))
         if not yes:
-            raise CommandError(f"{node}: these users will be logged off: {users}. Repeat with --yes to go ahead.")
-        try:
-            run = workflow.start_update(target, plan.release)
-        except workflow.UpdateRefused as exc:
-            raise CommandError(str(exc)) from None
-        self.stdout.write(
-            f"run {run.pk}: {node} {target.installed_version or '?'} -> {plan.release.version}; logging off: {users}"
-        )
-        if wait:
-            wait_for_run(run.pk, timeout, self.stdout)
+            who = "; ".join(f"{plan.node}: {logged_off(plan)}" for plan in startable)
+            raise CommandError(f"these users will be logged off: {who}. Repeat with --yes to go ahead.")
+        runs, more = start_planned(startable, user=None)
+        users = {plan.node.pk: logged_off(plan) for plan in startable}
+        for run in runs:
+            before = run.version_before or "?"
+            self.stdout.write(
+                f"run {run.pk}: {run.node} {before} -> {run.release.version}; logging off: {users[run.node_id]}"
+            )
+        refused += more
+        for reason in refused:
+            self.stderr.write(f"not started: {reason}")
+        if wait and runs:
+            wait_for_runs([run.pk for run in runs], timeout, self.stdout)
+        if refused:
+            raise CommandError(f"{len(refused)} of {len(plans)} node(s) not started")
+
+    @staticmethod
+    def targets(names: list[str], cluster: str | None) -> list[Node]:
+        if not names and not cluster:
+            raise CommandError("name at least one node, or a cluster with --cluster")
+        found = {node.hostname: node for node in Node.objects.filter(hostname__in=names).select_related("cluster")}
+        unknown = [name for name in names if name not in found]
+        if unknown:
+            raise CommandError(", ".join(f"no node named {name!r}" for name in unknown))
+        chosen = [found[name] for name in dict.fromkeys(names)]
+        if cluster:
+            if not Cluster.objects.filter(name=cluster).exists():
+                raise CommandError(f"no cluster named {cluster!r}")
+            members = Node.objects.filter(cluster__name=cluster).select_related("cluster").order_by("hostname")
+            chosen += [node for node in members if node.hostname not in found]
+        if not chosen:
+            raise CommandError(f"cluster {cluster!r} has no nodes")
+        return chosen
+
+
+def logged_off(plan: UpdatePlan) -> str:
+    return ", ".join(plan.users) or "nobody"
