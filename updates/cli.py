@@ -21,9 +21,9 @@ def wait_for_runs(run_ids: list[int], timeout: float, stdout: OutputWrapper) -> 
     shown: dict[int, str] = {}
     failed: list[str] = []
     pending = set(run_ids)
+    several = len(run_ids) > 1  # then each line names its node
     while pending and time.monotonic() < deadline:
         for run in UpdateRun.objects.filter(pk__in=pending).select_related("node").order_by("pk"):
-            several = len(run_ids) > 1  # then each line names its node
             name = f"run {run.pk} ({run.node})" if several else f"run {run.pk}"
             if run.current_step and run.current_step != shown.get(run.pk):
                 shown[run.pk] = run.current_step
