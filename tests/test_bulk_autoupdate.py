@@ -86,7 +86,7 @@ def test_a_locked_node_is_refused_with_its_reason_while_the_rest_of_its_cluster_
     assert UpdateRun.objects.filter(node__in=nodes).count() == 3
 
 
-def test_each_run_of_a_bulk_start_is_what_a_single_start_makes(operator, staff, django_capture_on_commit_callbacks):
+def test_each_run_of_a_bulk_start_is_what_a_single_start_makes(operator, django_capture_on_commit_callbacks):
     single, *bulk = cluster_of(3)
     with django_capture_on_commit_callbacks(execute=False) as queued:
         operator.post(URL, {"ids": ids(bulk), "confirm": "yes"})
@@ -115,8 +115,8 @@ def test_selecting_every_node_of_a_large_fleet_confirms_without_their_ids_in_a_u
     operator, django_capture_on_commit_callbacks
 ):
     # "Select all" across pages: the action gets every node, not only the page's.
-    # Their ids go into the page's form, not into a redirect's URL: 1,200 of them
-    # would make a URL longer than a proxy in front of the admin accepts.
+    # Their ids go into the page's form, not into a redirect's URL: for a fleet of
+    # thousands that URL outgrows the 8 KB request line a proxy such as nginx accepts.
     nodes = cluster_of(1200)
     select_all = {"action": "autoupdate", "select_across": "1", "_selected_action": [nodes[0].pk]}
     page = operator.post(reverse("admin:nodes_node_changelist"), select_all)
