@@ -15,15 +15,23 @@ resume, complete; no reboot step: the release needs none); the slot semaphore en
 - batches: Ansible's `serial: 10` computed on the same durations in start order
   (each batch waits for its slowest node): sum of the batch maxima, and the same
   plus the per-node overhead measured here (median) once per batch;
-- cap check: the most overlapping [drain started, resume finished] intervals
-  (control-side receive times), and the most overlapping slot holdings
-  [slot step finished, run finished];
+- cap check: the most overlapping [out of service, resume finished] intervals
+  (node times, and the control side's receive times), and the most overlapping slot
+  holdings [slot step finished, run finished];
 - var/bench/rollout.png: the timeline.
+
+`path="scheduled"` (bench/rollout_scheduled.py) runs the same rollout the way the
+manual recommends for clusters: a time-controlled update of the whole cluster. The
+download phase comes first and is not timed; the makespan runs from the moment
+the schedule's update entry fires (its task sent to the control queue, as beat
+does) to the last run finished, and a node is out of service from `exclude`
+(it leaves the load balancer; `hold`, lead time 0 here) to the end of `resume`.
 """
 
 from __future__ import annotations
 
 import heapq
+import os
 import random
 import re
 import time
@@ -37,6 +45,7 @@ from bench.common import ROOT, in_workspace, metric, percentile, stop_process
 from bench.orchestration import base_env, start_control, task_runtimes
 
 OPTIONS = {"nodes", "scale"}
+PATHS = ("manual", "scheduled")
 CAP = 10
 SEED = 42
 LOW, HIGH = 1.0, 3.0
@@ -50,6 +59,9 @@ TARGET_RATIO = 1.05
 NODE_WORKERS = 4
 TIMEOUT = 300.0  # the whole rollout at scale 1; ideal is ~39 s for 200 nodes
 STALL = 20.0  # no run ended for this long while some still run: they are stuck
+# Scheduled path: the update time is this far ahead of the download entry. 200 nodes
+# download in ~7 s here (the fan-out creates a run per node); the rest is margin.
+DOWNLOAD_PHASE = 25.0
 
 
 def durations_for(count: int, scale: float = 1.0) -> list[float]:
@@ -59,19 +71,22 @@ def durations_for(count: int, scale: float = 1.0) -> list[float]:
     return [rng.uniform(LOW, HIGH) * scale for _ in range(count)]
 
 
-def run(nodes: int = 200, scale: float = 1.0) -> dict[str, Any]:
+def run(nodes: int = 200, scale: float = 1.0, path: str = "manual") -> dict[str, Any]:
     if not scale > 0:
         raise ValueError(f"--scale must be positive, not {scale}")
-    return in_workspace("rollout", lambda work, redis_url: measure(work, redis_url, nodes, scale))
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, not {path!r}")
+    return in_workspace("rollout", lambda work, redis_url: measure(work, redis_url, nodes, scale, path))
 
 
-def named(scale: float) -> tuple[str, Path]:
-    """Results and picture of a scaled run are kept apart from the standard one's."""
-    name = "rollout" if scale == 1 else f"rollout-x{scale:g}"
+def named(scale: float, path: str = "manual") -> tuple[str, Path]:
+    """Results and picture of a scaled or scheduled run are kept apart from the standard one's."""
+    name = "rollout" if path == "manual" else f"rollout-{path}"
+    name += "" if scale == 1 else f"-x{scale:g}"
     return name, ROOT / "var" / "bench" / f"{name}.png"
 
 
-def measure(work: Path, redis_url: str, count: int, scale: float = 1.0) -> dict[str, Any]:
+def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: str = "manual") -> dict[str, Any]:
     from bench.multinode import NEW, build_noreboot_repo, seed_nodes, start_node_workers
     from nodes.models import Cluster
     from tests.servers import RepoServer
@@ -85,25 +100,60 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0) -> dict[
     cluster = Cluster.objects.create(name=f"bench-{tag}", max_parallel_updates=CAP, lb_lead_time=timedelta(0))
     hostnames = [f"r{tag}-{i:03d}" for i in range(1, count + 1)]
     nodes = seed_nodes(hostnames, work / "nodes", cluster=cluster, durations=durations)
-    control = start_control(work, redis_url)
-    workers: list[Any] = []
+    procs: list[Any] = []
     try:
         with RepoServer(repo_dir) as server:
             env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
             env |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}
-            workers = start_node_workers(hostnames, env, work / "nodes.log", workers=NODE_WORKERS, concurrency=count)
+            # The control worker's too: a schedule's firing looks at the repository first.
+            os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}
+            procs.append(start_control(work, redis_url))
+            procs += start_node_workers(hostnames, env, work / "nodes.log", workers=NODE_WORKERS, concurrency=count)
             from django.utils import timezone
 
-            t0 = timezone.now()
-            started = time.monotonic()
-            run_ids = [workflow.start_update(node, release).pk for node in nodes]
-            start_loop = time.monotonic() - started
+            if path == "scheduled":
+                t0, run_ids, start_loop = start_scheduled(cluster, nodes)
+            else:
+                t0 = timezone.now()
+                started = time.monotonic()
+                run_ids = [workflow.start_update(node, release).pk for node in nodes]
+                start_loop = time.monotonic() - started
             wait_until_done(run_ids, scale)
     finally:
-        for proc in workers:
+        for proc in reversed(procs):
             stop_process(proc)
-        stop_process(control)
-    return report(collect(run_ids, durations, t0, work / "nodes"), durations, start_loop, work, scale)
+    rows = collect(run_ids, durations, t0, work / "nodes")
+    return report(rows, durations, start_loop, work, scale, path)
+
+
+def start_scheduled(cluster: Any, nodes: list[Any]) -> tuple[datetime, list[int], float]:
+    """A one-off schedule of the whole cluster: its download entry fires now, its update
+    entry once every node has downloaded and the update time has come. Returns the
+    moment the update entry fired (t0), the runs in node order, and how long the
+    download phase took."""
+    from django.utils import timezone
+
+    from tgpadmin.celery import app
+    from updates.models import UpdateRun, UpdateSchedule, UpdateStep
+
+    phase = timedelta(seconds=DOWNLOAD_PHASE)
+    run_at = timezone.now() + phase
+    schedule = UpdateSchedule.objects.create(
+        name=f"bench {cluster}", cluster=cluster, run_at=run_at, download_lead=phase
+    )
+    started = time.monotonic()
+    app.send_task("control.scheduled_download", args=(schedule.pk,), queue="control")
+    downloaded = UpdateStep.objects.filter(run__schedule=schedule, name="download", state="succeeded")
+    while downloaded.count() < len(nodes):
+        if timezone.now() >= run_at:
+            raise RuntimeError(f"{downloaded.count()} of {len(nodes)} nodes had downloaded at the update time")
+        time.sleep(0.5)
+    download_phase = time.monotonic() - started
+    time.sleep(max((run_at - timezone.now()).total_seconds(), 0.0))  # a clock time, not an event: the update time
+    t0 = timezone.now()
+    app.send_task("control.scheduled_update", args=(schedule.pk,), queue="control")
+    by_node = dict(UpdateRun.objects.filter(schedule=schedule).values_list("node_id", "pk"))
+    return t0, [by_node[node.pk] for node in nodes], download_phase
 
 
 def wait_until_done(run_ids: list[int], scale: float = 1.0) -> None:
@@ -128,7 +178,9 @@ def wait_until_done(run_ids: list[int], scale: float = 1.0) -> None:
 def collect(run_ids: list[int], durations: list[float], t0: datetime, state_dir: Path) -> list[dict[str, Any]]:
     """Per node, in start order: seconds from t0 of each event that matters. Keys
     with "db_": the control worker's receive times (DB); without: the node's own
-    time (TimedDriver's events), same clock (one machine)."""
+    time (TimedDriver's events), same clock (one machine). "out": the node leaves the
+    load balancer (exclude on the scheduled path, else drain). A scheduled run was
+    created in the download phase, before t0: it waits from t0 on."""
     from bench.rollout_driver import TimedDriver
     from updates.models import UpdateRun
 
@@ -142,13 +194,15 @@ def collect(run_ids: list[int], durations: list[float], t0: datetime, state_dir:
         run = runs[run_id]
         steps = {st.name: st for st in run.steps.all()}
         node = TimedDriver(run.node.hostname, state_dir / run.node.hostname).events()
+        out = "exclude" if "exclude" in steps else "drain"
         rows.append({
             "run": run_id, "state": run.state, "error": run.error, "duration": duration,
-            "created": s(run.created_at), "slot": s(steps["slot"].finished_at),
+            "created": max(s(run.created_at), 0.0), "slot": s(steps["slot"].finished_at),
+            "out": node.get(out, float("nan")) - base,
             "drain": node.get("drain", float("nan")) - base, "install": node.get("install", float("nan")) - base,
             "install_end": node.get("install_end", float("nan")) - base,
             "resume_end": node.get("resume_end", float("nan")) - base,
-            "db_drain": s(steps["drain"].started_at), "db_resume_end": s(steps["resume"].finished_at),
+            "db_out": s(steps[out].started_at), "db_resume_end": s(steps["resume"].finished_at),
             "finished": s(run.finished_at), "verify_waited": steps["verify"].attempts > 1,
         })  # fmt: skip
     return rows
@@ -239,10 +293,22 @@ def stuck_detail(run_ids: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+START = {"manual": "first start_update", "scheduled": "the update entry fired"}
+LOOP = {
+    "manual": "the start_update loop for all nodes",
+    "scheduled": "the download phase (not in the makespan): entry fired -> every node downloaded",
+}
+
+
 def report(
-    rows: list[dict[str, Any]], durations: list[float], start_loop: float, work: Path, scale: float = 1.0
+    rows: list[dict[str, Any]],
+    durations: list[float],
+    start_loop: float,
+    work: Path,
+    scale: float = 1.0,
+    path: str = "manual",
 ) -> dict[str, Any]:
-    name, png = named(scale)
+    name, png = named(scale, path)
     failed = [r for r in rows if r["state"] != "succeeded"]
     done = [r for r in rows if r["state"] == "succeeded"]
     makespan = max(r["finished"] for r in done)
@@ -251,15 +317,16 @@ def report(
     for r in stuck:
         r["stuck_until"] = makespan
     ideal = max(sum(durations) / CAP, max(durations))
-    peak, concurrency = max_overlap([(r["drain"], r["resume_end"]) for r in done])
-    db_peak, _ = max_overlap([(r["db_drain"], r["db_resume_end"]) for r in done])
+    peak, concurrency = max_overlap([(r["out"], r["resume_end"]) for r in done])
+    db_peak, _ = max_overlap([(r["db_out"], r["db_resume_end"]) for r in done])
     slot_peak, _ = max_overlap(
         [(r["slot"], r["finished"]) for r in done] + [(r["slot"], makespan) for r in stuck if r["slot"] == r["slot"]]
     )
     # What a node costs beyond its duration while it holds a slot, split up.
     overhead = [(r["finished"] - r["slot"]) - r["duration"] for r in done]
     parts = {
-        "slot held (DB) -> drain called on the node (chain dispatch)": [r["drain"] - r["slot"] for r in done],
+        "slot held (DB) -> out of service on the node (chain dispatch)": [r["out"] - r["slot"] for r in done],
+        "out of service -> drain called (scheduled path: exclude, hold)": [r["drain"] - r["out"] for r in done],
         "drain called -> install called (drain, fence and package checks)": [r["install"] - r["drain"] for r in done],
         "install beyond its duration": [(r["install_end"] - r["install"]) - r["duration"] for r in done],
         "install done -> resume done (reports, verify, resume)": [r["resume_end"] - r["install_end"] for r in done],
@@ -281,13 +348,15 @@ def report(
         "ideal": ideal,
         f"batches of {CAP} (+ measured overhead)": batch_fair,
     }
+    kind = "Scheduled rollout" if path == "scheduled" else "Rollout"
     title = (
-        f"Rollout of {len(rows)} nodes, cap {CAP}: makespan {makespan:.1f} s = {ratio:.3f} x ideal {ideal:.1f} s; "
+        f"{kind} of {len(rows)} nodes, cap {CAP}: makespan {makespan:.1f} s = {ratio:.3f} x ideal {ideal:.1f} s; "
         f"Ansible serial {CAP}: {batch_bare:.1f} s bare, {batch_fair:.1f} s with the measured per-node overhead"
     )
     from bench.timeline_png import draw
 
-    draw(sorted(rows, key=lambda r: r["created"]), concurrency, cap=CAP, marks=marks, title=title, out=png)
+    by_start = sorted(rows, key=lambda r: r["created"])
+    draw(by_start, concurrency, cap=CAP, marks=marks, title=title, out=png, origin=START[path])
     log_counts = control_log_counts(work / "control.log")
     return {
         "name": name,
@@ -310,11 +379,12 @@ def report(
             metric("most nodes out of service at once (DB times)", db_peak, "", f"<= {CAP}", db_peak <= CAP),
             metric("most slot holdings overlapping (DB stamps)", slot_peak, "", f"<= {CAP}", slot_peak <= CAP),
             metric("per-node overhead while holding a slot, p50", per_node * 1000, "ms"),
-            metric(f"ramp-up: first start_update -> {CAP} nodes out of service", ramp, "s"),
-            metric("the start_update loop for all nodes", start_loop, "s"),
+            metric(f"ramp-up: {START[path]} -> {CAP} nodes out of service", ramp, "s"),
+            metric(LOOP[path], start_loop, "s"),
             metric("verify had to try again (node not back yet)", sum(r["verify_waited"] for r in done), "runs"),
         ],
         "details": {
+            "path": path,
             "durations": {
                 "seed": SEED,
                 "uniform": [LOW * scale, HIGH * scale],
@@ -322,7 +392,6 @@ def report(
                 "max_s": round(max(durations), 3),
                 "mean_s": round(mean(durations), 3),
             },  # fmt: skip
-            "start_update loop for all runs_s": round(start_loop, 2),
             "slot utilisation (sum of durations / cap x makespan)": round(sum(durations) / (CAP * makespan), 3),
             "overhead_parts": {k: stats(v) for k, v in parts.items()},
             "control_log": log_counts,

@@ -51,6 +51,10 @@ class TimedDriver(SimulatedDriver):
         self.note("notify")
         return super().notify(notice_id, message)
 
+    def exclude(self) -> None:
+        self.note("exclude")  # the scheduled path: out of the load balancer, users stay for the lead time
+        super().exclude()
+
     def drain(self, run_id: int) -> list[str]:
         self.note("drain")
         return super().drain(run_id)

@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 BENCHMARKS: dict[str, str | None] = {
     "rollout": "bench.rollout",  # 1. rollout makespan: 200 nodes, cap 10
     "rollout-x5": "bench.rollout_x5",  # 1, each install five times as long (5-15 s)
+    "rollout-scheduled": "bench.rollout_scheduled",  # 1, as a time-controlled update of the cluster
     "orchestration": "bench.orchestration",  # 2. orchestration overhead per step
     "download": "bench.download",  # 3. download throughput, memory, resume
     "admin": "bench.admin_scale",  # 4. admin at scale

@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw, ImageFont
 # (key in a row, colour, legend)
 SEGMENTS = [
     ("wait", (225, 225, 225), "waiting for a slot"),
-    ("prep", (120, 180, 230), "drain + checks before install"),
+    ("prep", (120, 180, 230), "out of service, before install (exclude, hold, drain, checks)"),
     ("install", (30, 90, 170), "install (the node's duration)"),
     ("post", (240, 150, 40), "verify + resume"),
     ("complete", (90, 90, 90), "complete (slot released)"),
@@ -32,8 +32,8 @@ def _dashed_vline(draw: ImageDraw.ImageDraw, x: float, y0: int, y1: int, colour:
 
 
 def draw(rows: list[dict[str, float]], concurrency: list[tuple[float, int]], *, cap: int, marks: dict[str, float],
-         title: str, out: Path) -> None:  # fmt: skip
-    """rows: per node, times in seconds from the first start: created, drain, install,
+         title: str, out: Path, origin: str = "the first start_update") -> None:  # fmt: skip
+    """rows: per node, times in seconds from the first start: created, out (out of service), install,
     install_end, resume_end, finished. concurrency: (t, nodes out of service from t on)."""
     n = len(rows)
     bar, pitch = 3, 4
@@ -69,8 +69,8 @@ def draw(rows: list[dict[str, float]], concurrency: list[tuple[float, int]], *, 
             spans = [("wait", r["created"], r["slot"]), ("stuck", r["slot"], r["stuck_until"])]
         else:
             spans = [
-                ("wait", r["created"], r["drain"]),
-                ("prep", r["drain"], r["install"]),
+                ("wait", r["created"], r["out"]),
+                ("prep", r["out"], r["install"]),
                 ("install", r["install"], r["install_end"]),
                 ("post", r["install_end"], r["resume_end"]),
                 ("complete", r["resume_end"], r["finished"]),
@@ -82,7 +82,7 @@ def draw(rows: list[dict[str, float]], concurrency: list[tuple[float, int]], *, 
     d.text((8, top), "node 1", fill="black", font=small)
     d.text((8, top + bars_h - 14), f"node {n}", fill="black", font=small)
 
-    # Nodes out of service (drain start .. resume end) over time, and the cap.
+    # Nodes out of service (out of the load balancer .. resume end) over time, and the cap.
     py0 = top + bars_h + gap
     py1 = py0 + plot_h
     peak = max([c for _, c in concurrency] + [cap])
@@ -102,8 +102,8 @@ def draw(rows: list[dict[str, float]], concurrency: list[tuple[float, int]], *, 
         points += [(x(t), y(c)), (x(t_next), y(c))]
     if points:
         d.line(points, fill=(30, 90, 170), width=2)
-    d.text((left + 4, py0 - 18), "nodes out of service (drain called .. resume done, node times)", fill="black",
-           font=small)  # fmt: skip
+    label = "nodes out of service (out of the load balancer .. resume done, node times)"
+    d.text((left + 4, py0 - 18), label, fill="black", font=small)
 
     # Time axis and the marks (measured makespan, ideal, batching).
     d.line([(left, py1), (width - right, py1)], fill="black")
@@ -111,7 +111,7 @@ def draw(rows: list[dict[str, float]], concurrency: list[tuple[float, int]], *, 
     for t in range(0, int(end) + 1, step):
         d.line([(x(t), py1), (x(t), py1 + 5)], fill="black")
         d.text((x(t) - 8, py1 + 8), str(t), fill="black", font=small)
-    d.text((width // 2 - 120, py1 + 28), "seconds from the first start_update", fill="black", font=small)
+    d.text((width // 2 - 120, py1 + 28), f"seconds from {origin}", fill="black", font=small)
     mark_colours = [(0, 0, 0), (20, 150, 60), (200, 30, 30), (140, 60, 160)]
     for k, (label, t) in enumerate(marks.items()):
         colour = mark_colours[k % len(mark_colours)]
