@@ -333,12 +333,6 @@ def step_names(run: UpdateRun) -> list[str]:
     return list(run.steps.order_by("position").values_list("name", flat=True))
 
 
-def step_after(run: UpdateRun, name: str) -> str | None:
-    names = step_names(run)
-    index = names.index(name) + 1
-    return names[index] if index < len(names) else None
-
-
 def first_unfinished(run: UpdateRun) -> UpdateStep | None:
     return run.steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).first()
 
@@ -352,8 +346,12 @@ def dispatch(run_id: int, from_step: str | None = None) -> None:
         if pending is None:
             return
         from_step = pending.name
-    build_chain(run, from_step).apply_async()
-    log.info("run %s dispatched from %s to %s", run_id, from_step, run.node.queue)
+    _queue(run, from_step)
+
+
+def _queue(run: UpdateRun, from_step: str, names: list[str] | None = None) -> None:
+    build_chain(run, from_step, names).apply_async()
+    log.info("run %s dispatched from %s to %s", run.pk, from_step, run.node.queue)
 
 
 # --- what nodes report ------------------------------------------------------------
@@ -634,12 +632,14 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
     if target_reached(run, node) and rebooted:
         # Claimed: of two verifies that find the node back (the chain's, retrying, and
         # the one the worker's ready report queued), only one carries the run on.
+        # The claim is the step's success: one write for both (verify is on a slot's critical path).
+        detail = f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
         with transaction.atomic():
-            claimed = verify.exclude(state=UpdateStep.State.SUCCEEDED).update(state=UpdateStep.State.SUCCEEDED)
-            if not claimed:
+            if not verify.exclude(state=UpdateStep.State.SUCCEEDED).update(
+                state=UpdateStep.State.SUCCEEDED, finished_at=now, detail=detail
+            ):
                 raise CarriedOn(f"run {run_id}: verified already")
-            detail = f"{node} runs {node.installed_version}, boot {node.boot_id[:8]}"
-            record_step(run_id, "verify", "succeeded", detail=detail)
+            UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(last_activity_at=now)
         return
     # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
     UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
@@ -652,8 +652,8 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
 def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
     """Mark an error-free run succeeded and end the node's maintenance mode.
     `snapshot`: the node's state after resume, handed on by the chain, so that the
-    node shows logon on and back in the load balancer when the run shows succeeded."""
-    store_run_snapshot(run_id, snapshot)
+    node shows logon on and back in the load balancer when the run shows succeeded.
+    One transaction; then the node's slot goes to the next waiter."""
     with transaction.atomic():
         done = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
             state=UpdateRun.State.SUCCEEDED, finished_at=timezone.now(), current_step=""
@@ -668,6 +668,8 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
         run.steps.filter(state__in=[UpdateStep.State.RUNNING, UpdateStep.State.PENDING]).update(
             state=UpdateStep.State.SUCCEEDED, finished_at=timezone.now()
         )
+        if snapshot:  # the node's row last, as everywhere (run, steps, node): no deadlock
+            store_snapshot(run.node.hostname, snapshot)
         Node.objects.filter(pk=run.node_id).update(
             maintenance_mode=False, maintenance_reason="", state=Node.State.ONLINE
         )
@@ -693,13 +695,19 @@ def cluster_slots() -> ClusterSlots:
 
 def take_slot(run_id: int) -> None:
     """Hold one of the cluster's update slots, then queue the rest of the run with
-    the slot's fencing token. SlotWait while the cluster is full."""
-    run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
-    step = UpdateStep.objects.filter(run_id=run_id, name="slot")
-    if run.state != UpdateRun.State.RUNNING or step.filter(state=UpdateStep.State.SUCCEEDED).exists():
+    the slot's fencing token. SlotWait while the cluster is full.
+
+    On the slot's critical path when a release hands it to the next waiter
+    (wake_waiters): two reads, one transaction of two writes, and the chain queued
+    from the objects at hand."""
+    run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
+    names, states = zip(*run.steps.order_by("position").values_list("name", "state"), strict=True)
+    state = states[names.index("slot")]
+    if run.state != UpdateRun.State.RUNNING or state == UpdateStep.State.SUCCEEDED:
         return  # ended, or a duplicate of a slot step that already went on
-    now = timezone.now()
-    step.filter(state=UpdateStep.State.PENDING).update(state=UpdateStep.State.RUNNING, started_at=now, attempts=1)
+    step = UpdateStep.objects.filter(run_id=run_id, name="slot")
+    if state == UpdateStep.State.PENDING:
+        step.filter(state=state).update(state=UpdateStep.State.RUNNING, started_at=timezone.now(), attempts=1)
     cluster, node = run.node.cluster, run.node
     assert cluster is not None
     token = cluster_slots().acquire(cluster.name, node.hostname, cluster.max_parallel_updates)
@@ -711,16 +719,20 @@ def take_slot(run_id: int) -> None:
     # Stamped once held, not when asked: the slot may have been freed in between, and
     # the step's end must never come before the release that made room for it.
     held_at = timezone.now()
-    if step.filter(state=UpdateStep.State.RUNNING).update(
-        state=UpdateStep.State.SUCCEEDED, finished_at=held_at, detail=f"slot held, fencing token {token}"
-    ):
+    with transaction.atomic():
+        if not step.filter(state=UpdateStep.State.RUNNING).update(
+            state=UpdateStep.State.SUCCEEDED, finished_at=held_at, detail=f"slot held, fencing token {token}"
+        ):
+            return  # a duplicate was faster
         drain_at = max(run.scheduled_for, held_at + cluster.lb_lead_time) if run.scheduled_for else None
-        UpdateRun.objects.filter(pk=run_id).update(
+        if not UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
             slot_token=token, drain_not_before=drain_at, last_activity_at=held_at
-        )
+        ):
+            return  # ended meanwhile: not carried on; its node keeps the slot until maintenance ends
+        run.slot_token = token
         # Named, not "the first unfinished step": an earlier step's report may still be queued.
-        after_slot = step_after(run, "slot")
-        transaction.on_commit(lambda: dispatch(run_id, after_slot))
+        after_slot = names[names.index("slot") + 1]
+        transaction.on_commit(lambda: _queue(run, after_slot, list(names)))
 
 
 def hold(run_id: int) -> None:
