@@ -76,6 +76,15 @@ def in_line(make_node, cluster, releases, django_capture_on_commit_callbacks):
         workflow.cluster_slots().release(cluster.name, run.node.hostname)
 
 
+def join_line(count, make_node, cluster, releases, capture) -> None:
+    """`count` more nodes of the (full) cluster start and wait in line for a slot."""
+    runs = [started(make_node("c", cluster=cluster), releases["2.2.0"], capture) for _ in range(count)]
+    with capture(execute=False):
+        for run in runs:
+            with pytest.raises(workflow.SlotWait):
+                workflow.take_slot(run.pk)
+
+
 def statements(queries: CaptureQueriesContext) -> list[str]:
     """What a piece of code asked the database, without transaction control (BEGIN,
     SAVEPOINT, ...: a test runs inside a transaction, production does not)."""
@@ -90,12 +99,7 @@ def test_a_release_hands_the_slot_on_in_a_few_queries_however_long_the_line(
     # slot of the cluster stands idle. For the waiter two reads and two writes, its chain
     # queued from the objects at hand: 9 statements in all (it was 13, 8 of them the waiter's).
     first, second = in_line
-    later = [started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)]
-    later += [started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)]
-    with django_capture_on_commit_callbacks(execute=False):
-        for run in later:
-            with pytest.raises(workflow.SlotWait):
-                workflow.take_slot(run.pk)
+    join_line(2, make_node, cluster, releases, django_capture_on_commit_callbacks)
     sent: list = []
     monkeypatch.setattr("celery.canvas._chain.apply_async", lambda chain, *a, **k: sent.append(chain))
     with CaptureQueriesContext(connection) as queries:
@@ -127,12 +131,7 @@ def test_the_reconciler_leaves_a_long_line_alone_at_a_cost_that_does_not_grow_wi
         return len(queries), len(queued)
 
     short = reconcile_quietly()
-    more = [started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)]
-    more += [started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)]
-    with django_capture_on_commit_callbacks(execute=False):
-        for run in more:
-            with pytest.raises(workflow.SlotWait):
-                workflow.take_slot(run.pk)
+    join_line(2, make_node, cluster, releases, django_capture_on_commit_callbacks)
     long = reconcile_quietly()
     assert short[1] == long[1] == 0, "the cluster is full: nothing to queue for anyone in line"
     assert long[0] == short[0], "three waiters cost the reconciler what one does"
