@@ -112,18 +112,18 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
             from django.utils import timezone
 
             if path == "scheduled":
-                t0, run_ids, start_loop = start_scheduled(cluster, nodes)
+                t0, run_ids, starting = start_scheduled(cluster, nodes)
             else:
                 t0 = timezone.now()
                 started = time.monotonic()
                 run_ids = [workflow.start_update(node, release).pk for node in nodes]
-                start_loop = time.monotonic() - started
+                starting = time.monotonic() - started
             wait_until_done(run_ids, scale)
     finally:
         for proc in reversed(procs):
             stop_process(proc)
     rows = collect(run_ids, durations, t0, work / "nodes")
-    return report(rows, durations, start_loop, work, scale, path)
+    return report(rows, durations, starting, work, scale, path)
 
 
 def start_scheduled(cluster: Any, nodes: list[Any]) -> tuple[datetime, list[int], float]:
@@ -294,7 +294,7 @@ def stuck_detail(run_ids: list[int]) -> list[dict[str, Any]]:
 
 
 START = {"manual": "first start_update", "scheduled": "the update entry fired"}
-LOOP = {
+STARTING = {  # what `starting` measured: the start of every run
     "manual": "the start_update loop for all nodes",
     "scheduled": "the download phase (not in the makespan): entry fired -> every node downloaded",
 }
@@ -303,7 +303,7 @@ LOOP = {
 def report(
     rows: list[dict[str, Any]],
     durations: list[float],
-    start_loop: float,
+    starting: float,
     work: Path,
     scale: float = 1.0,
     path: str = "manual",
@@ -380,7 +380,7 @@ def report(
             metric("most slot holdings overlapping (DB stamps)", slot_peak, "", f"<= {CAP}", slot_peak <= CAP),
             metric("per-node overhead while holding a slot, p50", per_node * 1000, "ms"),
             metric(f"ramp-up: {START[path]} -> {CAP} nodes out of service", ramp, "s"),
-            metric(LOOP[path], start_loop, "s"),
+            metric(STARTING[path], starting, "s"),
             metric("verify had to try again (node not back yet)", sum(r["verify_waited"] for r in done), "runs"),
         ],
         "details": {

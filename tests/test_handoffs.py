@@ -76,13 +76,14 @@ def in_line(make_node, cluster, releases, django_capture_on_commit_callbacks):
         workflow.cluster_slots().release(cluster.name, run.node.hostname)
 
 
-def join_line(count, make_node, cluster, releases, capture) -> None:
-    """`count` more nodes of the (full) cluster start and wait in line for a slot."""
+def join_line(count, make_node, cluster, releases, capture) -> list[UpdateRun]:
+    """`count` more nodes of the (full) cluster start and wait in line for a slot: their runs."""
     runs = [started(make_node("c", cluster=cluster), releases["2.2.0"], capture) for _ in range(count)]
     with capture(execute=False):
         for run in runs:
             with pytest.raises(workflow.SlotWait):
                 workflow.take_slot(run.pk)
+    return runs
 
 
 def statements(queries: CaptureQueriesContext) -> list[str]:
@@ -99,18 +100,22 @@ def test_a_release_hands_the_slot_on_in_a_few_queries_however_long_the_line(
     # slot of the cluster stands idle. For the waiter two reads and two writes, its chain
     # queued from the objects at hand: 9 statements in all (it was 13, 8 of them the waiter's).
     first, second = in_line
-    join_line(2, make_node, cluster, releases, django_capture_on_commit_callbacks)
+    line = [second, *join_line(2, make_node, cluster, releases, django_capture_on_commit_callbacks)]
     sent: list = []
     monkeypatch.setattr("celery.canvas._chain.apply_async", lambda chain, *a, **k: sent.append(chain))
-    with CaptureQueriesContext(connection) as queries:
-        with django_capture_on_commit_callbacks(execute=False) as queued:
-            assert workflow.complete_run(first.pk)
-        assert len(queued) == 1, "the waiter's chain is queued once, after the commit"
-        queued[0]()
-    assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded", "the longest waiter goes on"
-    assert len(statements(queries)) <= 9, "\n".join(sql[:120] for sql in statements(queries))
-    assert [sig.task for sig in sent[0].tasks][:2] == ["node.drain", "node.install"]
-    assert sent[0].tasks[0].args[0]["fence"] == UpdateRun.objects.get(pk=second.pk).slot_token
+    costs = []
+    for holder, waiter in zip([first, *line], line, strict=False):  # lines of 3, 2 and 1 waiting
+        with CaptureQueriesContext(connection) as queries:
+            with django_capture_on_commit_callbacks(execute=False) as queued:
+                assert workflow.complete_run(holder.pk)
+            assert len(queued) == 1, "the waiter's chain is queued once, after the commit"
+            queued[0]()
+        assert UpdateStep.objects.get(run=waiter, name="slot").state == "succeeded", "the longest waiter goes on"
+        assert [sig.task for sig in sent[-1].tasks][:2] == ["node.drain", "node.install"]
+        assert sent[-1].tasks[0].args[0]["fence"] == UpdateRun.objects.get(pk=waiter.pk).slot_token
+        costs.append(statements(queries))
+    assert len({len(c) for c in costs}) == 1, "a line of 3 costs the hand-off what a line of 1 does"
+    assert len(costs[0]) <= 9, "\n".join(sql[:120] for sql in costs[0])
 
 
 def test_a_node_waiting_in_line_is_not_failed_as_silent(in_line, settings):
@@ -185,7 +190,10 @@ def test_verify_takes_the_snapshot_the_chain_hands_over(rebooting):
     # What node.reboot returned: the node runs 2.2.0 after a new boot. Its own report
     # is still queued, so the database knows nothing of it yet.
     workflow.verify_node_back(run.pk, back())  # NodeNotBack if it waited for the report
-    assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
+    step = UpdateStep.objects.get(run=run, name="verify")
+    assert step.state == "succeeded"
+    assert step.started_at <= step.finished_at, "the run page shows when verify found the node back"
+    assert f"{hostname} runs 2.2.0, boot boot-2" in step.detail, "and what it found"
     assert Node.objects.get(hostname=hostname).installed_version == "2.2.0"
 
 
