@@ -1,8 +1,8 @@
-"""3. Download: nodes.download.download_package against curl, its memory, and resume.
+"""3. Download: agent.download.download_package against curl, its memory, and resume.
 
 - throughput: the same random file from the same loopback server, fetched by curl
   and by the agent's downloader (sha256 included; like curl and apt, no fsync: see
-  nodes/download.py), alternately, best of five each; target: downloader >= 0.9 x curl.
+  agent/download.py), alternately, best of five each; target: downloader >= 0.9 x curl.
   The medians are reported too: on a 2-core machine the downloader's two threads
   share the cores with the server, and a rep runs at either about curl's speed or
   about half of it, depending on where the scheduler puts them.
@@ -86,10 +86,10 @@ def time_downloader(url: str, dest: Path, size: int, sha256: str) -> tuple[float
 def child_main(url: str, dest: str, size: str, sha256: str) -> None:
     import httpx
 
-    from nodes.download import download_package
+    from agent.download import download_package
 
     started = time.perf_counter()
-    # The agent's client: see nodes/steps.py: download (TGP_DOWNLOAD_TIMEOUT's default).
+    # The agent's client: see agent/steps.py: download (TGP_DOWNLOAD_TIMEOUT's default).
     with httpx.Client(timeout=30.0, follow_redirects=False) as client:
         download_package(client, url, Path(dest), size=int(size), sha256=sha256, chunk_size=CHUNK)
     print(json.dumps({"seconds": time.perf_counter() - started}))
@@ -121,8 +121,8 @@ def throughput(server: FileServer, name: str, dest: Path, size: int, sha256: str
 def resume(server: FileServer, name: str, dest: Path, size: int, sha256: str) -> dict[str, Any]:
     import httpx
 
-    from nodes.download import download_package
-    from updates.repository import DownloadError
+    from agent.download import download_package
+    from agent.shared.repository import DownloadError
 
     clean(dest)
     server.behaviour.log.clear()

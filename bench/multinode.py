@@ -5,7 +5,8 @@ not fit on 2 cores. Here a few Celery workers (``--pool threads``) each consume 
 queues ``node.<hostname>`` of many nodes, with the TimedDriver of
 bench/rollout_driver.py. What that leaves out, on purpose:
 
-- no TGP_AGENT_NODE: node tasks then skip the "message for my node?" check;
+- each worker serves the nodes of its share (TGP_AGENT_NODE lists them), and
+  refuses a message for any other, as an agent does;
 - no supervisor, so no heartbeats: each node's row is seeded as reported
   (``apply_snapshot``), and every step report carries a fresh snapshot anyway;
 - no reboots: the benchmarks' release (built here) needs none, so its runs have
@@ -75,16 +76,15 @@ def start_node_workers(hostnames: list[str], env: dict[str, str], log: Path, *, 
     from tgpadmin.celery import app
 
     env = {**env, "TGP_NODE_DRIVER": DRIVER, "DATABASE_URL": "postgres://nobody@127.0.0.1:1/no-database-for-agents"}
-    env.pop("TGP_AGENT_NODE", None)
     procs, names = [], []
     for k in range(workers):
         share = hostnames[k::workers]
         name = f"nodes{k}-{uuid.uuid4().hex[:6]}@bench"
-        cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-n", name]
+        cmd = [sys.executable, "-m", "celery", "-A", "agent.app", "worker", "-n", name]
         cmd += ["-Q", ",".join(f"node.{h}" for h in share)]
         cmd += ["--pool", "threads", "--concurrency", str(concurrency), "--disable-prefetch"]
         cmd += ["--without-gossip", "--without-mingle", "-l", "WARNING"]
-        procs.append(spawn(cmd, env, log))
+        procs.append(spawn(cmd, {**env, "TGP_AGENT_NODE": ",".join(share)}, log))
         names.append(name)
     wait(lambda: len(app.control.ping(destination=names, timeout=0.5)) == len(names), 90, "the node workers")
     return procs

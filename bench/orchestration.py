@@ -83,7 +83,7 @@ def start_control(work: Path, redis_url: str) -> Any:
 
 
 def make_nodes(count: int, state_dir: Path) -> list[Any]:
-    from nodes.drivers.simulated import SimulatedDriver
+    from agent.drivers.simulated import SimulatedDriver
     from nodes.models import Node
     from updates.demo import DEMO_RELEASES
 
@@ -104,7 +104,7 @@ def start_agents(nodes: list[Any], work: Path, env: dict[str, str]) -> list[Any]
     env = {**env, "DATABASE_URL": "postgres://nobody@127.0.0.1:1/no-database-for-agents"}
     from tgpadmin.celery import app
 
-    procs = [spawn([sys.executable, "manage.py", "node_agent", n.hostname], env, work / "agents.log") for n in nodes]
+    procs = [spawn([sys.executable, "-m", "agent", n.hostname], env, work / "agents.log") for n in nodes]
     for node in nodes:
         wait(lambda n=node: Node.objects.get(pk=n.pk).agent_instance, 60, f"the first report of {node}")
     # The supervisor reports at once; its worker takes a second or two of CPU to start.

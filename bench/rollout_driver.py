@@ -17,8 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from nodes.drivers.simulated import SimulatedDriver
-from updates.repository import PackageEntry
+from agent.drivers.simulated import SimulatedDriver
+from agent.shared.repository import PackageEntry
 
 
 class TimedDriver(SimulatedDriver):

@@ -17,6 +17,7 @@ from django.db import transaction
 from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
+from agent.shared.protocol import CONTROL_QUEUE
 from hotfixes import mail, phone
 from hotfixes.errors import PermanentDeliveryError, TemporaryDeliveryError, scrub
 from hotfixes.models import Contact, Delivery, HotfixNotice
@@ -24,7 +25,6 @@ from nodes.models import Cluster, Node
 
 log = logging.getLogger(__name__)
 
-CONTROL_QUEUE = "control"
 DELIVER_TASK = "hotfix.deliver"
 MAX_ERROR_CHARS = 2000
 

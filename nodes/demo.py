@@ -3,14 +3,18 @@ appliances, with a signed demo repository. Every function is idempotent."""
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import subprocess
+import sys
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 
-from nodes.drivers.simulated import SimulatedDriver
+from agent.shared.protocol import Snapshot
 from nodes.models import Cluster, Node
 from updates.demo import DEMO_RELEASES, write_demo_sources
 from updates.releases import sync_from_dir
@@ -43,12 +47,23 @@ def seed_nodes() -> list[Node]:
     nodes = []
     for hostname, (cluster_name, users) in FLEET.items():
         node, _ = Node.objects.get_or_create(hostname=hostname, defaults={"cluster": cluster if cluster_name else None})
-        driver = SimulatedDriver(hostname, settings.TGP_NODE_STATE_DIR / hostname)
-        driver.seed(version=START_VERSION, packages=start_packages, users=users, cluster=bool(cluster_name))
+        snapshot = simulate(hostname, start_packages, users, cluster=bool(cluster_name))
         # The demo runs on this machine: show the state before the agents first report.
-        apply_snapshot(hostname, driver.snapshot())
+        apply_snapshot(hostname, snapshot.to_wire())
         nodes.append(node)
     return nodes
+
+
+def simulate(hostname: str, packages: dict[str, str], users: list[str], *, cluster: bool) -> Snapshot:
+    """Create the node's simulated appliance (if it has none) as its agent would: with
+    `python -m agent simulate`, since the control side never imports the agent."""
+    command = [sys.executable, "-m", "agent", "simulate", hostname, "--version", START_VERSION]
+    command += ["--packages", json.dumps(packages), "--users", ",".join(users)] + (["--cluster"] if cluster else [])
+    env = {**os.environ, "TGP_NODE_STATE_DIR": str(settings.TGP_NODE_STATE_DIR), "TGP_NODE_DRIVER": "simulated"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=60)
+    if done.returncode:
+        raise RuntimeError(f"could not create the simulated appliance {hostname}: {done.stderr.strip()}")
+    return Snapshot.from_wire(json.loads(done.stdout))
 
 
 def demo_password() -> str:

@@ -8,10 +8,16 @@ from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.urls import reverse
 
-hostname_validator = RegexValidator(
-    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$",
-    "Use a host name: lower-case letters, digits and hyphens, at most 63 characters.",
-)
+from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE, node_queue
+
+hostname_validator = RegexValidator(HOSTNAME_RE, f"Use {HOSTNAME_RULE}.")
+
+
+class Channel(models.TextChoices):
+    """The release channels (agent.shared.protocol.CHANNELS), for nodes and releases alike."""
+
+    STABLE = "stable", "Stable"
+    OLDSTABLE = "oldstable", "Oldstable"
 
 
 class Cluster(models.Model):
@@ -38,15 +44,13 @@ class Cluster(models.Model):
 
 
 class Node(models.Model):
+    Channel = Channel
+
     class State(models.TextChoices):
         UNKNOWN = "unknown", "Unknown (never reported)"
         ONLINE = "online", "Online"
         UPDATING = "updating", "Updating"
         REBOOTING = "rebooting", "Rebooting"
-
-    class Channel(models.TextChoices):
-        STABLE = "stable", "Stable"
-        OLDSTABLE = "oldstable", "Oldstable"
 
     hostname = models.CharField(max_length=63, unique=True, validators=[hostname_validator])
     cluster = models.ForeignKey(
@@ -99,7 +103,7 @@ class Node(models.Model):
     @property
     def queue(self) -> str:
         """The Celery queue this node's agent consumes, and nobody else."""
-        return f"node.{self.hostname}"
+        return node_queue(self.hostname)
 
     @property
     def is_cluster_node(self) -> bool:

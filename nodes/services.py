@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 
+from agent.shared.protocol import ANNOUNCE, END_MAINTENANCE, NoticeCommand
 from nodes.models import Node
 from updates import workflow
 from updates.models import MaintenanceNotice, Release, UpdateRun
@@ -84,7 +85,8 @@ def end_maintenance(node: Node) -> bool:
             maintenance_mode=False, maintenance_reason=""
         )
         if changed:
-            sig = signature("node.end_maintenance", args=(node.hostname,)).set(queue=node.queue)
+            command = NoticeCommand(node=node.hostname).to_wire()
+            sig = signature(END_MAINTENANCE, args=(command,)).set(queue=node.queue)
             transaction.on_commit(sig.apply_async)
             if node.cluster_id:
                 # A failed cluster node kept its update slot while out of service; now it is back.
@@ -104,7 +106,8 @@ def announce(nodes: list[Node], message: str, starts_at: datetime, user: Any) ->
                 node=node, message=message, starts_at=starts_at, created_by=user if getattr(user, "pk", None) else None
             )
             text = f"{message} (maintenance starts {starts_at:%Y-%m-%d %H:%M %Z})"
-            sig = signature("node.announce", args=(node.hostname, f"notice-{notice.pk}", text)).set(queue=node.queue)
+            command = NoticeCommand(node=node.hostname, notice_id=f"notice-{notice.pk}", message=text).to_wire()
+            sig = signature(ANNOUNCE, args=(command,)).set(queue=node.queue)
             transaction.on_commit(sig.apply_async)
     return len(nodes)
 

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,8 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     import redis
     from django.conf import settings
 
+    from agent import config as agent_config
+    from agent.app import app as agent_app
     from tgpadmin import embedded_redis
     from tgpadmin.celery import app
 
@@ -49,6 +51,9 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # through django.conf.settings, so changing them there is enough.
     settings.REDIS_URL = settings.CELERY_BROKER_URL = settings.CELERY_RESULT_BACKEND = url
     app._backend_cache = None
+    # The agent code that tests run in this process (reports, steps) talks to the same Redis.
+    agent_config.configure(replace(agent_config.config(), redis_url=url))
+    agent_app.conf.broker_url = url
     assert app.connection_for_write().as_uri().endswith(url.rsplit("@", 1)[-1].split("//")[-1])
     yield url
     if proc:
@@ -198,9 +203,26 @@ def state_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def agent_settings(state_dir: Path) -> Iterator[Callable[..., Any]]:
+    """The configuration of agent code run in the test process (agent.config), like
+    pytest-django's `settings`: change(**fields) replaces fields until the test ends."""
+    from agent import config
+
+    before = config.config()
+    config.configure(replace(before, state_dir=state_dir))
+
+    def change(**fields: Any) -> Any:
+        config.configure(replace(config.config(), **fields))
+        return config.config()
+
+    yield change
+    config.configure(before)
+
+
+@pytest.fixture
 def make_node(state_dir: Path) -> Callable[..., Any]:
     """A Node row plus its simulated appliance, with a name no other test uses."""
-    from nodes.drivers.simulated import SimulatedDriver
+    from agent.drivers.simulated import SimulatedDriver
     from nodes.models import Node
     from updates.demo import DEMO_RELEASES
 
@@ -219,14 +241,15 @@ def make_node(state_dir: Path) -> Callable[..., Any]:
 
 @pytest.fixture
 def start_agent(redis_url: str, state_dir: Path, logs_dir: Path) -> Iterator[Callable[..., subprocess.Popen[Any]]]:
-    """Start `manage.py node_agent` as a real process. It gets a DATABASE_URL that
-    cannot work: node agents must never need the database."""
+    """Start `python -m agent NODE` as a real process. It gets a DATABASE_URL and a
+    DJANGO_SETTINGS_MODULE that cannot work: node agents never need either."""
     procs: list[subprocess.Popen[Any]] = []
 
     def start(hostname: str, *, repo_url: str, pubkey: str, **extra: str) -> subprocess.Popen[Any]:
         env = process_env(
             redis_url,
             DATABASE_URL="postgres://nobody@127.0.0.1:1/no-database-for-agents",
+            DJANGO_SETTINGS_MODULE="no.such.settings",
             TGP_NODE_STATE_DIR=str(state_dir),
             TGP_REPO_URL=repo_url,
             TGP_REPO_PUBKEY=pubkey,
@@ -234,7 +257,7 @@ def start_agent(redis_url: str, state_dir: Path, logs_dir: Path) -> Iterator[Cal
         )
         log = open(logs_dir / f"agent-{hostname}.log", "a")
         proc = subprocess.Popen(
-            [sys.executable, "manage.py", "node_agent", hostname], cwd=ROOT, env=env, stdout=log,
+            [sys.executable, "-m", "agent", hostname], cwd=ROOT, env=env, stdout=log,
             stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         procs.append(proc)

@@ -1,5 +1,5 @@
 """Auto-Update end to end: real Redis, a real control worker and real node agents
-(`manage.py node_agent`, simulated appliance), downloads over loopback HTTP."""
+(`python -m agent`, simulated appliance), downloads over loopback HTTP."""
 
 from __future__ import annotations
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 from django.urls import reverse
 
+from agent.drivers.simulated import SimulatedDriver
 from nodes import services
-from nodes.drivers.simulated import SimulatedDriver
 from nodes.models import Node
 from updates import workflow
 from updates.models import UpdateRun

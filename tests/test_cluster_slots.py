@@ -13,7 +13,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 import redis
 
-from updates.slots import ClusterSlots, SlotBusy, SlotHolder, acquire_or_raise, slots_for_url
+from updates.slots import ClusterSlots, SlotHolder, slots_for_url
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -173,15 +173,6 @@ def test_empty_names_are_refused(slots: ClusterSlots) -> None:
         slots.acquire("", "gw1", 1)
     with pytest.raises(ValueError):
         slots.acquire("c1", "", 1)
-
-
-def test_acquire_or_raise(slots: ClusterSlots) -> None:
-    token = acquire_or_raise(slots, "c1", "gw1", 1)
-    assert acquire_or_raise(slots, "c1", "gw1", 1) == token
-    with pytest.raises(SlotBusy) as busy:
-        acquire_or_raise(slots, "c1", "gw2", 1)
-    assert (busy.value.cluster, busy.value.node, busy.value.cap) == ("c1", "gw2", 1)
-    assert "gw2" in str(busy.value) and "c1" in str(busy.value)
 
 
 def test_slots_for_url_and_decoded_clients_see_the_same_slots(redis_url: str, prefix: str) -> None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from nodes.download import download_package
-from updates.repository import DownloadError, PackageVerificationError
+from agent.download import download_package
+from agent.shared.repository import DownloadError, PackageVerificationError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -254,7 +254,7 @@ def test_complete_part_is_verified_without_a_request(server, client, tmp_path):
 
 
 def test_corrupt_complete_part_is_discarded_and_fetched_again_next_time(server, client, tmp_path):
-    # What a power cut can leave behind: downloads are not fsynced (see nodes.download).
+    # What a power cut can leave behind: downloads are not fsynced (see agent.download).
     url, b = server
     dest = tmp_path / "pkg.tar.gz"
     _part(dest).write_bytes(b"\0" * len(PAYLOAD))
@@ -296,12 +296,13 @@ def test_unreachable_server_is_a_download_error(client, tmp_path):
         _download(client, f"http://127.0.0.1:{port}/x", tmp_path / "pkg.tar.gz")
 
 
-def test_install_fetches_again_a_package_a_power_cut_ate(tmp_path, settings):
+def test_install_fetches_again_a_package_a_power_cut_ate(tmp_path, agent_settings):
     """The node's download and install steps against a signed repository on loopback:
     a downloaded file lost before the install (downloads are not fsynced) is fetched
     again and checked, instead of failing the run."""
-    from nodes import steps
-    from nodes.drivers.simulated import SimulatedDriver
+    from agent import steps
+    from agent.drivers.simulated import SimulatedDriver
+    from agent.shared.protocol import StepCommand
     from tests.conftest import Repo
     from tests.servers import RepoServer
     from updates.demo import DEMO_RELEASES
@@ -310,10 +311,10 @@ def test_install_fetches_again_a_package_a_power_cut_ate(tmp_path, settings):
     driver = SimulatedDriver("gw-cut", tmp_path / "node")
     packages = next(p for _, v, *_, p in DEMO_RELEASES if v == "2.1.0")
     driver.seed(version="2.1.0", packages=packages, users=[], cluster=False)
-    payload = {"run": 7, "node": "gw-cut", "version": "2.2.0", "packages": [], "message": "", "cluster": None}
+    payload = StepCommand(run=7, node="gw-cut", version="2.2.0")
     reports: list[tuple[str, dict]] = []
     with RepoServer(repo.dir) as server:
-        settings.TGP_REPO_URL, settings.TGP_REPO_PUBKEY = server.url, repo.pubkey
+        agent_settings(repo_url=server.url, repo_pubkey=repo.pubkey)
         steps.download(driver, payload, lambda event, **kw: reports.append((event, kw)))
         victim = sorted(driver.download_dir("2.2.0").glob("*.tar.gz"))[0]
         victim.write_bytes(victim.read_bytes()[:100])  # what was on disk when the power went

@@ -14,7 +14,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 from django.utils import timezone
 
-from nodes import tasks as node_tasks
+from agent import tasks as node_tasks
+from agent.shared.protocol import Snapshot
 from nodes.models import Cluster, Node
 from tgpadmin.celery import app
 from updates import workflow
@@ -286,8 +287,8 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     run = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     # A queue of its own, so that no control worker of the session takes the messages.
     queue = f"control-order-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
-    node_tasks.send_to_control("control.node_report", "gw1", {"taken_at": time.time()})
+    monkeypatch.setattr(node_tasks, "report_queue", queue)
+    node_tasks.report_node("gw1", Snapshot(taken_at=time.time()))
     (slot,) = workflow.build_chain(run, "slot").tasks  # the slot request as a run's chain carries it
     slot.set(queue=queue).apply_async()
     signature("control.complete", args=(None, 1), immutable=True).set(queue=queue).apply_async()

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from nodes import tasks as node_tasks
+from agent import tasks as node_tasks
+from agent.shared.protocol import RECORD_STEP, StepReport
 from nodes.models import Node
 from tests.conftest import wait_for
 
@@ -19,7 +20,8 @@ def test_heartbeats_do_not_flood_the_control_log(make_node, agent_for, control_w
         seen = Node.objects.get(pk=node.pk).last_seen
         wait_for(lambda s=seen: Node.objects.get(pk=node.pk).last_seen > s, 30, "a heartbeat to be processed")
     # Any other task still shows: a report about a run that does not exist.
-    node_tasks.send_to_control("control.record_step", 0, "notify", "progress")
+    report = StepReport(run=1_000_000, step="notify", event="progress", hostname=node.hostname, at=0)
+    node_tasks.send_to_control(RECORD_STEP, report.to_wire())
     wait_for(lambda: "Task control.record_step[" in control_worker.log_path.read_text(), 30, "the report in the log")
 
     assert "Task control.node_report[" not in control_worker.log_path.read_text()

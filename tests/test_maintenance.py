@@ -8,8 +8,8 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from agent.drivers.simulated import SimulatedDriver
 from nodes import services
-from nodes.drivers.simulated import SimulatedDriver
 from nodes.models import Node
 from tests.conftest import wait_for
 from updates import workflow

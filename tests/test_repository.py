@@ -16,8 +16,8 @@ import httpx
 import pytest
 from django.core.management import CommandError, call_command
 
-from updates.demo import DEMO_RELEASES, write_demo_sources
-from updates.repository import (
+from agent.shared.protocol import version_key
+from agent.shared.repository import (
     DownloadError,
     ExpiredIndexError,
     IndexFormatError,
@@ -25,15 +25,13 @@ from updates.repository import (
     RepositoryError,
     SerialRollbackError,
     SignatureError,
-    build_repository,
     fetch_index,
-    generate_keypair,
     package_url,
     parse_and_verify,
-    public_key_from_private,
     validate_package_name,
-    version_key,
 )
+from updates.demo import DEMO_RELEASES, write_demo_sources
+from updates.repository import build_repository, generate_keypair, public_key_from_private
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -425,7 +423,7 @@ def test_build_repo_command_rejects_zero_expiry_days(tmp_path):
 
 
 def test_threads_that_start_downloading_at_once_load_the_ca_bundle_once(monkeypatch):
-    from updates import repository
+    from agent.shared import repository
 
     built = []
     real = httpx.create_ssl_context

@@ -13,10 +13,13 @@ from typing import Any
 
 import pytest
 
-from nodes import tasks as node_tasks
-from nodes.drivers.simulated import SimulatedDriver
+from agent import tasks as node_tasks
+from agent.app import app as agent_app
+from agent.drivers.simulated import SimulatedDriver
+from agent.shared.protocol import Snapshot
 from nodes.models import Node
 from tgpadmin.celery import app
+from updates import tasks as control_tasks
 from updates import workflow
 from updates.models import UpdateRun, UpdateStep
 
@@ -25,18 +28,18 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture
 def inbox(monkeypatch):
-    """The reports the agent code sends, as (event, kwargs), read back from Redis."""
+    """The reports the agent code sends, as (event, message), read back from Redis."""
     queue = f"reports-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
+    monkeypatch.setattr(node_tasks, "report_queue", queue)
     with app.connection_for_read() as conn:
         simple = conn.SimpleQueue(queue)
 
         def take(timeout: float = 5.0) -> tuple[str, dict[str, Any]]:
             message = simple.get(timeout=timeout)
             message.ack()
-            args, kwargs, _ = message.decode()
+            (report,), _, _ = message.decode()
             assert message.headers["task"] == "control.record_step"
-            return args[2], kwargs
+            return report["event"], report
 
         yield SimpleNamespace(take=take, Empty=simple.Empty)
         simple.close()
@@ -51,8 +54,10 @@ def run(make_node, releases, state_dir, django_capture_on_commit_callbacks):
     return made
 
 
-def record(run: UpdateRun, step: str, event: str, kwargs: dict[str, Any]) -> UpdateStep:
-    workflow.record_step(run.pk, step, event, **kwargs)
+def record(run: UpdateRun, step: str, event: str, report: dict[str, Any]) -> UpdateStep:
+    """Recorded as the control worker does: the message decoded, then recorded."""
+    assert (report["run"], report["step"], report["event"]) == (run.pk, step, event)
+    control_tasks.record_step(report)
     return UpdateStep.objects.get(run=run, name=step)
 
 
@@ -82,7 +87,7 @@ def test_a_slow_step_shows_as_running_before_it_ends(run, inbox):
 
     report("succeeded", detail="installed")
     event, kwargs = inbox.take()
-    assert event == "succeeded" and "started" not in kwargs
+    assert event == "succeeded" and kwargs["started"] is None
     step = record(run, "install", event, kwargs)
     assert (step.state, step.attempts) == ("succeeded", 1), "one attempt, counted once"
 
@@ -94,30 +99,29 @@ def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
         raise ConnectionError("repository unreachable")
 
     with pytest.raises(ConnectionError):
-        node_tasks._run_step(task, {"run": run.pk, "node": run.node.hostname}, unreachable)
+        node_tasks._run_step(task, workflow.node_payload(run), unreachable)
     event, kwargs = inbox.take()
     # While its retry waits (or until on_failure's report lands), the admin shows the step as running.
     assert event == "started"
     assert record(run, "download", event, kwargs).state == "running"
 
 
-def test_a_workers_ready_report_goes_ahead_of_the_fleets_heartbeats(make_node, state_dir, settings, monkeypatch):
+def test_a_workers_ready_report_goes_ahead_of_the_fleets_heartbeats(make_node, agent_settings, monkeypatch):
     # After a reboot, verify waits for this report while the node is out of service: it
     # must not queue behind a backlog of other nodes' heartbeats.
     node = make_node("gw")
-    settings.TGP_NODE_STATE_DIR = state_dir
+    agent_settings(served=(node.hostname,))
     queue = f"control-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
-    monkeypatch.setenv("TGP_AGENT_NODE", node.hostname)
+    monkeypatch.setattr(node_tasks, "report_queue", queue)
     for i in range(20):
-        node_tasks.send_to_control("control.node_report", f"other{i}", {"taken_at": 0})
+        node_tasks.report_node(f"other{i}", Snapshot())
     node_tasks._report_ready()
 
     with app.connection_for_read() as conn, conn.SimpleQueue(queue) as backlog:
         message = backlog.get(timeout=5)
         message.ack()
-        args, _, _ = message.decode()
-        assert args[0] == node.hostname and args[1]["worker"] is True
+        (report,), _, _ = message.decode()
+        assert report["hostname"] == node.hostname and report["snapshot"]["worker"] is True
         while True:  # leave nothing behind in Redis
             try:
                 backlog.get(timeout=0.2).ack()
@@ -125,7 +129,7 @@ def test_a_workers_ready_report_goes_ahead_of_the_fleets_heartbeats(make_node, s
                 break
 
 
-def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, settings, state_dir, monkeypatch):
+def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, agent_settings, monkeypatch):
     # The next step (often verify or complete, which take the node's snapshot from the
     # chain) must not wait for the report to be published. Both go to one private
     # queue at one priority here, so Redis keeps them in the order they were sent.
@@ -133,11 +137,10 @@ def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, setting
     from celery.app.trace import build_tracer
 
     queue = f"order-{uuid.uuid4().hex[:8]}"
-    monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
-    settings.TGP_NODE_STATE_DIR = state_dir
+    monkeypatch.setattr(node_tasks, "report_queue", queue)
     payload = workflow.node_payload(run)
     after = signature("control.complete", args=(run.pk,), queue=queue, priority=9)
-    trace = build_tracer("node.notify", node_tasks.notify, app=app, eager=False)
+    trace = build_tracer("node.notify", node_tasks.notify, app=agent_app, eager=False)
     trace(uuid.uuid4().hex, (payload,), {}, {"chain": [dict(after)], "delivery_info": {"priority": 9}})
 
     with app.connection_for_read() as conn, conn.SimpleQueue(queue) as sent:

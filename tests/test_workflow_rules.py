@@ -33,7 +33,7 @@ def test_a_late_success_report_still_lands_after_the_run_completed(run):
 
 def test_a_step_whose_report_was_lost_shows_succeeded_once_the_run_completes(run):
     # The agent was killed after the chain's next message went out and before the
-    # step's own report did (nodes.tasks.NodeStep sends it after the task returns).
+    # step's own report did (agent.tasks.NodeStep sends it after the task returns).
     for name in ["notify", "download", "install", "reboot", "verify", "resume"]:
         workflow.record_step(run.pk, name, "succeeded")
     assert step(run, "drain").state == "pending"

@@ -1,64 +1,37 @@
 """Typed readers for environment variables that fail loudly on bad values.
 
-settings.py is the only caller; every helper raises ImproperlyConfigured naming
-the variable, so a typo in a deployment stops the process at start, not later.
+settings.py is the only caller. The readers are the ones the agent uses too
+(agent/shared/env.py); here a bad value raises ImproperlyConfigured naming the
+variable, so a typo in a deployment stops the process at start, not later.
 """
 
 from __future__ import annotations
 
-import os
+from collections.abc import Callable
+from functools import wraps
+from typing import ParamSpec, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
 
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+from agent.shared import env as shared
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
-def env_str(name: str, default: str | None = None) -> str:
-    value = os.environ.get(name, default)
-    if value is None:
-        raise ImproperlyConfigured(f"Environment variable {name} is required.")
-    return value
+def _django(reader: Callable[P, T]) -> Callable[P, T]:
+    @wraps(reader)
+    def read(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return reader(*args, **kwargs)
+        except shared.ConfigError as exc:
+            raise ImproperlyConfigured(str(exc)) from None
+
+    return read
 
 
-def env_bool(name: str, default: bool = False) -> bool:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    lowered = raw.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ImproperlyConfigured(f"{name}={raw!r} is not a boolean (use 1/0, true/false, yes/no, on/off).")
-
-
-def env_int(name: str, default: int, minimum: int | None = None) -> int:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer.") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} is below the minimum of {minimum}.")
-    return value
-
-
-def env_float(name: str, default: float, minimum: float | None = None) -> float:
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ImproperlyConfigured(f"{name}={raw!r} is not a number.") from None
-    if minimum is not None and value < minimum:
-        raise ImproperlyConfigured(f"{name}={value} is below the minimum of {minimum}.")
-    return value
-
-
-def env_list(name: str, default: str = "") -> list[str]:
-    raw = os.environ.get(name, default)
-    return [item.strip() for item in raw.split(",") if item.strip()]
+env_str = _django(shared.env_str)
+env_bool = _django(shared.env_bool)
+env_int = _django(shared.env_int)
+env_float = _django(shared.env_float)
+env_list = _django(shared.env_list)

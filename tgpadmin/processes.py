@@ -3,8 +3,6 @@ the workers, servers and agents that tests and benchmarks start."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import os
 import signal
 import subprocess
@@ -12,14 +10,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
+from agent.shared.processes import die_with_parent
 
-
-def die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when its parent dies, even by SIGKILL,
-    so nothing is left running unsupervised."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6").prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+__all__ = ["die_with_parent", "stop_process", "wait_for"]
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import dj_database_url
 
+from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY
 from tgpadmin.env import env_bool, env_float, env_int, env_list, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -142,7 +143,7 @@ REDIS_URL = env_str("REDIS_URL", "") or f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
-CELERY_TASK_DEFAULT_QUEUE = "control"
+CELERY_TASK_DEFAULT_QUEUE = CONTROL_QUEUE
 CELERY_TASK_SERIALIZER = "json"
 CELERY_RESULT_SERIALIZER = "json"
 CELERY_ACCEPT_CONTENT = ["json"]
@@ -150,11 +151,9 @@ CELERY_RESULT_EXPIRES = 24 * 3600
 # The database rows are the truth about a run; task results are kept only where a
 # task asks for it (Flower shows outcomes from events, not from the backend).
 CELERY_TASK_IGNORE_RESULT = True
-# "task-sent" events let Flower show a task before a worker takes it. A node agent
-# publishes only reports and the next step of its own chain, one to two messages per
-# step: it leaves them out (each would be a second publish), Flower sees those tasks
-# from the receiving worker's events.
-CELERY_TASK_SEND_SENT_EVENT = not os.environ.get("TGP_AGENT_NODE")
+# "task-sent" events let Flower show a task before a worker takes it. (Node agents
+# run their own Celery app, agent/app.py, which leaves them out.)
+CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TRACK_STARTED = True
@@ -162,47 +161,41 @@ CELERY_TIMEZONE = TIME_ZONE
 CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Static entries; django-celery-beat copies them into its tables at start.
 CELERY_BEAT_SCHEDULE = {
-    "reap-stale-runs": {"task": "control.reap_stale_runs", "schedule": 60.0, "options": {"queue": "control"}},
+    "reap-stale-runs": {"task": "control.reap_stale_runs", "schedule": 60.0, "options": {"queue": CONTROL_QUEUE}},
     "reconcile-runs": {
         "task": "control.reconcile",
         "schedule": env_float("TGP_RECONCILE_INTERVAL", 30.0, minimum=1.0),
-        "options": {"queue": "control"},
+        "options": {"queue": CONTROL_QUEUE},
     },
 }
-# Publishing (step reports, a chain's next task) survives a broker restart of up
-# to about a minute instead of failing the step.
-CELERY_TASK_PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+# Publishing (a chain's first task, a hand-off) survives a broker restart of up to
+# about a minute instead of failing; the agents publish with the same policy.
+CELERY_TASK_PUBLISH_RETRY_POLICY = PUBLISH_RETRY_POLICY
 # An unacknowledged message comes back after this long. Node steps are acked on
-# receipt (see nodes/tasks.py), so this only matters for control tasks.
+# receipt (see agent/tasks.py), so this only matters for control tasks.
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60)}
 
 # --- Update workflow -------------------------------------------------------------
-# Public key (base64, Ed25519) that node agents pin; private key file for build_repo.
+# The signed repository: where it is served, the public key (base64, Ed25519) that
+# sync_releases checks (the agents pin the same one, agent/config.py), the private
+# key file for build_repo, and where the demo builds it.
 TGP_REPO_URL = env_str("TGP_REPO_URL", "http://127.0.0.1:8001/")
 TGP_REPO_PUBKEY = env_str("TGP_REPO_PUBKEY", "")
 TGP_REPO_PUBKEY_FILE = Path(env_str("TGP_REPO_PUBKEY_FILE", str(VAR_DIR / "keys" / "repo.pub")))
 TGP_REPO_SIGNING_KEY_FILE = Path(env_str("TGP_REPO_SIGNING_KEY_FILE", str(VAR_DIR / "keys" / "repo.key")))
 TGP_REPO_DIR = Path(env_str("TGP_REPO_DIR", str(VAR_DIR / "repo")))
-# Where the simulated driver keeps each node's state (sessions, packages, releases).
+# Where the demo's simulated appliances keep their state (the agents read the same variable).
 TGP_NODE_STATE_DIR = Path(env_str("TGP_NODE_STATE_DIR", str(VAR_DIR / "nodes")))
-TGP_NODE_DRIVER = env_str("TGP_NODE_DRIVER", "simulated")
 # How long a node may be silent (no progress, no heartbeat) during a run before it fails.
 TGP_RUN_STALL_TIMEOUT = env_float("TGP_RUN_STALL_TIMEOUT", 1800.0, minimum=1.0)
 # How long the control plane waits for a node to come back after the reboot step.
 TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)
-TGP_HEARTBEAT_INTERVAL = env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1)
 # A run quiet for this long, whose next step is the control plane's, is carried on
 # by the reconciler (beat, every TGP_RECONCILE_INTERVAL seconds, and at worker start).
 TGP_RECONCILE_AFTER = env_float("TGP_RECONCILE_AFTER", 60.0, minimum=0.1)
-TGP_DOWNLOAD_CHUNK = env_int("TGP_DOWNLOAD_CHUNK", 1024 * 1024, minimum=1024)
-TGP_DOWNLOAD_TIMEOUT = env_float("TGP_DOWNLOAD_TIMEOUT", 30.0, minimum=0.1)
-# The manual's policy: 10 attempts per round, with backoff between them (seconds).
+# The manual's policy: 10 attempts per round. The agents make them (agent/config.py);
+# the control plane names the number when it sets the warning flag.
 TGP_DOWNLOAD_ATTEMPTS = env_int("TGP_DOWNLOAD_ATTEMPTS", 10, minimum=1)
-TGP_DOWNLOAD_BACKOFF = env_int("TGP_DOWNLOAD_BACKOFF", 5, minimum=1)
-TGP_DOWNLOAD_BACKOFF_MAX = env_int("TGP_DOWNLOAD_BACKOFF_MAX", 300, minimum=0)
-# Simulated appliances only: each disruptive step takes a random time in this range
-# ("0.5-2"), to make a demo or a test look like real hardware. Empty: no delay.
-TGP_SIM_STEP_SECONDS = env_str("TGP_SIM_STEP_SECONDS", "")
 # Default advance notice for "Announce maintenance" (the manual says about 2 hours).
 TGP_MAINTENANCE_NOTICE_LEAD = env_float("TGP_MAINTENANCE_NOTICE_LEAD", 2 * 3600.0, minimum=0)
 

@@ -12,23 +12,22 @@ from django.db import models, transaction
 from django.db.models import Q
 from django.urls import reverse
 
-from nodes.models import Cluster, Node
-
-version_validator = RegexValidator(r"^\d+(\.\d+){0,3}$", "Use a dotted numeric version such as 2.1.0.")
-package_name_validator = RegexValidator(
-    r"^[a-z0-9][a-z0-9.+-]{1,62}$", "Use a Debian package name: lower-case letters, digits, '.', '+', '-'."
+from agent.shared.protocol import (
+    PACKAGE_NAME_RE,
+    PACKAGE_NAME_RULE,
+    SHA256_RE,
+    VERSION_RE,
+    VERSION_RULE,
+    version_sort_key,
 )
+from nodes.models import Channel, Cluster, Node
 
-
-def sort_key(version: str) -> str:
-    """A string that sorts like the version: '2.10.0' after '2.9.1'."""
-    return ".".join(f"{int(part):06d}" for part in version.split("."))
+version_validator = RegexValidator(VERSION_RE, f"Use {VERSION_RULE}.")
+package_name_validator = RegexValidator(PACKAGE_NAME_RE, f"Use {PACKAGE_NAME_RULE}.")
 
 
 class Release(models.Model):
-    class Channel(models.TextChoices):
-        STABLE = "stable", "Stable"
-        OLDSTABLE = "oldstable", "Oldstable"
+    Channel = Channel
 
     version = models.CharField(max_length=32, unique=True, validators=[version_validator])
     version_sort = models.CharField(max_length=64, editable=False, db_index=True)
@@ -46,7 +45,7 @@ class Release(models.Model):
         return f"{self.version} ({self.channel})"
 
     def save(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
-        self.version_sort = sort_key(self.version)
+        self.version_sort = version_sort_key(self.version)
         super().save(*args, **kwargs)
 
     @classmethod
@@ -60,7 +59,7 @@ class Package(models.Model):
     version = models.CharField(max_length=32, validators=[version_validator])
     file = models.CharField(max_length=200)
     size = models.PositiveBigIntegerField()
-    sha256 = models.CharField(max_length=64, validators=[RegexValidator(r"^[0-9a-f]{64}$", "64 hex digits.")])
+    sha256 = models.CharField(max_length=64, validators=[RegexValidator(SHA256_RE, "64 hex digits.")])
 
     class Meta:
         ordering = ["name"]

@@ -16,8 +16,9 @@ from typing import NamedTuple
 
 from django.db.models import Exists, OuterRef, QuerySet, Subquery
 
+from agent.shared.protocol import version_key
 from nodes.models import Node
-from updates.models import Release, UpdateLock, sort_key
+from updates.models import Release, UpdateLock
 
 SERVICE = "CHECK_VERSIONS"
 DOWNLOAD_FAILED = "Update download failed"  # the manual's wording, verbatim
@@ -84,7 +85,7 @@ def unknown(text: str) -> Result:
 def _older(installed: str, newest: str) -> bool | None:
     """True if installed is older than newest; None if a version is not numeric."""
     try:
-        return sort_key(installed) < sort_key(newest)
+        return version_key(installed) < version_key(newest)
     except ValueError:
         return None
 

@@ -5,14 +5,12 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import transaction
 
+from agent.shared.repository import RepositoryIndex, fetch_index, parse_and_verify, pinned_public_key
 from updates.models import Package, Release
-from updates.repository import RepositoryIndex, fetch_index, parse_and_verify
 
 
 def public_key() -> str:
-    if settings.TGP_REPO_PUBKEY:
-        return settings.TGP_REPO_PUBKEY
-    return settings.TGP_REPO_PUBKEY_FILE.read_text().strip()
+    return pinned_public_key(settings.TGP_REPO_PUBKEY, settings.TGP_REPO_PUBKEY_FILE)
 
 
 def last_serial() -> int:

@@ -15,6 +15,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from celery.schedules import crontab
 
+from agent.shared.protocol import CONTROL_QUEUE
+
 MAX_SEARCH_DAYS = 366 * 5
 
 
@@ -149,7 +151,7 @@ def sync_beat(schedule: Any) -> None:
         task = getattr(schedule, f"{kind}_task") or PeriodicTask(name=f"tgpadmin schedule {schedule.pk}: {kind}")
         task.task = task_name
         task.kwargs = f'{{"schedule_id": {schedule.pk}}}'
-        task.queue = "control"
+        task.queue = CONTROL_QUEUE
         task.enabled = schedule.time_control
         task.description = f"{kind.capitalize()} of {schedule} (tgpadmin UpdateSchedule {schedule.pk})"
         _set_timing(task, schedule, kind)

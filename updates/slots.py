@@ -28,6 +28,8 @@ from datetime import UTC, datetime
 
 import redis
 
+from agent.shared.protocol import SLOT_PREFIX, parse_slot_holder, slot_keys
+
 log = logging.getLogger(__name__)
 
 # Check, count and claim in one script: Redis runs it without interleaving any
@@ -68,24 +70,14 @@ class SlotHolder:
     since: datetime
 
 
-class SlotBusy(Exception):
-    """Every slot of the cluster is taken: wait and try again (not a failure)."""
-
-    def __init__(self, cluster: str, node: str, cap: int) -> None:
-        super().__init__(f"{node} waits for an update slot: cluster {cluster} allows {cap} at a time")
-        self.cluster = cluster
-        self.node = node
-        self.cap = cap
-
-
 def _text(value: bytes | str) -> str:
     # The client may or may not have been built with decode_responses.
     return value.decode() if isinstance(value, bytes) else value
 
 
 def _parse(value: bytes | str) -> tuple[int, datetime]:
-    token, since_ms = _text(value).split(":", 1)
-    return int(token), datetime.fromtimestamp(int(since_ms) / 1000, tz=UTC)
+    token, since_ms = parse_slot_holder(value)
+    return token, datetime.fromtimestamp(since_ms / 1000, tz=UTC)
 
 
 def _check_name(kind: str, name: str) -> None:
@@ -94,16 +86,14 @@ def _check_name(kind: str, name: str) -> None:
 
 
 class ClusterSlots:
-    def __init__(self, client: redis.Redis, prefix: str = "tgp:slots") -> None:
+    def __init__(self, client: redis.Redis, prefix: str = SLOT_PREFIX) -> None:
         self.client = client
         self.prefix = prefix
         self._acquire = client.register_script(_ACQUIRE)
         self._release = client.register_script(_RELEASE)
 
     def _keys(self, cluster: str) -> list[str]:
-        _check_name("cluster", cluster)
-        base = f"{self.prefix}:{{{cluster}}}"
-        return [f"{base}:holders", f"{base}:fence"]
+        return list(slot_keys(cluster, self.prefix))  # the layout the agents' fencing check reads
 
     def acquire(self, cluster: str, node: str, cap: int) -> int | None:
         """The node's fencing token if it holds a slot (newly, or already: the
@@ -154,11 +144,3 @@ def slots_for_url(url: str) -> ClusterSlots:
 def shared_slots(url: str) -> ClusterSlots:
     """One client (and connection pool) per URL and process, not a connection per call."""
     return slots_for_url(url)
-
-
-def acquire_or_raise(slots: ClusterSlots, cluster: str, node: str, cap: int) -> int:
-    """The fencing token, or SlotBusy for the Celery task to retry on."""
-    token = slots.acquire(cluster, node, cap)
-    if token is None:
-        raise SlotBusy(cluster, node, cap)
-    return token

@@ -1,30 +1,69 @@
-"""Control-queue tasks: thin wrappers that take ids and call updates.workflow."""
+"""Control-queue tasks: thin wrappers that take ids (or a typed message from a
+node, decoded and checked by agent.shared.protocol) and call updates.workflow."""
 
 from __future__ import annotations
 
 import contextlib
-import os
+import logging
 from typing import Any
 
 from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 
+from agent.shared.protocol import (
+    COMPLETE,
+    CONTROL_QUEUE,
+    NODE_REPORT,
+    RECORD_STEP,
+    VERIFY,
+    NodeReport,
+    ProtocolError,
+    Snapshot,
+    StepReport,
+)
 from updates import workflow
 
-
-@shared_task(name="control.record_step", ignore_result=True)
-def record_step(run_id: int, step: str, event: str, **fields: Any) -> None:
-    workflow.record_step(run_id, step, event, **fields)
+log = logging.getLogger(__name__)
 
 
-@shared_task(name="control.node_report", ignore_result=True)
-def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
-    workflow.node_reported(hostname, snapshot)
+def _decoded(kind: type[Any], message: Any) -> Any:
+    """The message, checked field by field; None (and a log line) for one that does not
+    follow the protocol: it changes nothing, and retrying it would not help."""
+    try:
+        return kind.from_wire(message)
+    except ProtocolError as exc:
+        log.warning("refused a %s: %s", kind.__name__, exc)
+        return None
+
+
+def _chain_snapshot(snapshot: Any) -> dict[str, Any] | None:
+    """The snapshot a node step returned, handed on by the chain (None when a chain starts here)."""
+    decoded = None if snapshot is None else _decoded(Snapshot, snapshot)
+    return decoded.to_wire() if decoded else None
+
+
+@shared_task(name=RECORD_STEP, ignore_result=True)
+def record_step(message: dict[str, Any]) -> None:
+    report: StepReport | None = _decoded(StepReport, message)
+    if report is None:
+        return
+    workflow.record_step(
+        report.run, report.step, report.event, detail=report.detail, bytes_done=report.bytes_done,
+        bytes_total=report.bytes_total, snapshot=report.snapshot.to_wire() if report.snapshot else None,
+        hostname=report.hostname, at=report.at, started=report.started,
+    )  # fmt: skip
+
+
+@shared_task(name=NODE_REPORT, ignore_result=True)
+def node_report(message: dict[str, Any]) -> None:
+    report: NodeReport | None = _decoded(NodeReport, message)
+    if report is not None:
+        workflow.node_reported(report.hostname, report.snapshot.to_wire())
 
 
 @shared_task(
-    name="control.verify",
+    name=VERIFY,
     autoretry_for=(workflow.NodeNotBack,),
     throws=(workflow.CarriedOn,),  # expected: logged without a traceback
     retry_backoff=1,
@@ -33,8 +72,8 @@ def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
     max_retries=None,  # bounded by TGP_REBOOT_TIMEOUT inside verify_node_back
 )
 def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
-    # snapshot: what node.reboot returned, handed on by the chain (None when a chain starts here).
-    workflow.verify_node_back(run_id, snapshot)
+    # snapshot: what node.reboot (or node.install) returned.
+    workflow.verify_node_back(run_id, _chain_snapshot(snapshot))
 
 
 @shared_task(name="control.slot")  # sent at workflow.SLOT_PRIORITY
@@ -58,10 +97,10 @@ def hold(run_id: int) -> None:
     workflow.hold(run_id)
 
 
-@shared_task(name="control.complete")
+@shared_task(name=COMPLETE)
 def complete(snapshot: dict[str, Any] | None, run_id: int) -> bool:
-    # snapshot: what node.resume returned, handed on by the chain (None when a chain starts here).
-    return workflow.complete_run(run_id, snapshot)
+    # snapshot: what node.resume returned.
+    return workflow.complete_run(run_id, _chain_snapshot(snapshot))
 
 
 @shared_task(name="control.reconcile")
@@ -72,9 +111,8 @@ def reconcile() -> int:
 @worker_ready.connect
 def _reconcile_at_start(sender: Any = None, **_: Any) -> None:
     # A control worker that starts (again) looks for runs its predecessor dropped.
-    # Node agents are workers too, but never touch the database: they skip this.
-    if not os.environ.get("TGP_AGENT_NODE"):
-        reconcile.apply_async(queue="control", countdown=settings.TGP_RECONCILE_AFTER)
+    # (Node agents run their own Celery app, which never loads this module.)
+    reconcile.apply_async(queue=CONTROL_QUEUE, countdown=settings.TGP_RECONCILE_AFTER)
 
 
 @shared_task(name="control.reap_stale_runs")

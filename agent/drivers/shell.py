@@ -15,8 +15,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from nodes.drivers.base import Driver, _write_atomic, read_json
-from updates.repository import PackageEntry
+from agent.drivers.base import Driver, read_json
+from agent.shared.files import atomic_write
+from agent.shared.repository import PackageEntry
 
 COMMAND_TIMEOUT = 3600
 
@@ -68,7 +69,7 @@ class ShellDriver(Driver):
         )
         installs[str(run_id)] = version
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(done, json.dumps(installs))
+        atomic_write(done, json.dumps(installs).encode())
         return out.strip()[-500:] or f"installed {len(files)} package(s)"
 
     def reboot(self, run_id: int) -> bool:
@@ -79,7 +80,7 @@ class ShellDriver(Driver):
             return False
         reboots[str(run_id)] = boot
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(marker, json.dumps(reboots))
+        atomic_write(marker, json.dumps(reboots).encode())
         self._run("reboot", TGP_RUN=str(run_id))
         return True
 

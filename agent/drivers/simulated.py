@@ -22,10 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
-
-from nodes.drivers.base import Driver, _write_atomic
-from updates.repository import PackageEntry
+from agent.config import config
+from agent.drivers.base import Driver
+from agent.shared.files import atomic_write
+from agent.shared.repository import PackageEntry
 
 REBOOT_EXIT_CODE = 75
 
@@ -78,7 +78,8 @@ class SimulatedDriver(Driver):
             fcntl.flock(lock, fcntl.LOCK_EX)
             data = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
             yield data
-            _write_atomic(self.state_file, json.dumps(data, indent=1, sort_keys=True))
+            # Not synced: a simulated appliance, rewritten at every step (benchmarks run hundreds).
+            atomic_write(self.state_file, json.dumps(data, indent=1, sort_keys=True).encode(), durable=False)
 
     def read(self) -> dict[str, Any]:
         """The state as it is: a shared lock, and nothing written back (state.json is
@@ -100,14 +101,6 @@ class SimulatedDriver(Driver):
             "maintenance": data.get("maintenance", False),
             "boot_id": data.get("boot_id", ""),
         }
-
-    def log_on(self, user: str) -> bool:
-        """A user logs on (used by the demo and tests); refused while logon is off."""
-        with self.state() as data:
-            if not data.get("logon_enabled", True):
-                return False
-            data.setdefault("sessions", {}).setdefault(user, {"since": _now(), "inbox": []})
-            return True
 
     def notify(self, notice_id: str, message: str) -> int:
         with self.state() as data:
@@ -187,7 +180,7 @@ class SimulatedDriver(Driver):
 
     def _pause(self) -> None:
         """Real appliances take their time: TGP_SIM_STEP_SECONDS="min-max"."""
-        spec = settings.TGP_SIM_STEP_SECONDS
+        spec = config().sim_step_seconds
         if spec:
             low, _, high = spec.partition("-")
             time.sleep(random.uniform(float(low), float(high or low)))

@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import json
-import os
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from updates.repository import PackageEntry
+from agent.shared.files import atomic_write
+from agent.shared.repository import PackageEntry
 
 
 class Driver(ABC):
@@ -31,7 +31,7 @@ class Driver(ABC):
     def remember_serial(self, serial: int) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if serial > self.last_serial():
-            _write_atomic(self.state_dir / "index-serial", str(serial))
+            atomic_write(self.state_dir / "index-serial", str(serial).encode())
 
     @abstractmethod
     def snapshot(self) -> dict[str, Any]:
@@ -63,12 +63,6 @@ class Driver(ABC):
 
     def deliver_notice(self, notice_id: str, message: str) -> int:
         return self.notify(notice_id, message)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, default: Any) -> Any:

@@ -1,46 +1,38 @@
 """The node side of a run: plain functions the agent's tasks call.
 
-They never touch the database. What they need comes in the payload (run id,
-version, package names, message) and from the signed index; what they did goes
+They never touch the database. What they need comes in the step command (run
+id, version, package names, message) and from the signed index; what they did goes
 back to the control plane through ``report``.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import httpx
-from django.conf import settings
+import redis
 
-from nodes.download import download_package
-from nodes.drivers.base import Driver
-from updates.repository import (
+from agent.config import config
+from agent.download import download_package
+from agent.drivers.base import Driver
+from agent.shared.files import atomic_write
+from agent.shared.protocol import StepCommand, parse_slot_holder, slot_keys
+from agent.shared.repository import (
     PackageEntry,
     RepositoryIndex,
-    atomic_write,
     fetch_index,
     package_url,
     parse_and_verify,
     repo_client,
 )
-from updates.slots import shared_slots
 
 Report = Callable[..., None]
 
 
-def repo_public_key() -> str:
-    if settings.TGP_REPO_PUBKEY:
-        return settings.TGP_REPO_PUBKEY
-    path = settings.TGP_REPO_PUBKEY_FILE
-    if not path.exists():
-        raise RuntimeError("no pinned repository key: set TGP_REPO_PUBKEY (or TGP_REPO_PUBKEY_FILE)")
-    return path.read_text().strip()
-
-
-def selected(release_packages: tuple[PackageEntry, ...], names: list[str]) -> list[PackageEntry]:
+def selected(release_packages: tuple[PackageEntry, ...], names: tuple[str, ...]) -> list[PackageEntry]:
     if not names:
         return list(release_packages)
     chosen = [p for p in release_packages if p.name in set(names)]
@@ -54,30 +46,40 @@ class FenceLost(RuntimeError):
     """This node no longer holds the cluster slot it was given: it must not go on."""
 
 
-def check_fence(payload: dict[str, Any]) -> None:
+@functools.cache
+def _redis(url: str) -> redis.Redis:
+    """One client (and connection pool) per process, not a connection per check."""
+    return redis.Redis.from_url(url)
+
+
+def check_fence(command: StepCommand) -> None:
     """Before anything disruptive on a cluster node: is our update slot still ours?
     An operator may have released it, and another node may hold it now."""
-    cluster, fence = payload.get("cluster"), payload.get("fence")
-    if not cluster:
+    if not command.cluster:
         return
-    if fence is None or not shared_slots(settings.REDIS_URL).check(cluster, payload["node"], int(fence)):
-        raise FenceLost(f"{payload['node']} does not hold update slot {fence} of {cluster} any more; stopped")
+    held = None
+    if command.fence is not None:
+        held = _redis(config().redis_url).hget(slot_keys(command.cluster)[0], command.node)
+    if held is None or parse_slot_holder(held)[0] != command.fence:
+        raise FenceLost(
+            f"{command.node} does not hold update slot {command.fence} of {command.cluster} any more; stopped"
+        )
 
 
-def notify(driver: Driver, payload: dict[str, Any], report: Report) -> None:
-    count = driver.notify(f"run-{payload['run']}", payload["message"])
+def notify(driver: Driver, command: StepCommand, report: Report) -> None:
+    count = driver.notify(f"run-{command.run}", command.message)
     report("succeeded", detail=f"maintenance mode on; notice sent to {count} logged-in user(s)")
 
 
-def exclude(driver: Driver, payload: dict[str, Any], report: Report) -> None:
-    check_fence(payload)
+def exclude(driver: Driver, command: StepCommand, report: Report) -> None:
+    check_fence(command)
     driver.exclude()
     report("succeeded", detail="out of the load balancer; logged-in users keep working for the lead time")
 
 
-def drain(driver: Driver, payload: dict[str, Any], report: Report) -> None:
-    check_fence(payload)
-    users = driver.drain(payload["run"])
+def drain(driver: Driver, command: StepCommand, report: Report) -> None:
+    check_fence(command)
+    users = driver.drain(command.run)
     who = ", ".join(users) if users else "nobody was logged in"
     report("succeeded", detail=f"logon off, out of the load balancer; logged off: {who}")
 
@@ -96,13 +98,13 @@ class _Throttle:
             self.report("progress", bytes_done=self.base + done, bytes_total=self.total)
 
 
-def download(driver: Driver, payload: dict[str, Any], report: Report) -> None:
-    with repo_client(settings.TGP_DOWNLOAD_TIMEOUT) as client:
+def download(driver: Driver, command: StepCommand, report: Report) -> None:
+    with repo_client(config().download_timeout) as client:
         index, raw, sig = fetch_index(
-            settings.TGP_REPO_URL, repo_public_key(), min_serial=driver.last_serial(), client=client
+            config().repo_url, config().repo_public_key(), min_serial=driver.last_serial(), client=client
         )
-        release = index.release(payload["version"])
-        packages = selected(release.packages, payload["packages"])
+        release = index.release(command.version)
+        packages = selected(release.packages, command.packages)
         total = sum(p.size for p in packages)
         fetch_packages(client, driver, release.version, packages, _Throttle(report, total))
     # The install step checks the packages against this copy again instead of trusting the disk.
@@ -130,11 +132,11 @@ def fetch_packages(
         path = driver.download_dir(version) / Path(entry.file).name
         download_package(
             client,
-            package_url(settings.TGP_REPO_URL, entry),
+            package_url(config().repo_url, entry),
             path,
             size=entry.size,
             sha256=entry.sha256,
-            chunk_size=settings.TGP_DOWNLOAD_CHUNK,
+            chunk_size=config().download_chunk,
             progress=throttle,
         )
         if throttle is not None:
@@ -148,27 +150,27 @@ def verified_index(driver: Driver, version: str) -> RepositoryIndex:
     return parse_and_verify(
         (target / "index.json").read_bytes(),
         (target / "index.json.sig").read_bytes(),
-        repo_public_key(),
+        config().repo_public_key(),
         min_serial=driver.last_serial(),
     )
 
 
-def install(driver: Driver, payload: dict[str, Any], report: Report) -> None:
-    check_fence(payload)
-    release = verified_index(driver, payload["version"]).release(payload["version"])
-    packages = selected(release.packages, payload["packages"])
+def install(driver: Driver, command: StepCommand, report: Report) -> None:
+    check_fence(command)
+    release = verified_index(driver, command.version).release(command.version)
+    packages = selected(release.packages, command.packages)
     # Every file is checked against the signed index right before it is installed.
     # One a power cut ate (downloads are not fsynced) is fetched again, not a failed run.
-    with repo_client(settings.TGP_DOWNLOAD_TIMEOUT) as client:
+    with repo_client(config().download_timeout) as client:
         files = fetch_packages(client, driver, release.version, packages)
-    detail = driver.install(payload["run"], release.version, files, full=not payload["packages"])
+    detail = driver.install(command.run, release.version, files, full=not command.packages)
     report("succeeded", detail=detail)
 
 
-def needs_reboot(driver: Driver, payload: dict[str, Any]) -> bool:
-    return verified_index(driver, payload["version"]).release(payload["version"]).needs_reboot
+def needs_reboot(driver: Driver, command: StepCommand) -> bool:
+    return verified_index(driver, command.version).release(command.version).needs_reboot
 
 
-def resume(driver: Driver, payload: dict[str, Any], report: Report) -> None:
+def resume(driver: Driver, command: StepCommand, report: Report) -> None:
     driver.resume()
     report("succeeded", detail="maintenance off, logon on, back in the load balancer")

@@ -17,21 +17,19 @@ import sys
 import uuid
 from typing import Any
 
-from django.conf import settings
+from agent.config import config
+from agent.drivers.simulated import REBOOT_EXIT_CODE
+from agent.shared.processes import die_with_parent
+from agent.shared.protocol import node_queue
+from agent.tasks import driver_for, report_node, snapshot_of
 
-from nodes.drivers import get_driver
-from nodes.drivers.simulated import REBOOT_EXIT_CODE
-from nodes.tasks import agent_snapshot, send_to_control
-from tgpadmin.processes import die_with_parent
-
-log = logging.getLogger("nodes.agent")
+log = logging.getLogger("agent")
 
 
-class Agent:
-    def __init__(self, hostname: str, *, driver: str | None = None, loglevel: str = "INFO") -> None:
+class Supervisor:
+    def __init__(self, hostname: str, *, loglevel: str = "INFO") -> None:
         self.hostname = hostname
-        self.driver_name = driver or settings.TGP_NODE_DRIVER
-        self.driver = get_driver(hostname, self.driver_name)
+        self.driver = driver_for(hostname)
         self.loglevel = loglevel
         self.child: subprocess.Popen[bytes] | None = None
         self.stopping = False
@@ -39,8 +37,8 @@ class Agent:
 
     def worker_command(self) -> list[str]:
         return [
-            sys.executable, "-m", "celery", "-A", "tgpadmin", "worker",
-            "-Q", f"node.{self.hostname}", "-n", f"agent@{self.hostname}",
+            sys.executable, "-m", "celery", "-A", "agent.app", "worker",
+            "-Q", node_queue(self.hostname), "-n", f"agent@{self.hostname}",
             # One step at a time, and nothing reserved ahead: the solo pool runs a task in
             # the consumer's own loop, so no message is fetched while a step runs, and a
             # worker that goes down (reboot, crash) cannot take the run's next message
@@ -52,20 +50,14 @@ class Agent:
 
     def start_worker(self) -> None:
         self.instance = uuid.uuid4().hex
-        env = {
-            **os.environ,
-            "TGP_AGENT_NODE": self.hostname,
-            "TGP_AGENT_INSTANCE": self.instance,
-            "TGP_NODE_DRIVER": self.driver_name,
-        }
+        # Within the agent: the worker serves this node only, as this instance.
+        env = {**os.environ, "TGP_AGENT_NODE": self.hostname, "TGP_AGENT_INSTANCE": self.instance}
         self.child = subprocess.Popen(self.worker_command(), env=env, preexec_fn=die_with_parent)
         log.info("agent %s: worker pid %s started (instance %s)", self.hostname, self.child.pid, self.instance[:8])
 
     def heartbeat(self) -> None:
         try:
-            snap = agent_snapshot(self.driver)
-            snap["agent_instance"] = self.instance
-            send_to_control("control.node_report", self.hostname, snap)
+            report_node(self.hostname, snapshot_of(self.driver, instance=self.instance))
         except Exception as exc:  # a broker outage must not kill the agent; it retries next beat
             log.warning("agent %s: heartbeat failed: %s", self.hostname, exc)
 
@@ -94,6 +86,6 @@ class Agent:
         self.heartbeat()
         while True:
             try:
-                return self.child.wait(timeout=settings.TGP_HEARTBEAT_INTERVAL)
+                return self.child.wait(timeout=config().heartbeat_interval)
             except subprocess.TimeoutExpired:
                 self.heartbeat()

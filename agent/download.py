@@ -5,7 +5,7 @@ failures raise DownloadError and keep `<dest>.part` so the next call resumes
 with a Range request; bad bytes raise PackageVerificationError and delete it.
 
 Like apt's archive cache, downloads are not fsynced: what guarantees a package
-is its sha256, checked again right before it is installed (nodes.steps.install
+is its sha256, checked again right before it is installed (agent.steps.install
 fetches it again if a power cut ate it). Forcing 500 MB to disk would make the
 download as slow as the disk, for nothing the hash does not already catch. A
 `.part` kept from before a power cut may end in garbage: if a resumed download
@@ -25,7 +25,7 @@ from typing import BinaryIO
 import httpcore
 import httpx
 
-from updates.repository import DownloadError, PackageVerificationError
+from agent.shared.repository import DownloadError, PackageVerificationError
 
 ProgressCallback = Callable[[int, int], None]
 

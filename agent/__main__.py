@@ -1,0 +1,108 @@
+"""``python -m agent NODE``: run the agent of one appliance.
+
+    python -m agent gw1                      supervisor + worker on queue node.gw1
+    python -m agent gw1 --driver shell       on a real host (TGP_SHELL_* commands)
+    python -m agent simulate gw1 --version 2.1.0 --packages '{"tgpro-base": "2.1.0"}'
+                                             create a simulated appliance (demo, tests)
+
+Configuration comes from the environment (agent/config.py; README, "Configuration").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from agent.shared.env import ConfigError
+from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE, VERSION_RE, VERSION_RULE
+
+
+def _hostname(value: str) -> str:
+    if not HOSTNAME_RE.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {HOSTNAME_RULE}")
+    return value
+
+
+def _version(value: str) -> str:
+    if not VERSION_RE.match(value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not {VERSION_RULE}")
+    return value
+
+
+def _packages(value: str) -> dict[str, str]:
+    try:
+        packages = json.loads(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(packages, dict) or not all(isinstance(v, str) for v in packages.values()):
+        raise argparse.ArgumentTypeError('expected an object of package versions, e.g. {"tgpro-base": "2.1.0"}')
+    return packages
+
+
+def run_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent",
+        description="Run the agent of one appliance: a Celery worker on the node's own queue, "
+        "with a supervisor that sends heartbeats and outlives reboots. Needs no database. "
+        "'python -m agent simulate --help': create a simulated appliance.",
+    )
+    parser.add_argument("hostname", type=_hostname, help="the node this agent serves, e.g. gw1")
+    parser.add_argument("--driver", help="simulated, shell, or a dotted driver class path (default: TGP_NODE_DRIVER)")
+    parser.add_argument("--loglevel", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser
+
+
+def simulate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent simulate",
+        description="Create a simulated appliance in TGP_NODE_STATE_DIR/HOSTNAME if there is none, "
+        "and print its state as the agent reports it (JSON).",
+    )
+    parser.add_argument("hostname", type=_hostname)
+    parser.add_argument("--version", type=_version, required=True, help="the installed release")
+    parser.add_argument("--packages", type=_packages, required=True, help="JSON object: package -> version")
+    parser.add_argument("--users", default="", help="logged-in users, comma separated")
+    parser.add_argument("--cluster", action="store_true", help="a cluster node (starts in the load balancer)")
+    return parser
+
+
+def simulate(argv: list[str]) -> int:
+    args = simulate_parser().parse_args(argv)
+    from agent.drivers.simulated import SimulatedDriver
+    from agent.tasks import driver_for, snapshot_of
+
+    driver = driver_for(args.hostname)
+    if not isinstance(driver, SimulatedDriver):
+        raise ConfigError("simulate needs TGP_NODE_DRIVER=simulated")
+    users = [user for user in args.users.split(",") if user]
+    driver.seed(version=args.version, packages=args.packages, users=users, cluster=args.cluster)
+    print(json.dumps(snapshot_of(driver, instance="").to_wire()))
+    return 0
+
+
+def run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    if args.driver:
+        os.environ["TGP_NODE_DRIVER"] = args.driver  # the worker reads it too
+    logging.basicConfig(level=args.loglevel, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from agent.supervisor import Supervisor
+
+    return Supervisor(args.hostname, loglevel=args.loglevel).run()
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["simulate"]:
+            return simulate(argv[1:])
+        return run(argv)
+    except ConfigError as exc:
+        print(f"agent: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

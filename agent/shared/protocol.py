@@ -1,0 +1,352 @@
+"""The protocol between the control plane and the node agents.
+
+Names (queues, tasks, steps, priorities), the rules for versions and names, and
+the messages that cross the broker, each a frozen dataclass with one codec:
+``to_wire()`` gives the JSON-ready dict that Celery's JSON serializer sends, and
+``from_wire()`` checks every field of what arrived and raises ProtocolError with
+a message that names the field. A message with a field this side does not know
+is refused too: both sides of a deployment run the same protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Self
+
+# --- names -----------------------------------------------------------------------
+
+CONTROL_QUEUE = "control"
+NODE_QUEUE_PREFIX = "node."
+
+# The steps a node's agent carries out, and those the control plane does itself.
+NODE_STEPS = ("notify", "exclude", "drain", "download", "install", "reboot", "resume")
+CONTROL_STEPS = ("slot", "hold", "verify")
+STEP_EVENTS = ("started", "progress", "succeeded", "skipped", "failed")
+
+# Control-queue tasks that agents send or chains name.
+RECORD_STEP = "control.record_step"
+NODE_REPORT = "control.node_report"
+VERIFY = "control.verify"
+COMPLETE = "control.complete"
+# Node-queue tasks outside a run.
+ANNOUNCE = "node.announce"
+END_MAINTENANCE = "node.end_maintenance"
+
+# Redis serves priority 0 (the default) first, 9 last. Reports and slot requests
+# yield to the chains' own control steps of nodes that are out of service; an agent
+# worker's ready report goes first: after a reboot, verify waits for it.
+REPORT_PRIORITY = 9
+READY_PRIORITY = 0
+SLOT_PRIORITY = 9
+
+# Publishing (step reports, a chain's next task) survives a broker restart of up to
+# about a minute instead of failing the step.
+PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
+
+def node_queue(hostname: str) -> str:
+    """The Celery queue this node's agent consumes, and nobody else."""
+    return NODE_QUEUE_PREFIX + hostname
+
+
+def node_task(step: str) -> str:
+    return f"node.{step}"
+
+
+def control_task(step: str) -> str:
+    return f"control.{step}"
+
+
+# --- names and versions ----------------------------------------------------------
+
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$")
+PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,62}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+CHANNELS = ("stable", "oldstable")
+
+HOSTNAME_RULE = "a host name: lower-case letters, digits and hyphens, at most 63 characters"
+VERSION_RULE = "a dotted numeric version such as 2.1.0 (at most four parts of at most nine digits)"
+PACKAGE_NAME_RULE = "a Debian package name: lower-case letters, digits, '.', '+', '-'"
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    """The order of versions: '2.10.0' after '2.9.1', '2.1.0.3' after '2.1.0'."""
+    if not isinstance(version, str) or not VERSION_RE.match(version):
+        raise ValueError(f"not a version: {version!r}")
+    return tuple(int(part) for part in version.split("."))
+
+
+def version_sort_key(version: str) -> str:
+    """version_key as a string a database sorts the same way (every part has at most nine digits)."""
+    return ".".join(f"{part:09d}" for part in version_key(version))
+
+
+# --- the cluster cap's keys, which the agent's fencing check reads -----------------
+
+SLOT_PREFIX = "tgp:slots"
+
+
+def slot_keys(cluster: str, prefix: str = SLOT_PREFIX) -> tuple[str, str]:
+    """The hash of holders (node -> "<token>:<since epoch ms>") and the fencing counter.
+    The braces are a Redis Cluster hash tag: one script may touch both keys."""
+    if not cluster:
+        raise ValueError("the cluster name must not be empty")
+    base = f"{prefix}:{{{cluster}}}"
+    return f"{base}:holders", f"{base}:fence"
+
+
+def parse_slot_holder(value: bytes | str) -> tuple[int, int]:
+    """(fencing token, since in epoch milliseconds) of one holder's entry."""
+    text = value.decode() if isinstance(value, bytes) else value
+    token, since_ms = text.split(":", 1)
+    return int(token), int(since_ms)
+
+
+# --- messages --------------------------------------------------------------------
+
+MAX_TEXT = 4000
+MAX_ITEMS = 10_000
+_ID_RE = re.compile(r"^[A-Za-z0-9-]{0,64}$")
+_USER_RE = re.compile(r"^[^\x00-\x1f]{1,256}$")
+
+
+class ProtocolError(ValueError):
+    """A message that does not follow the protocol; the text names the field."""
+
+
+class _Fields:
+    """Typed, bounded reads of one message's fields, with errors that name them."""
+
+    def __init__(self, data: Any, what: str, known: set[str]) -> None:
+        if not isinstance(data, Mapping):
+            raise ProtocolError(f"{what}: expected an object, got {type(data).__name__}")
+        unknown = set(data) - known
+        if unknown:
+            raise ProtocolError(f"{what}: unexpected field(s) {', '.join(sorted(map(str, unknown)))}")
+        self.data, self.what = data, what
+
+    def _get(self, key: str, optional: bool) -> Any:
+        if key not in self.data or (optional and self.data[key] is None):
+            if optional:
+                return None
+            raise ProtocolError(f"{self.what}: missing field {key!r}")
+        return self.data[key]
+
+    def _fail(self, key: str, rule: str) -> ProtocolError:
+        return ProtocolError(f"{self.what}: {key}={self.data.get(key)!r} is not {rule}")
+
+    def integer(self, key: str, minimum: int = 0, optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        # bool is a subclass of int: a run id of `true` is a broken message.
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self._fail(key, f"an integer >= {minimum}")
+        return value
+
+    def number(self, key: str, optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            raise self._fail(key, "a time in epoch seconds")
+        return float(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self._get(key, False)
+        if not isinstance(value, bool):
+            raise self._fail(key, "true or false")
+        return value
+
+    def text(self, key: str, pattern: re.Pattern[str] | None = None, rule: str = "", optional: bool = False) -> Any:
+        value = self._get(key, optional)
+        if value is None:
+            return None
+        if not isinstance(value, str) or len(value) > MAX_TEXT:
+            raise self._fail(key, f"a text of at most {MAX_TEXT} characters")
+        if pattern is not None and not pattern.match(value):
+            raise self._fail(key, rule)
+        return value
+
+    def choice(self, key: str, choices: tuple[str, ...]) -> str:
+        value = self._get(key, False)
+        if value not in choices:
+            raise self._fail(key, f"one of {', '.join(choices)}")
+        return str(value)
+
+    def names(self, key: str, pattern: re.Pattern[str], rule: str) -> tuple[str, ...]:
+        value = self._get(key, False)
+        if not isinstance(value, list | tuple) or len(value) > MAX_ITEMS:
+            raise self._fail(key, f"a list of at most {MAX_ITEMS} names")
+        for item in value:
+            if not isinstance(item, str) or not pattern.match(item):
+                raise ProtocolError(f"{self.what}: {key} holds {item!r}, which is not {rule}")
+        return tuple(value)
+
+    def versions(self, key: str) -> dict[str, str]:
+        value = self._get(key, False)
+        if not isinstance(value, Mapping) or len(value) > MAX_ITEMS:
+            raise self._fail(key, f"an object of at most {MAX_ITEMS} packages")
+        for name, version in value.items():
+            if not isinstance(name, str) or not PACKAGE_NAME_RE.match(name):
+                raise ProtocolError(f"{self.what}: {key} names {name!r}, which is not {PACKAGE_NAME_RULE}")
+            if not isinstance(version, str) or not VERSION_RE.match(version):
+                raise ProtocolError(f"{self.what}: {key}[{name!r}]={version!r} is not {VERSION_RULE}")
+        return dict(value)
+
+
+def _known(cls: type) -> set[str]:
+    return set(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True)
+class StepCommand:
+    """What a node step needs (the payload of every node.<step> task). Package sizes
+    and hashes are not here on purpose: the agent takes them from the signed index."""
+
+    run: int
+    node: str
+    version: str
+    packages: tuple[str, ...] = ()
+    message: str = ""
+    cluster: str | None = None
+    fence: int | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "packages": list(self.packages)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        f = _Fields(data, "step command", _known(cls))
+        return cls(
+            run=f.integer("run", minimum=1),
+            node=f.text("node", HOSTNAME_RE, HOSTNAME_RULE),
+            version=f.text("version", VERSION_RE, VERSION_RULE),
+            packages=f.names("packages", PACKAGE_NAME_RE, PACKAGE_NAME_RULE),
+            message=f.text("message"),
+            cluster=f.text("cluster", HOSTNAME_RE, HOSTNAME_RULE, optional=True),
+            fence=f.integer("fence", minimum=1, optional=True),
+        )
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What an agent says about its appliance. `taken_at` is the node's clock when it
+    read the state; `worker` says that the agent's worker (which consumes) took it."""
+
+    installed_version: str = ""
+    packages: dict[str, str] = field(default_factory=dict)
+    users: tuple[str, ...] = ()
+    logon_enabled: bool = True
+    in_load_balancer: bool = False
+    maintenance: bool = False
+    boot_id: str = ""
+    agent_instance: str = ""
+    worker: bool = False
+    taken_at: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        return {**asdict(self), "users": list(self.users)}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        f = _Fields(data, "snapshot", _known(cls))
+        installed = f.text("installed_version")
+        if installed and not VERSION_RE.match(installed):
+            raise ProtocolError(f"snapshot: installed_version={installed!r} is not {VERSION_RULE}")
+        return cls(
+            installed_version=installed,
+            packages=f.versions("packages"),
+            users=f.names("users", _USER_RE, "a user name"),
+            logon_enabled=f.boolean("logon_enabled"),
+            in_load_balancer=f.boolean("in_load_balancer"),
+            maintenance=f.boolean("maintenance"),
+            boot_id=f.text("boot_id", _ID_RE, "an id of letters, digits and hyphens"),
+            agent_instance=f.text("agent_instance", _ID_RE, "an id of letters, digits and hyphens"),
+            worker=f.boolean("worker"),
+            taken_at=f.number("taken_at"),
+        )
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One event of a node step (control.record_step). `at` is when it happened on the
+    node; `started` comes with the outcome of a step that never announced its start;
+    only an outcome carries a snapshot."""
+
+    run: int
+    step: str
+    event: str
+    hostname: str
+    at: float
+    started: float | None = None
+    detail: str = ""
+    bytes_done: int | None = None
+    bytes_total: int | None = None
+    snapshot: Snapshot | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = asdict(self)
+        wire["snapshot"] = self.snapshot.to_wire() if self.snapshot else None
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        f = _Fields(data, "step report", _known(cls))
+        snapshot = f._get("snapshot", optional=True)
+        return cls(
+            run=f.integer("run", minimum=1),
+            step=f.choice("step", NODE_STEPS),
+            event=f.choice("event", STEP_EVENTS),
+            hostname=f.text("hostname", HOSTNAME_RE, HOSTNAME_RULE),
+            at=f.number("at"),
+            started=f.number("started", optional=True),
+            detail=f.text("detail"),
+            bytes_done=f.integer("bytes_done", optional=True),
+            bytes_total=f.integer("bytes_total", optional=True),
+            snapshot=None if snapshot is None else Snapshot.from_wire(snapshot),
+        )
+
+
+@dataclass(frozen=True)
+class NodeReport:
+    """A heartbeat of the agent's supervisor, or its worker's report that it consumes (control.node_report)."""
+
+    hostname: str
+    snapshot: Snapshot
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"hostname": self.hostname, "snapshot": self.snapshot.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        f = _Fields(data, "node report", _known(cls))
+        return cls(
+            hostname=f.text("hostname", HOSTNAME_RE, HOSTNAME_RULE),
+            snapshot=Snapshot.from_wire(f._get("snapshot", optional=False)),
+        )
+
+
+@dataclass(frozen=True)
+class NoticeCommand:
+    """A maintenance notice ahead of time, or the end of maintenance mode (no run involved)."""
+
+    node: str
+    notice_id: str = ""
+    message: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Self:
+        f = _Fields(data, "notice", _known(cls))
+        return cls(
+            node=f.text("node", HOSTNAME_RE, HOSTNAME_RULE),
+            notice_id=f.text("notice_id", re.compile(r"^[A-Za-z0-9_.:-]{0,100}$"), "a notice id"),
+            message=f.text("message"),
+        )
