@@ -9,11 +9,11 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
 import random
 import tarfile
-import tempfile
 from pathlib import Path
+
+from agent.shared.files import atomic_write
 
 # (channel, version, needs_reboot, hotfix, notes, {package: package version})
 DEMO_RELEASES: list[tuple[str, str, bool, bool, str, dict[str, str]]] = [
@@ -96,12 +96,4 @@ def _add_file(tar: tarfile.TarFile, path: str, data: bytes) -> None:
 def _write_if_changed(path: Path, data: bytes) -> None:
     if path.is_file() and path.read_bytes() == data:
         return
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data, durable=False)  # demo sources: rebuilt if lost
