@@ -60,7 +60,9 @@ def simulate(hostname: str, packages: dict[str, str], users: list[str], *, clust
     command = [sys.executable, "-m", "agent", "simulate", hostname, "--version", START_VERSION]
     command += ["--packages", json.dumps(packages), "--users", ",".join(users)] + (["--cluster"] if cluster else [])
     env = {**os.environ, "TGP_NODE_STATE_DIR": str(settings.TGP_NODE_STATE_DIR), "TGP_NODE_DRIVER": "simulated"}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=60)
+    done = subprocess.run(
+        command, cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, check=False, timeout=60
+    )
     if done.returncode:
         raise RuntimeError(f"could not create the simulated appliance {hostname}: {done.stderr.strip()}")
     return Snapshot.from_wire(json.loads(done.stdout))
