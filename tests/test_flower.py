@@ -1,7 +1,8 @@
 """Flower: refuses to start without credentials, answers 401 without them (/metrics
 too), lists the workflow's tasks under their names with them, and refuses every
-write (sending, revoking, aborting, limits, worker control) with them. Real Flower
-process, real Redis, the session's real control worker."""
+write (sending, revoking, aborting, limits, worker control) with them; does not
+start when it cannot be made read-only. Real Flower process, real Redis, the
+session's real control worker."""
 
 from __future__ import annotations
 
@@ -31,6 +32,40 @@ def test_flower_refuses_to_start_without_credentials(redis_url):
     )
     assert proc.returncode == 2
     assert "Flower needs credentials" in proc.stderr
+
+
+# Run python -m tgpadmin.flower with a change to Flower made first in the same process.
+_CHANGED_FLOWER = """
+import sys
+import tgpadmin.flower as f
+{change}
+sys.exit(f.main([]))
+"""
+
+
+@pytest.mark.parametrize(
+    "change, reason",
+    [
+        ("import flower; flower.__version__ = '2.3.0'", "Flower 2.3.0 installed, the gate is for 2.2.0"),
+        (
+            # A route the gate did not see (as if Flower added one where tgpadmin does not look).
+            "install = f.install\n"
+            "def f_install():\n"
+            "    install()\n"
+            "    from flower import urls, views\n"
+            "    urls.handlers.insert(0, (r'/api/new-write', views.BaseHandler))\n"
+            "f.install = f_install",
+            "routes without the read-only gate",
+        ),
+    ],
+    ids=["other-version", "ungated-route"],
+)
+def test_flower_does_not_start_when_it_cannot_be_made_read_only(redis_url, change, reason):
+    env = process_env(redis_url, FLOWER_BASIC_AUTH="watcher:correct-horse", TGP_FLOWER_PORT=str(free_port()))
+    script = _CHANGED_FLOWER.format(change=change)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "Flower not started, it could not be made read-only" in proc.stderr and reason in proc.stderr
 
 
 @pytest.fixture
