@@ -140,7 +140,7 @@ class NodeAdmin(admin.ModelAdmin):
     change_form_template = "admin/nodes/node/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
-        active = UpdateLock.objects.filter(node=OuterRef("pk"), removed_at__isnull=True)
+        active = UpdateLock.objects.active().filter(node=OuterRef("pk"))
         return super().get_queryset(request).annotate(has_lock=Exists(active))
 
     @admin.display(boolean=True, description="update lock", ordering="has_lock")
@@ -172,7 +172,7 @@ class NodeAdmin(admin.ModelAdmin):
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
         extra = {
-            "lock": UpdateLock.objects.filter(node_id=object_id, removed_at__isnull=True).first(),
+            "lock": UpdateLock.objects.active().filter(node_id=object_id).first(),
             "lock_history": UpdateLock.objects.filter(node_id=object_id, removed_at__isnull=False).select_related(
                 "removed_by"
             )[:10],

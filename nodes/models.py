@@ -100,7 +100,3 @@ class Node(models.Model):
     def queue(self) -> str:
         """The Celery queue this node's agent consumes, and nobody else."""
         return f"node.{self.hostname}"
-
-    @property
-    def is_cluster_node(self) -> bool:
-        return self.cluster_id is not None

@@ -43,10 +43,6 @@ def plan_updates(nodes: list[Node]) -> list[UpdatePlan]:
     return plans
 
 
-def plan_update(node: Node) -> UpdatePlan:
-    return plan_updates([node])[0]
-
-
 def oldstable_release() -> Release | None:
     return Release.newest(Release.Channel.OLDSTABLE)
 
@@ -78,7 +74,7 @@ def end_maintenance(node: Node) -> bool:
     """End maintenance mode (group ``maint``): logon on, back into the load balancer.
     Refused while the node is updating."""
     with transaction.atomic():
-        if UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).exists():
+        if UpdateRun.objects.running().filter(node=node).exists():
             return False
         changed = Node.objects.filter(pk=node.pk, maintenance_mode=True).update(
             maintenance_mode=False, maintenance_reason=""

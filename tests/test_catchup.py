@@ -116,7 +116,8 @@ def test_a_hotfix_release_is_what_autoupdate_and_the_next_scheduled_update_insta
     node = make_node("gw")
     Node.objects.filter(pk=node.pk).update(installed_version="2.2.0")
     node.refresh_from_db()
-    assert services.plan_update(node).release == hotfix
+    (plan,) = services.plan_updates([node])
+    assert plan.release == hotfix
     assert scheduled.updates_for(node) == hotfix
     Node.objects.filter(pk=node.pk).update(installed_version="2.2.1")
     node.refresh_from_db()

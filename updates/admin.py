@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -9,7 +9,16 @@ from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
 from updates import workflow
-from updates.models import MaintenanceNotice, Package, Release, UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
+from updates.models import (
+    MaintenanceNotice,
+    Package,
+    Release,
+    UpdateLock,
+    UpdateLockQuerySet,
+    UpdateRun,
+    UpdateSchedule,
+    UpdateStep,
+)
 from updates.schedules import next_update_at, set_time_control
 
 
@@ -87,7 +96,8 @@ class UpdateLockAdmin(ReadOnlyAdmin):
     @admin.action(description="Remove update lock")
     def remove(self, request: HttpRequest, queryset: QuerySet[UpdateLock]) -> None:
         require(request, "nodes.remove_update_lock")
-        removed = sum(workflow.remove_lock(lock.node, request.user) for lock in queryset.filter(removed_at=None))
+        active = cast(UpdateLockQuerySet, queryset).active()
+        removed = sum(workflow.remove_lock(lock.node, request.user) for lock in active)
         self.message_user(request, f"Removed {removed} update lock(s).", messages.SUCCESS)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:

@@ -70,6 +70,11 @@ class Package(models.Model):
         return f"{self.name} {self.version}"
 
 
+class UpdateRunQuerySet(models.QuerySet["UpdateRun"]):
+    def running(self) -> UpdateRunQuerySet:
+        return self.filter(state=UpdateRun.State.RUNNING)
+
+
 class UpdateRun(models.Model):
     class Trigger(models.TextChoices):
         MANUAL = "manual", "Auto-Update (manual)"
@@ -81,8 +86,6 @@ class UpdateRun(models.Model):
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
-
-    ACTIVE_STATES = (State.RUNNING,)
 
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="runs")
     release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="runs")
@@ -114,6 +117,8 @@ class UpdateRun(models.Model):
         null=True, blank=True, help_text="A cluster node out of the load balancer drains only after its lead time."
     )
 
+    objects = UpdateRunQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         # created_at: the run list's order (see updates/admin.py: UpdateRunAdmin).
@@ -132,6 +137,23 @@ class UpdateRun(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("admin:updates_updaterun_change", args=[self.pk])
+
+
+class UpdateStepQuerySet(models.QuerySet["UpdateStep"]):
+    def running(self) -> UpdateStepQuerySet:
+        return self.filter(state=UpdateStep.State.RUNNING)
+
+    def unfinished(self) -> UpdateStepQuerySet:
+        return self.exclude(state__in=UpdateStep.FINISHED)
+
+    def waiting(self, name: str) -> UpdateStepQuerySet:
+        """The running `name` steps of running runs: a running slot step is a node waiting
+        in line for a slot, a running verify step one waiting for its node to come back."""
+        return self.filter(name=name, state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
+
+    def in_line(self) -> UpdateStepQuerySet:
+        """Nodes waiting in line for a slot of their cluster."""
+        return self.waiting(UpdateStep.Name.SLOT)
 
 
 class UpdateStep(models.Model):
@@ -154,6 +176,8 @@ class UpdateStep(models.Model):
         SKIPPED = "skipped", "Skipped"
         FAILED = "failed", "Failed"
 
+    FINISHED = (State.SUCCEEDED, State.SKIPPED)  # done, and the run goes on
+
     run = models.ForeignKey(UpdateRun, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=16, choices=Name.choices)
     position = models.PositiveSmallIntegerField()
@@ -164,6 +188,8 @@ class UpdateStep(models.Model):
     detail = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = UpdateStepQuerySet.as_manager()
 
     class Meta:
         ordering = ["run", "position"]
@@ -177,6 +203,11 @@ class UpdateStep(models.Model):
         if not self.bytes_total:
             return 100 if self.state == self.State.SUCCEEDED else 0
         return min(100, int(100 * self.bytes_done / self.bytes_total))
+
+
+class UpdateLockQuerySet(models.QuerySet["UpdateLock"]):
+    def active(self) -> UpdateLockQuerySet:
+        return self.filter(removed_at__isnull=True)
 
 
 class UpdateLock(models.Model):
@@ -194,6 +225,8 @@ class UpdateLock(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
+    objects = UpdateLockQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         constraints = [
@@ -204,10 +237,6 @@ class UpdateLock(models.Model):
 
     def __str__(self) -> str:
         return f"lock on {self.node}" + (" (removed)" if self.removed_at else "")
-
-    @property
-    def active(self) -> bool:
-        return self.removed_at is None
 
 
 class MaintenanceNotice(models.Model):
@@ -239,11 +268,6 @@ class MaintenanceNotice(models.Model):
     def clean(self) -> None:
         if bool(self.node_id) == bool(self.cluster_id):
             raise ValidationError("Choose either a node or a cluster.")
-
-    def target_nodes(self) -> models.QuerySet[Node]:
-        if self.node_id:
-            return Node.objects.filter(pk=self.node_id)
-        return Node.objects.filter(cluster=self.cluster)
 
 
 class UpdateSchedule(models.Model):

@@ -18,7 +18,7 @@ from typing import Any
 from celery import chain, signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When
+from django.db.models import Case, F, IntegerField, Q, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -41,7 +41,7 @@ class UpdateRefused(Exception):
 
 
 def active_lock(node: Node) -> UpdateLock | None:
-    return UpdateLock.objects.filter(node=node, removed_at__isnull=True).first()
+    return UpdateLock.objects.active().filter(node=node).first()
 
 
 def default_message(release: Release) -> str:
@@ -65,8 +65,8 @@ class StartChecks:
     def read(cls, nodes: Iterable[Node]) -> StartChecks:
         nodes = list(nodes)
         ids = [node.pk for node in nodes]
-        locks = UpdateLock.objects.filter(node_id__in=ids, removed_at__isnull=True)
-        running = UpdateRun.objects.filter(node_id__in=ids, state=UpdateRun.State.RUNNING)
+        locks = UpdateLock.objects.active().filter(node_id__in=ids)
+        running = UpdateRun.objects.running().filter(node_id__in=ids)
         return cls(
             locks=dict(locks.values_list("node_id", "reason")),
             busy=frozenset(running.values_list("node_id", flat=True)),
@@ -236,7 +236,7 @@ def _create(runs: list[UpdateRun]) -> None:
 
 def _dispatch_new(runs: list[UpdateRun], names: dict[int, list[str]]) -> None:
     """Queue the chains of runs just created, from the objects at hand: no query per run."""
-    still = set(UpdateRun.objects.filter(pk__in=names, state=UpdateRun.State.RUNNING).values_list("pk", flat=True))
+    still = set(UpdateRun.objects.running().filter(pk__in=names).values_list("pk", flat=True))
     for run in runs:
         if run.pk in still:
             build_chain(run, names[run.pk][0], names=names[run.pk]).apply_async()
@@ -334,7 +334,7 @@ def step_names(run: UpdateRun) -> list[str]:
 
 
 def first_unfinished(run: UpdateRun) -> UpdateStep | None:
-    return run.steps.exclude(state__in=[UpdateStep.State.SUCCEEDED, UpdateStep.State.SKIPPED]).first()
+    return run.steps.unfinished().first()
 
 
 def dispatch(run_id: int, from_step: str | None = None) -> None:
@@ -453,7 +453,7 @@ def _record_event(
     bytes_total: int | None,
 ) -> None:
     now = timezone.now()
-    running = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING)
+    running = UpdateRun.objects.running().filter(pk=run_id)
     # An outcome that says when its step began stands for that step's start report too.
     moved = {"current_step": step} if event == "started" or began is not None else {}
     if not running.update(last_activity_at=now, **moved) and event not in ("succeeded", "skipped"):
@@ -474,7 +474,7 @@ def _record_event(
             state=UpdateStep.State.RUNNING, started_at=when, attempts=F("attempts") + 1, **changes
         )
     elif event == "progress":
-        steps.filter(state=UpdateStep.State.RUNNING).update(**changes)
+        steps.running().update(**changes)
     elif event in ("succeeded", "skipped"):
         # started_at too: its own report may be processed after this one, or never sent.
         steps.update(state=event, finished_at=when, **_began(began or when), **changes)
@@ -566,9 +566,9 @@ def set_lock(node: Node, reason: str, run: UpdateRun | None = None) -> UpdateLoc
 def remove_lock(node: Node, user: Any) -> bool:
     """Remove the node's active lock, keeping it as history. False if there was none."""
     return bool(
-        UpdateLock.objects.filter(node=node, removed_at__isnull=True).update(
-            removed_at=timezone.now(), removed_by=user if getattr(user, "pk", None) else None
-        )
+        UpdateLock.objects.active()
+        .filter(node=node)
+        .update(removed_at=timezone.now(), removed_by=user if getattr(user, "pk", None) else None)
     )
 
 
@@ -639,7 +639,7 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
                 state=UpdateStep.State.SUCCEEDED, finished_at=now, detail=detail
             ):
                 raise CarriedOn(f"run {run_id}: verified already")
-            UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(last_activity_at=now)
+            UpdateRun.objects.running().filter(pk=run_id).update(last_activity_at=now)
         return
     # Waiting for the node is not silence: keep the run away from the reconciler and the reaper.
     UpdateRun.objects.filter(pk=run_id).update(last_activity_at=now)
@@ -725,8 +725,10 @@ def take_slot(run_id: int) -> None:
         ):
             return  # a duplicate was faster
         drain_at = max(run.scheduled_for, held_at + cluster.lb_lead_time) if run.scheduled_for else None
-        if not UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
-            slot_token=token, drain_not_before=drain_at, last_activity_at=held_at
+        if (
+            not UpdateRun.objects.running()
+            .filter(pk=run_id)
+            .update(slot_token=token, drain_not_before=drain_at, last_activity_at=held_at)
         ):
             return  # ended meanwhile: not carried on; its node keeps the slot until maintenance ends
         run.slot_token = token
@@ -757,12 +759,6 @@ def release_slot(node: Node, token: int | None = None) -> None:
         wake_waiters(cluster)
 
 
-def _running(step: str) -> QuerySet[UpdateStep]:
-    """The running `step` steps of running runs: a running slot step is a node waiting
-    in line for a slot, a running verify step one waiting for its node to come back."""
-    return UpdateStep.objects.filter(name=step, state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
-
-
 def wake_waiters(cluster: Cluster) -> int:
     """Offer the cluster's free slots to its waiting nodes, longest waiter first; the
     slot is taken here, in place, and the run's next steps are queued. A waiting
@@ -770,7 +766,7 @@ def wake_waiters(cluster: Cluster) -> int:
     goes on when a release calls this, or when the reconciler does, should a
     release have been lost. Returns how many waiters went on."""
     held = {h.node for h in cluster_slots().holders(cluster.name)}
-    waiting = _running("slot").filter(run__node__cluster=cluster).order_by("started_at")
+    waiting = UpdateStep.objects.in_line().filter(run__node__cluster=cluster).order_by("started_at")
     # A waiter whose node holds a slot already (its slot step was cut short after
     # taking one) goes first: it counts against the cap, and no release would wake it.
     holding = list(waiting.filter(run__node__hostname__in=held).values_list("run_id", flat=True))
@@ -798,7 +794,7 @@ def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
         return
     if before[1] != node.boot_id:
         return  # this restart is a reboot (the run's own): the chain goes on by itself
-    run = UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).first()
+    run = UpdateRun.objects.running().filter(node=node).first()
     if run is None:
         return
     pending = first_unfinished(run)
@@ -814,7 +810,7 @@ def wake_verify(node: Node) -> None:
     """The node's worker takes work again: a run whose verify waits for it (between
     two retries, up to 3 s apart) goes on now. The verify queued here and the waiting
     one both check; the first to find the node back claims the step."""
-    for run_id in _running("verify").filter(run__node=node).values_list("run_id", flat=True):
+    for run_id in UpdateStep.objects.waiting("verify").filter(run__node=node).values_list("run_id", flat=True):
         transaction.on_commit(partial(dispatch, run_id, "verify"))
 
 
@@ -828,8 +824,8 @@ def reconcile() -> int:
     twice. Returns how many runs it touched."""
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RECONCILE_AFTER)
     touched = 0
-    in_line = _running("slot")
-    quiet = UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
+    in_line = UpdateStep.objects.in_line()
+    quiet = UpdateRun.objects.running().filter(last_activity_at__lt=cutoff)
     # A node waiting in line is not lost, and may wait long: not walked one by one here.
     for run in quiet.exclude(pk__in=in_line.values("run_id")).select_related("node__cluster", "release"):
         touched += _carry_on(run, cutoff)
@@ -869,9 +865,10 @@ def reap_stale_runs() -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RUN_STALL_TIMEOUT)
     failed = 0
     stale = (
-        UpdateRun.objects.filter(state=UpdateRun.State.RUNNING, last_activity_at__lt=cutoff)
+        UpdateRun.objects.running()
+        .filter(last_activity_at__lt=cutoff)
         .filter(Q(scheduled_for__isnull=True) | Q(scheduled_for__lt=cutoff))  # may rest until its update time
-        .exclude(pk__in=_running("slot").values("run_id"))  # waiting in line is not silence
+        .exclude(pk__in=UpdateStep.objects.in_line().values("run_id"))  # waiting in line is not silence
     )
     for run_id in stale.values_list("pk", flat=True):
         reason = f"no word from the node for {settings.TGP_RUN_STALL_TIMEOUT:.0f} s"
