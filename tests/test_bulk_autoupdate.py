@@ -99,7 +99,7 @@ def test_each_run_of_a_bulk_start_is_what_a_single_start_makes(operator, django_
         assert list(run.steps.values_list("name", flat=True)) == expected
         assert (run.release, run.message, run.version_before) == (alone.release, alone.message, "2.1.0")
         assert run.started_by.username == "op"
-        assert node.maintenance_mode and node.state == Node.State.UPDATING
+        assert node.maintenance_mode and node.updating
         assert node.maintenance_reason == f"Update to 2.2.0 (run {run.pk})"
 
 

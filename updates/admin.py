@@ -16,6 +16,7 @@ from updates.models import (
     UpdateLock,
     UpdateLockQuerySet,
     UpdateRun,
+    UpdateRunQuerySet,
     UpdateSchedule,
     UpdateStep,
 )
@@ -58,7 +59,7 @@ class UpdateRunAdmin(ReadOnlyAdmin):
         "release",
         "trigger",
         "state",
-        "current_step",
+        "current",
         "started_by",
         "created_at",
         "finished_at",
@@ -78,7 +79,12 @@ class UpdateRunAdmin(ReadOnlyAdmin):
     ]  # fmt: skip
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[UpdateRun]:
-        return super().get_queryset(request).prefetch_related("node", "release", "started_by")
+        runs = super().get_queryset(request).prefetch_related("node", "release", "started_by")
+        return cast(UpdateRunQuerySet, runs).with_current_step()
+
+    @admin.display(description="current step", ordering="current_step")
+    def current(self, obj: UpdateRun) -> str:
+        return obj.current_step
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
         steps = UpdateStep.objects.filter(run_id=int(object_id)).order_by("position")

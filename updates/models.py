@@ -9,8 +9,10 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models, transaction
-from django.db.models import Q
+from django.db.models import Case, OuterRef, Q, Subquery, Value, When
+from django.db.models.functions import Coalesce
 from django.urls import reverse
+from django.utils.functional import cached_property
 
 from nodes.models import Cluster, Node
 
@@ -74,6 +76,13 @@ class UpdateRunQuerySet(models.QuerySet["UpdateRun"]):
     def running(self) -> UpdateRunQuerySet:
         return self.filter(state=UpdateRun.State.RUNNING)
 
+    def with_current_step(self) -> UpdateRunQuerySet:
+        """Each run with its current step (see UpdateRun.current_step) in the same query:
+        a list of runs costs no query per run."""
+        current = UpdateStep.objects.filter(run=OuterRef("pk")).current().values("name")[:1]
+        # The annotation fills the cached_property UpdateRun.current_step.
+        return self.annotate(current_step=Coalesce(Subquery(current), Value("")))  # type: ignore[no-redef]
+
 
 class UpdateRun(models.Model):
     class Trigger(models.TextChoices):
@@ -96,7 +105,6 @@ class UpdateRun(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     message = models.TextField(blank=True, help_text="The notice logged-in users receive.")
-    current_step = models.CharField(max_length=16, blank=True)
     boot_id_before = models.CharField(max_length=64, blank=True)
     version_before = models.CharField(max_length=32, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -138,6 +146,15 @@ class UpdateRun(models.Model):
     def get_absolute_url(self) -> str:
         return reverse("admin:updates_updaterun_change", args=[self.pk])
 
+    # Derived from the steps, never stored: a second copy of where a run stands would
+    # drift from the steps. UpdateRun.objects.with_current_step() annotates it for a
+    # list of runs (the annotation takes the place of this property).
+    @cached_property
+    def current_step(self) -> str:
+        """The running step, else the first unfinished one (a failed run's: the step it
+        failed in); "" once every step is done."""
+        return UpdateStep.objects.filter(run=self).current().values_list("name", flat=True).first() or ""
+
 
 class UpdateStepQuerySet(models.QuerySet["UpdateStep"]):
     def running(self) -> UpdateStepQuerySet:
@@ -145,6 +162,11 @@ class UpdateStepQuerySet(models.QuerySet["UpdateStep"]):
 
     def unfinished(self) -> UpdateStepQuerySet:
         return self.exclude(state__in=UpdateStep.FINISHED)
+
+    def current(self) -> UpdateStepQuerySet:
+        """Unfinished steps, the running one first, then in their order."""
+        running_first = Case(When(state=UpdateStep.State.RUNNING, then=Value(0)), default=Value(1))
+        return self.unfinished().order_by(running_first, "position")
 
     def waiting(self, name: str) -> UpdateStepQuerySet:
         """The running `name` steps of running runs: a running slot step is a node waiting

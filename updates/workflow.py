@@ -228,9 +228,8 @@ def _create(runs: list[UpdateRun]) -> None:
     for run in runs:
         run.node.maintenance_mode = True
         run.node.maintenance_reason = f"Update to {run.release.version} (run {run.pk})"
-        run.node.state = Node.State.UPDATING
         log.info("run %s started: %s -> %s (%s)", run.pk, run.node, run.release.version, run.trigger)
-    Node.objects.bulk_update([run.node for run in runs], ["maintenance_mode", "maintenance_reason", "state"])
+    Node.objects.bulk_update([run.node for run in runs], ["maintenance_mode", "maintenance_reason"])
     transaction.on_commit(partial(_dispatch_new, runs, names))
 
 
@@ -372,6 +371,7 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
         "logged_in_users": sorted(snapshot.get("users", [])),
         "logon_enabled": bool(snapshot.get("logon_enabled", True)),
         "in_load_balancer": bool(snapshot.get("in_load_balancer", False)),
+        "reported_maintenance": bool(snapshot["maintenance"]) if "maintenance" in snapshot else None,
         "boot_id": str(snapshot.get("boot_id", "")),
         "agent_instance": str(snapshot.get("agent_instance", "")),
     }
@@ -381,15 +381,14 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
     taken = datetime.fromtimestamp(float(snapshot["taken_at"]), tz=UTC) if "taken_at" in snapshot else now
     nodes = Node.objects.filter(hostname=hostname)
     newer = nodes.filter(Q(reported_at__isnull=True) | Q(reported_at__lte=taken))
-    online = Case(When(state=Node.State.UNKNOWN, then=Value(Node.State.ONLINE)), default=F("state"))
-    if newer.update(**fields, reported_at=taken, last_seen=now, state=online):
+    if newer.update(**fields, reported_at=taken, last_seen=now):
         return True
     # An older snapshot processed late: the node was still seen. A worker's report
     # still says that its worker is up, if it is the node's current agent: a heartbeat
     # taken just after it may have been processed first (two control processes).
     if "worker_instance" in fields:
         nodes.filter(agent_instance=fields["agent_instance"]).update(worker_instance=fields["worker_instance"])
-    if nodes.update(last_seen=now, state=online):
+    if nodes.update(last_seen=now):
         return True
     log.warning("report from unknown node %r ignored", hostname)
     return False
@@ -454,9 +453,7 @@ def _record_event(
 ) -> None:
     now = timezone.now()
     running = UpdateRun.objects.running().filter(pk=run_id)
-    # An outcome that says when its step began stands for that step's start report too.
-    moved = {"current_step": step} if event == "started" or began is not None else {}
-    if not running.update(last_activity_at=now, **moved) and event not in ("succeeded", "skipped"):
+    if not running.update(last_activity_at=now) and event not in ("succeeded", "skipped"):
         # The run ended already: a late or duplicate report. A late success still lands
         # on its step: the chain's next task may be processed before this report.
         return
@@ -551,7 +548,6 @@ def fail_run(run_id: int, reason: str) -> bool:
             state=UpdateStep.State.FAILED, finished_at=timezone.now()
         )
         set_lock(run.node, f"Update to run {run_id} failed: {reason}", run=run)
-        Node.objects.filter(pk=run.node_id).update(state=Node.State.ONLINE)
     log.error("run %s failed: %s", run_id, reason)
     return True
 
@@ -656,7 +652,7 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
     One transaction; then the node's slot goes to the next waiter."""
     with transaction.atomic():
         done = UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.RUNNING).update(
-            state=UpdateRun.State.SUCCEEDED, finished_at=timezone.now(), current_step=""
+            state=UpdateRun.State.SUCCEEDED, finished_at=timezone.now()
         )
         if not done:
             return False
@@ -670,9 +666,7 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
         )
         if snapshot:  # the node's row last, as everywhere (run, steps, node): no deadlock
             store_snapshot(run.node.hostname, snapshot)
-        Node.objects.filter(pk=run.node_id).update(
-            maintenance_mode=False, maintenance_reason="", state=Node.State.ONLINE
-        )
+        Node.objects.filter(pk=run.node_id).update(maintenance_mode=False, maintenance_reason="")
     release_slot(run.node, run.slot_token)
     log.info("run %s succeeded", run_id)
     return True
