@@ -23,7 +23,8 @@ from django.utils.html import format_html
 from nodes import services
 from nodes.models import Cluster, Node, NodeQuerySet
 from updates.models import Release, UpdateLock
-from updates.workflow import UpdateRefused, cluster_slots, wake_waiters
+from updates.runs.cluster_cap import cluster_slots, wake_waiters
+from updates.runs.start import UpdateRefused
 
 ROLE_ACTIONS = {
     "autoupdate": "nodes.start_update",

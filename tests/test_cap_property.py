@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 from nodes import services
 from nodes.models import Cluster, Node
-from updates import workflow
 from updates.models import UpdateLock, UpdateRun
+from updates.runs import cluster_cap, end, reports, start, verify
 
 pytestmark = pytest.mark.django_db
 
@@ -44,13 +44,13 @@ class Sim:
 
 def node_step(sim: Sim, step: str) -> None:
     run, node = sim.run, sim.run.node
-    workflow.record_step(run.pk, step, "started")
+    reports.record_step(run.pk, step, "started")
     if step == "drain":
         sim.out_of_service = True
     if sim.fail_at == step:
-        workflow.record_step(run.pk, step, "failed", detail="injected")
+        reports.record_step(run.pk, step, "failed", detail="injected")
         sim.fail_at = "done"
-        held = node.hostname in {h.node for h in workflow.cluster_slots().holders(node.cluster.name)}
+        held = node.hostname in {h.node for h in cluster_cap.cluster_slots().holders(node.cluster.name)}
         sim.waiting_for_maintenance = held or sim.out_of_service
         return
     snapshot = None
@@ -59,7 +59,7 @@ def node_step(sim: Sim, step: str) -> None:
     if step == "reboot":
         snapshot = {**(snapshot or {}), "installed_version": "2.2.0", "boot_id": uuid.uuid4().hex}
         snapshot["packages"] = dict(run.release.packages.values_list("name", "version"))
-    workflow.record_step(run.pk, step, "succeeded", snapshot=snapshot, hostname=node.hostname if snapshot else "")
+    reports.record_step(run.pk, step, "succeeded", snapshot=snapshot, hostname=node.hostname if snapshot else "")
     if step == "resume":
         sim.out_of_service = False
 
@@ -68,25 +68,25 @@ def advance(sim: Sim) -> None:
     step = sim.steps[sim.index]
     if step == "slot":
         try:
-            workflow.take_slot(sim.run.pk)
-        except workflow.SlotWait:
+            cluster_cap.take_slot(sim.run.pk)
+        except cluster_cap.SlotWait:
             return  # waits; it does not fail
     elif step == "verify":
-        workflow.verify_node_back(sim.run.pk)
+        verify.verify_node_back(sim.run.pk)
     else:
         node_step(sim, step)
         if sim.fail_at == "done":
             return
     sim.index += 1
     if sim.index == len(sim.steps):
-        assert workflow.complete_run(sim.run.pk)
+        assert end.complete_run(sim.run.pk)
 
 
 def end_maintenance(sim: Sim) -> None:
     node = Node.objects.get(pk=sim.run.node_id)
     assert services.end_maintenance(node)
     # end_maintenance frees the slot after commit; this test's transaction never commits.
-    workflow.cluster_slots().release(node.cluster.name, node.hostname)
+    cluster_cap.cluster_slots().release(node.cluster.name, node.hostname)
     sim.waiting_for_maintenance = sim.out_of_service = False
 
 
@@ -105,9 +105,9 @@ def test_the_cap_holds_and_every_node_ends_updated_or_locked(
     with django_capture_on_commit_callbacks(execute=False):
         for i in range(nodes):
             node = Node.objects.create(hostname=f"{cluster.name}-{i}", cluster=cluster, installed_version="2.1.0")
-            run = workflow.start_update(node, releases["2.2.0"])
+            run = start.start_update(node, releases["2.2.0"])
             fail_at = failures[i] if i < len(failures) else None
-            sims.append(Sim(run, workflow.plan_steps(node, run.trigger), fail_at))
+            sims.append(Sim(run, start.plan_steps(node, run.trigger), fail_at))
         for _ in range(nodes * 40):
             movable = [s for s in sims if s.active or s.waiting_for_maintenance]
             if not movable:
@@ -119,10 +119,10 @@ def test_the_cap_holds_and_every_node_ends_updated_or_locked(
             else:
                 advance(sim)
             assert sum(s.out_of_service for s in sims) <= cap
-            assert len(workflow.cluster_slots().holders(cluster.name)) <= cap
+            assert len(cluster_cap.cluster_slots().holders(cluster.name)) <= cap
             for s in sims:
                 if s.waiting_for_maintenance:
-                    assert s.run.node.hostname in {h.node for h in workflow.cluster_slots().holders(cluster.name)}
+                    assert s.run.node.hostname in {h.node for h in cluster_cap.cluster_slots().holders(cluster.name)}
     for sim in sims:
         run = UpdateRun.objects.get(pk=sim.run.pk)
         node = Node.objects.get(pk=run.node_id)

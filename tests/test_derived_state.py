@@ -11,8 +11,8 @@ from django.urls import reverse
 from django.utils import timezone
 
 from nodes.models import Node
-from updates import workflow
 from updates.models import UpdateRun
+from updates.runs import end, reports, snapshots, start
 
 pytestmark = pytest.mark.django_db
 
@@ -22,7 +22,7 @@ def run(make_node, releases, django_capture_on_commit_callbacks):
     node = make_node("gw")
     Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", last_seen=timezone.now())
     with django_capture_on_commit_callbacks(execute=False):
-        return workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+        return start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
 
 
 def current_step(run: UpdateRun) -> str:
@@ -33,19 +33,19 @@ def current_step(run: UpdateRun) -> str:
 
 def test_a_runs_current_step_is_its_running_step_else_its_first_unfinished_one(run):
     assert current_step(run) == "notify", "nothing reported yet: the first step"
-    workflow.record_step(run.pk, "notify", "succeeded")
+    reports.record_step(run.pk, "notify", "succeeded")
     assert current_step(run) == "drain"
     # Reports may arrive out of order: a running step is where the run stands.
-    workflow.record_step(run.pk, "download", "started")
+    reports.record_step(run.pk, "download", "started")
     assert current_step(run) == "download"
-    assert workflow.complete_run(run.pk)
+    assert end.complete_run(run.pk)
     assert current_step(run) == "", "every step done"
 
 
 def test_a_failed_runs_current_step_is_the_step_it_failed_in(run):
-    workflow.record_step(run.pk, "notify", "succeeded")
-    workflow.record_step(run.pk, "drain", "succeeded")
-    workflow.record_step(run.pk, "download", "failed", detail="bad hash")
+    reports.record_step(run.pk, "notify", "succeeded")
+    reports.record_step(run.pk, "drain", "succeeded")
+    reports.record_step(run.pk, "download", "failed", detail="bad hash")
     assert current_step(run) == "download"
 
 
@@ -61,12 +61,12 @@ def test_a_nodes_status_is_derived_from_its_reports_and_its_runs(
         return annotated.status
 
     assert status() == Node.Status.NEVER_REPORTED
-    workflow.apply_snapshot(node.hostname, {"installed_version": "2.1.0", "taken_at": time.time()})
+    snapshots.apply_snapshot(node.hostname, {"installed_version": "2.1.0", "taken_at": time.time()})
     assert status() == Node.Status.ONLINE
     with django_capture_on_commit_callbacks(execute=False):
-        run = workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+        run = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
     assert status() == Node.Status.UPDATING
-    workflow.fail_run(run.pk, "boom")
+    end.fail_run(run.pk, "boom")
     assert status() == Node.Status.ONLINE
     assert Node.objects.get(pk=node.pk).maintenance_mode, "and in maintenance: a failed run leaves it on"
 
@@ -76,14 +76,14 @@ def test_the_appliances_own_maintenance_mode_is_stored_and_shown_where_it_differ
     Node.objects.filter(pk=node.pk).update(maintenance_mode=True)
     list_url, page_url = reverse("admin:nodes_node_changelist"), reverse("admin:nodes_node_change", args=[node.pk])
 
-    workflow.apply_snapshot(node.hostname, {"maintenance": True, "taken_at": time.time()})
+    snapshots.apply_snapshot(node.hostname, {"maintenance": True, "taken_at": time.time()})
     assert Node.objects.get(pk=node.pk).reported_maintenance is True
     for url in (list_url, page_url):
         text = admin_client.get(url).text
         assert "maintenance on" in text and "maintenance-differs" not in text, url
 
     # Switched off on the appliance by hand, while the database still says on.
-    workflow.apply_snapshot(node.hostname, {"maintenance": False, "taken_at": time.time()})
+    snapshots.apply_snapshot(node.hostname, {"maintenance": False, "taken_at": time.time()})
     assert Node.objects.get(pk=node.pk).reported_maintenance is False
     for url in (list_url, page_url):
         text = admin_client.get(url).text
@@ -93,5 +93,5 @@ def test_the_appliances_own_maintenance_mode_is_stored_and_shown_where_it_differ
 
 def test_a_report_without_a_word_on_maintenance_says_nothing_about_it(make_node):
     node = make_node("gw")
-    workflow.apply_snapshot(node.hostname, {"installed_version": "2.1.0", "taken_at": time.time()})
+    snapshots.apply_snapshot(node.hostname, {"installed_version": "2.1.0", "taken_at": time.time()})
     assert Node.objects.get(pk=node.pk).reported_maintenance is None

@@ -17,8 +17,8 @@ from nodes import services
 from nodes.models import Cluster, Node
 from tests.conftest import ROOT, Repo, process_env, stop_process, test_database_url, wait_for
 from tests.servers import RepoServer
-from updates import workflow
 from updates.models import Release, UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
+from updates.runs import cluster_cap, start
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(240)]
 
@@ -29,7 +29,7 @@ def worker_of(agent: subprocess.Popen) -> psutil.Process:
 
 def assert_recorded_and_slot_consistent(run: UpdateRun, cluster: Cluster) -> None:
     run.refresh_from_db()
-    holders = [h.node for h in workflow.cluster_slots().holders(cluster.name)]
+    holders = [h.node for h in cluster_cap.cluster_slots().holders(cluster.name)]
     if run.state == "succeeded":
         assert run.node.hostname not in holders, "a node back in service holds no slot"
         assert Node.objects.get(pk=run.node_id).installed_version == "2.2.0"
@@ -39,7 +39,7 @@ def assert_recorded_and_slot_consistent(run: UpdateRun, cluster: Cluster) -> Non
     if UpdateStep.objects.filter(run=run, name="slot", state="succeeded").exists():
         assert run.node.hostname in holders, "a failed node keeps its slot while out of service"
         services.end_maintenance(Node.objects.get(pk=run.node_id))
-        wait_for(lambda: not workflow.cluster_slots().holders(cluster.name), 10, "the slot to be released")
+        wait_for(lambda: not cluster_cap.cluster_slots().holders(cluster.name), 10, "the slot to be released")
 
 
 @pytest.mark.parametrize("step", ["notify", "slot", "drain", "download", "install", "reboot", "resume"])
@@ -55,7 +55,7 @@ def test_agent_killed_in_a_step_the_run_still_ends_recorded(
     with RepoServer(repo.dir, rate=300 * 1024) as server:
         agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_SIM_STEP_SECONDS="0.6-1.0")
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the agent")
-        run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+        run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         row = UpdateStep.objects.filter(run=run, name=step)
         wait_for(lambda: row.get().state in ("running", "succeeded"), 60, f"step {step}")
         worker_of(agent).send_signal(signal.SIGKILL)
@@ -68,7 +68,7 @@ def test_control_worker_killed_mid_run_the_run_still_ends(demo_repo, make_node, 
     repo.import_releases()
     node = make_node("gw")
     agent_for(node, TGP_SIM_STEP_SECONDS="1.0-1.5")
-    run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+    run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
     wait_for(lambda: UpdateStep.objects.get(run=run, name="install").state == "running", 60, "the install")
     control_worker.kill()  # reports and the chain's control steps in its hands are lost
     control_worker.start()

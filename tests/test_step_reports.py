@@ -17,8 +17,8 @@ from nodes import tasks as node_tasks
 from nodes.drivers.simulated import SimulatedDriver
 from nodes.models import Node
 from tgpadmin.celery import app
-from updates import workflow
 from updates.models import UpdateRun, UpdateStep
+from updates.runs import chains, reports, start
 
 pytestmark = pytest.mark.django_db
 
@@ -46,13 +46,13 @@ def inbox(monkeypatch):
 def run(make_node, releases, state_dir, django_capture_on_commit_callbacks):
     node = make_node("gw")
     with django_capture_on_commit_callbacks(execute=False):  # no chain: the test plays the node
-        made = workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+        made = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
     made.driver = SimulatedDriver(node.hostname, state_dir / node.hostname)
     return made
 
 
 def record(run: UpdateRun, step: str, event: str, kwargs: dict[str, Any]) -> UpdateStep:
-    workflow.record_step(run.pk, step, event, **kwargs)
+    reports.record_step(run.pk, step, event, **kwargs)
     return UpdateStep.objects.get(run=run, name=step)
 
 
@@ -135,7 +135,7 @@ def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, setting
     queue = f"order-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "CONTROL_QUEUE", queue)
     settings.TGP_NODE_STATE_DIR = state_dir
-    payload = workflow.node_payload(run)
+    payload = chains.node_payload(run)
     after = signature("control.complete", args=(run.pk,), queue=queue, priority=9)
     trace = build_tracer("node.notify", node_tasks.notify, app=app, eager=False)
     trace(uuid.uuid4().hex, (payload,), {}, {"chain": [dict(after)], "delivery_info": {"priority": 9}})

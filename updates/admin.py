@@ -8,7 +8,6 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
-from updates import workflow
 from updates.models import (
     MaintenanceNotice,
     Package,
@@ -20,6 +19,7 @@ from updates.models import (
     UpdateSchedule,
     UpdateStep,
 )
+from updates.runs.locks import remove_lock
 from updates.schedules import next_update_at, set_time_control
 
 
@@ -103,7 +103,7 @@ class UpdateLockAdmin(ReadOnlyAdmin):
     def remove(self, request: HttpRequest, queryset: QuerySet[UpdateLock]) -> None:
         require(request, "nodes.remove_update_lock")
         active = cast(UpdateLockQuerySet, queryset).active()
-        removed = sum(workflow.remove_lock(lock.node, request.user) for lock in active)
+        removed = sum(remove_lock(lock.node, request.user) for lock in active)
         self.message_user(request, f"Removed {removed} update lock(s).", messages.SUCCESS)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:

@@ -125,6 +125,7 @@ class UpdateRun(models.Model):
         null=True, blank=True, help_text="A cluster node out of the load balancer drains only after its lead time."
     )
 
+    # States change in updates/runs/lifecycle.py only: conditional UPDATEs from the states each transition allows.
     objects = UpdateRunQuerySet.as_manager()
 
     class Meta:

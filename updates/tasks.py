@@ -1,4 +1,5 @@
-"""Control-queue tasks: thin wrappers that take ids and call updates.workflow."""
+"""Control-queue tasks: thin wrappers that take ids and call the plain functions
+of updates.runs."""
 
 from __future__ import annotations
 
@@ -10,23 +11,24 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 
-from updates import workflow
+from updates.runs import cluster_cap, end, recovery, reports
+from updates.runs import verify as verification
 
 
 @shared_task(name="control.record_step", ignore_result=True)
 def record_step(run_id: int, step: str, event: str, **fields: Any) -> None:
-    workflow.record_step(run_id, step, event, **fields)
+    reports.record_step(run_id, step, event, **fields)
 
 
 @shared_task(name="control.node_report", ignore_result=True)
 def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
-    workflow.node_reported(hostname, snapshot)
+    recovery.node_reported(hostname, snapshot)
 
 
 @shared_task(
     name="control.verify",
-    autoretry_for=(workflow.NodeNotBack,),
-    throws=(workflow.CarriedOn,),  # expected: logged without a traceback
+    autoretry_for=(verification.NodeNotBack,),
+    throws=(verification.CarriedOn,),  # expected: logged without a traceback
     retry_backoff=1,
     retry_backoff_max=3,
     retry_jitter=False,
@@ -34,39 +36,39 @@ def node_report(hostname: str, snapshot: dict[str, Any]) -> None:
 )
 def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
     # snapshot: what node.reboot returned, handed on by the chain (None when a chain starts here).
-    workflow.verify_node_back(run_id, snapshot)
+    verification.verify_node_back(run_id, snapshot)
 
 
-@shared_task(name="control.slot")  # sent at workflow.SLOT_PRIORITY
+@shared_task(name="control.slot")  # sent at chains.SLOT_PRIORITY
 def slot(run_id: int) -> None:
     # No retry while the cluster is full: the node waits in line in the database, and
-    # a released slot goes to the longest waiter at once (workflow.wake_waiters). A
+    # a released slot goes to the longest waiter at once (cluster_cap.wake_waiters). A
     # retry per waiter would be control-queue traffic that grows with the cluster.
-    with contextlib.suppress(workflow.SlotWait):
-        workflow.take_slot(run_id)
+    with contextlib.suppress(cluster_cap.SlotWait):
+        cluster_cap.take_slot(run_id)
 
 
 @shared_task(
     name="control.hold",
-    autoretry_for=(workflow.HoldOn,),
+    autoretry_for=(cluster_cap.HoldOn,),
     retry_backoff=1,
     retry_backoff_max=30,
     retry_jitter=False,
     max_retries=None,  # bounded by the cluster's load-balancer lead time
 )
 def hold(run_id: int) -> None:
-    workflow.hold(run_id)
+    cluster_cap.hold(run_id)
 
 
 @shared_task(name="control.complete")
 def complete(snapshot: dict[str, Any] | None, run_id: int) -> bool:
     # snapshot: what node.resume returned, handed on by the chain (None when a chain starts here).
-    return workflow.complete_run(run_id, snapshot)
+    return end.complete_run(run_id, snapshot)
 
 
 @shared_task(name="control.reconcile")
 def reconcile() -> int:
-    return workflow.reconcile()
+    return recovery.reconcile()
 
 
 @worker_ready.connect
@@ -79,7 +81,7 @@ def _reconcile_at_start(sender: Any = None, **_: Any) -> None:
 
 @shared_task(name="control.reap_stale_runs")
 def reap_stale_runs() -> int:
-    return workflow.reap_stale_runs()
+    return recovery.reap_stale_runs()
 
 
 @shared_task(name="control.scheduled_download")
