@@ -2,14 +2,22 @@
 UpdateStep.state change.
 
 Every transition is a conditional UPDATE from the states it allows (the *_FROM
-sets) and returns whether it moved anything: a duplicate or late message finds
-the row moved on already and changes nothing. Callers hold the locks in the
-order run, steps, node (every write here touches one run's rows, or its steps'),
-so that two transactions never wait for each other the other way round.
+sets) and says whether it moved anything: a duplicate or late message finds the
+row moved on already and changes nothing. Callers hold the locks in the order
+run, steps, node, so that two transactions never wait for each other the other
+way round. A run is created running, its steps pending (updates.runs.start).
 
-    run:   running --succeed--> succeeded
-           running --fail-----> failed
-    step:  pending --start/wait--> running --claim/succeed/skip/fail--> ...
+    run    succeed_run     running -> succeeded        control.complete
+           fail_run        running -> failed           any failure, the reaper, verify's timeout
+    step   start_step      pending, running -> running                       a node step's start (again)
+           wait_step       pending -> running                                slot, verify: their first attempt
+           claim_step      running -> succeeded                              slot held, node back: who carries on
+           finish_step     pending, running, succeeded, failed -> succeeded  a node's success report
+                           pending, running, skipped, failed -> skipped      ... or skip report
+           fail_step       pending, running -> failed                        a node's failure report
+           abort_steps     running -> failed                                 the run failed
+           complete_steps  pending, running -> succeeded                     the run completed
+           retry_step_later pending, running -> pending                      a scheduled download's first failed round
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.db.models import Case, F, IntegerField, Q, Value, When
+from django.db.models import Case, F, IntegerField, Q, QuerySet, Value, When
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -82,7 +90,7 @@ RETRY_LATER_FROM = frozenset({StepState.PENDING, StepState.RUNNING})
 OUTCOMES = {"succeeded": (StepState.SUCCEEDED, SUCCEED_FROM), "skipped": (StepState.SKIPPED, SKIP_FROM)}
 
 
-def _step(run_id: int, name: str, allowed: frozenset[str]) -> Any:
+def _step(run_id: int, name: str, allowed: frozenset[str]) -> QuerySet[UpdateStep]:
     return UpdateStep.objects.filter(run_id=run_id, name=name, state__in=allowed)
 
 
