@@ -39,7 +39,7 @@ class ReleaseAdmin(admin.ModelAdmin):
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written by the workflow only: viewable, never edited by hand."""
+    """Rows written by updates.runs only: viewable, never edited by hand."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
