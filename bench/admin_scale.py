@@ -66,7 +66,7 @@ def add_fleet(first: int, count: int, rels: list[Any]) -> None:
     nodes = Node.objects.bulk_create(
         (
             Node(hostname=f"n{i:05d}", cluster=clusters[i % 50] if i % 3 == 0 else None, installed_version="2.1.0",
-                 state="online", logged_in_users=["alice", "bob"], last_seen=timezone.now())
+                 logged_in_users=["alice", "bob"], last_seen=timezone.now())
             for i in range(first, first + count)
         ),
         batch_size=2000,

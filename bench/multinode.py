@@ -59,7 +59,7 @@ def seed_nodes(hostnames: list[str], state_dir: Path, *, cluster: Any = None, du
     heartbeat would), each with its install duration."""
     from bench.rollout_driver import TimedDriver
     from nodes.models import Node
-    from updates.workflow import apply_snapshot
+    from updates.runs.snapshots import apply_snapshot
 
     Node.objects.bulk_create(Node(hostname=h, cluster=cluster) for h in hostnames)
     for i, hostname in enumerate(hostnames):

@@ -117,10 +117,10 @@ def start_agents(nodes: list[Any], work: Path, env: dict[str, str]) -> list[Any]
 
 def update_one(node: Any, release: Any) -> int:
     from nodes.models import Node
-    from updates import workflow
     from updates.models import UpdateRun
+    from updates.runs import start
 
-    run = workflow.start_update(Node.objects.get(pk=node.pk), release)
+    run = start.start_update(Node.objects.get(pk=node.pk), release)
     done = wait(lambda: UpdateRun.objects.filter(pk=run.pk).exclude(state="running").first(), 90, f"run {run.pk}")
     if done.state != "succeeded":
         raise RuntimeError(f"run {run.pk} {done.state}: {done.error}")

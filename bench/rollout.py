@@ -6,7 +6,7 @@ workers that serve the queues of 50 simulated nodes each (bench/multinode.py,
 TimedDriver: a node's install takes its duration, everything else is instant).
 Durations: uniform 1-3 s, random.Random(42). Cluster: max_parallel_updates=10,
 lb_lead_time=0. A release that needs no reboot (the simulated reboot would exit
-the worker of all nodes). All 200 runs are started with workflow.start_update
+the worker of all nodes). All 200 runs are started with updates.runs.start.start_update
 (manual trigger, cluster node: notify, download, slot, drain, install, verify,
 resume, complete; no reboot step: the release needs none); the slot semaphore enforces the cap.
 
@@ -90,8 +90,8 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
     from bench.multinode import NEW, build_noreboot_repo, seed_nodes, start_node_workers
     from nodes.models import Cluster
     from tests.servers import RepoServer
-    from updates import workflow
     from updates.models import Release
+    from updates.runs import start
 
     durations = durations_for(count, scale)
     repo_dir, pubkey = build_noreboot_repo(work / "repo")
@@ -116,7 +116,7 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
             else:
                 t0 = timezone.now()
                 started = time.monotonic()
-                run_ids = [workflow.start_update(node, release).pk for node in nodes]
+                run_ids = [start.start_update(node, release).pk for node in nodes]
                 starting = time.monotonic() - started
             wait_until_done(run_ids, scale)
     finally:

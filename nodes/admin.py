@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
@@ -18,11 +18,13 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils import timezone
+from django.utils.html import format_html
 
 from nodes import services
-from nodes.models import Cluster, Node
+from nodes.models import Cluster, Node, NodeQuerySet
 from updates.models import Release, UpdateLock
-from updates.workflow import UpdateRefused, cluster_slots, wake_waiters
+from updates.runs.cluster_cap import cluster_slots, wake_waiters
+from updates.runs.start import UpdateRefused
 
 ROLE_ACTIONS = {
     "autoupdate": "nodes.start_update",
@@ -123,29 +125,64 @@ class CatchupForm(forms.Form):
         return data
 
 
+class StatusFilter(admin.SimpleListFilter):
+    """Node.status, which is derived, never stored."""
+
+    title = "status"
+    parameter_name = "status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(Node.Status.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Node]) -> QuerySet[Node]:
+        value = self.value()
+        return cast(NodeQuerySet, queryset).in_status(value) if value in Node.Status.values else queryset
+
+
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
     list_display = [
-        "hostname", "cluster", "installed_version", "state", "maintenance_mode", "logon_enabled",
-        "in_load_balancer", "users", "locked", "last_seen",
+        "hostname", "cluster", "installed_version", "status", "maintenance_mode", "appliance_maintenance",
+        "logon_enabled", "in_load_balancer", "users", "locked", "last_seen",
     ]  # fmt: skip
-    list_filter = ["cluster", "state", "maintenance_mode", "channel"]
+    list_filter = ["cluster", StatusFilter, "maintenance_mode", "channel"]
     list_select_related = ["cluster"]
     search_fields = ["hostname"]
     readonly_fields = [
         "installed_version", "installed_packages", "logged_in_users", "logon_enabled", "in_load_balancer",
-        "boot_id", "agent_instance", "last_seen", "state", "maintenance_mode", "maintenance_reason",
+        "boot_id", "agent_instance", "last_seen", "status", "maintenance_mode", "appliance_maintenance",
+        "maintenance_reason",
     ]  # fmt: skip
     actions = ["autoupdate", "catchup", "announce_maintenance", "remove_update_lock", "end_maintenance"]
     change_form_template = "admin/nodes/node/change_form.html"
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Node]:
-        active = UpdateLock.objects.filter(node=OuterRef("pk"), removed_at__isnull=True)
-        return super().get_queryset(request).annotate(has_lock=Exists(active))
+        active = UpdateLock.objects.active().filter(node=OuterRef("pk"))
+        return cast(NodeQuerySet, super().get_queryset(request)).with_status().annotate(has_lock=Exists(active))
 
     @admin.display(boolean=True, description="update lock", ordering="has_lock")
     def locked(self, obj: Any) -> bool:
         return obj.has_lock
+
+    @admin.display(description="status")
+    def status(self, obj: Node) -> str:
+        return obj.get_status_display()
+
+    @admin.display(description="appliance reports")
+    def appliance_maintenance(self, obj: Node) -> str:
+        """The appliance's own word on its maintenance mode, marked where it is not the
+        database's (maintenance_mode): a step under way, or an appliance changed by hand."""
+        if obj.reported_maintenance is None:
+            return "-"
+        said = f"maintenance {'on' if obj.reported_maintenance else 'off'}"
+        if obj.reported_maintenance == obj.maintenance_mode:
+            return said
+        decided = "on" if obj.maintenance_mode else "off"
+        return format_html(
+            '<span class="maintenance-differs" title="tgpadmin has maintenance mode {}">&#9888; {}</span>',
+            decided,
+            said,
+        )
 
     @admin.display(description="logged-in users")
     def users(self, obj: Node) -> int:
@@ -172,7 +209,7 @@ class NodeAdmin(admin.ModelAdmin):
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
         extra = {
-            "lock": UpdateLock.objects.filter(node_id=object_id, removed_at__isnull=True).first(),
+            "lock": UpdateLock.objects.active().filter(node_id=object_id).first(),
             "lock_history": UpdateLock.objects.filter(node_id=object_id, removed_at__isnull=False).select_related(
                 "removed_by"
             )[:10],

@@ -19,7 +19,7 @@ from nodes.models import Cluster, Node
 from updates.demo import DEMO_RELEASES, write_demo_sources
 from updates.releases import sync_from_dir
 from updates.repository import build_repository, generate_keypair
-from updates.workflow import apply_snapshot
+from updates.runs.snapshots import apply_snapshot
 
 START_VERSION = "2.1.0"
 FLEET: dict[str, tuple[str | None, list[str]]] = {

@@ -6,7 +6,9 @@ from datetime import timedelta
 
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
+from django.db.models import Exists, OuterRef
 from django.urls import reverse
+from django.utils.functional import cached_property
 
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE, node_queue
 
@@ -43,14 +45,37 @@ class Cluster(models.Model):
         return self.name
 
 
+def _has_running_run() -> Exists:
+    from updates.models import UpdateRun  # the updates app builds on this one: imported when used
+
+    return Exists(UpdateRun.objects.running().filter(node=OuterRef("pk")))
+
+
+class NodeQuerySet(models.QuerySet["Node"]):
+    def with_status(self) -> NodeQuerySet:
+        """Each node with what its status needs (see Node.status) in the same query:
+        the annotation fills Node.updating."""
+        return self.annotate(updating=_has_running_run())  # type: ignore[no-redef]  # fills the cached_property
+
+    def in_status(self, status: str) -> NodeQuerySet:
+        """The nodes whose Node.status is `status`."""
+        if status == Node.Status.NEVER_REPORTED:
+            return self.filter(last_seen__isnull=True)
+        reported = self.filter(last_seen__isnull=False)
+        return (
+            reported.filter(_has_running_run())
+            if status == Node.Status.UPDATING
+            else reported.exclude(_has_running_run())
+        )
+
+
 class Node(models.Model):
     Channel = Channel
 
-    class State(models.TextChoices):
-        UNKNOWN = "unknown", "Unknown (never reported)"
-        ONLINE = "online", "Online"
+    class Status(models.TextChoices):
+        NEVER_REPORTED = "never_reported", "Never reported"
         UPDATING = "updating", "Updating"
-        REBOOTING = "rebooting", "Rebooting"
+        ONLINE = "online", "Online"
 
     hostname = models.CharField(max_length=63, unique=True, validators=[hostname_validator])
     cluster = models.ForeignKey(
@@ -78,13 +103,19 @@ class Node(models.Model):
     # When the node took the snapshot stored above: reports processed out of order
     # (several control processes) must not put older state over newer.
     reported_at = models.DateTimeField(null=True, blank=True, editable=False)
-    state = models.CharField(max_length=16, choices=State.choices, default=State.UNKNOWN, editable=False)
+    # What the appliance itself says about its maintenance mode (None: not reported).
+    # maintenance_mode below is the control plane's decision; the two differ while a
+    # step that switches it is under way, or when an appliance was changed by hand.
+    reported_maintenance = models.BooleanField(null=True, editable=False)
+    # The control plane's decision: on from an update's start until it succeeds or an operator ends it.
     maintenance_mode = models.BooleanField(default=False, editable=False)
     maintenance_reason = models.CharField(max_length=200, blank=True, editable=False)
     # The manual's "warning flag": set when a scheduled download has failed 10 times,
     # cleared only by a complete, verified download. Never removed by hand.
     download_warning = models.BooleanField(default=False, editable=False)
     download_warning_since = models.DateTimeField(null=True, blank=True, editable=False)
+
+    objects = NodeQuerySet.as_manager()
 
     class Meta:
         ordering = ["hostname"]
@@ -105,6 +136,20 @@ class Node(models.Model):
         """The Celery queue this node's agent consumes, and nobody else."""
         return node_queue(self.hostname)
 
+    # Derived, never stored: whether a run is running is the runs' to say.
+    # Node.objects.with_status() annotates it for a list (the annotation takes the
+    # place of this property).
+    @cached_property
+    def updating(self) -> bool:
+        from updates.models import UpdateRun
+
+        return UpdateRun.objects.running().filter(node=self).exists()
+
     @property
-    def is_cluster_node(self) -> bool:
-        return self.cluster_id is not None
+    def status(self) -> str:
+        if self.last_seen is None:
+            return self.Status.NEVER_REPORTED
+        return self.Status.UPDATING if self.updating else self.Status.ONLINE
+
+    def get_status_display(self) -> str:
+        return self.Status(self.status).label

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 from celery import signature
@@ -13,8 +14,10 @@ from django.db.models import QuerySet
 
 from agent.shared.protocol import ANNOUNCE, END_MAINTENANCE, NoticeCommand
 from nodes.models import Node
-from updates import workflow
 from updates.models import MaintenanceNotice, Release, UpdateRun
+from updates.runs.cluster_cap import release_slot
+from updates.runs.locks import remove_lock as remove_update_lock
+from updates.runs.start import StartChecks, UpdateRefused, check_can_start, start_update, start_updates
 
 
 @dataclass
@@ -28,7 +31,7 @@ class UpdatePlan:
 def plan_updates(nodes: list[Node]) -> list[UpdatePlan]:
     """What an Auto-Update of each node would do, for the confirmation page: the
     same few queries for a whole cluster as for one node."""
-    checks = workflow.StartChecks.read(nodes)
+    checks = StartChecks.read(nodes)
     plans = []
     for node in nodes:
         release = checks.newest.get(node.channel)
@@ -37,15 +40,11 @@ def plan_updates(nodes: list[Node]) -> list[UpdatePlan]:
             plan.refusal = f"No {node.channel} release is known: run `manage.py sync_releases`."
         else:
             try:
-                workflow.check_can_start(node, release, UpdateRun.Trigger.MANUAL, checks=checks)
-            except workflow.UpdateRefused as exc:
+                check_can_start(node, release, UpdateRun.Trigger.MANUAL, checks=checks)
+            except UpdateRefused as exc:
                 plan.refusal = str(exc)
         plans.append(plan)
     return plans
-
-
-def plan_update(node: Node) -> UpdatePlan:
-    return plan_updates([node])[0]
 
 
 def oldstable_release() -> Release | None:
@@ -57,9 +56,9 @@ def start_catchup(node: Node, user: Any, packages: list[str] | None = None) -> U
     the chosen packages. Raises UpdateRefused with the reason."""
     release = oldstable_release()
     if release is None:
-        raise workflow.UpdateRefused("No oldstable release is known: run `manage.py sync_releases`.")
+        raise UpdateRefused("No oldstable release is known: run `manage.py sync_releases`.")
     trigger = UpdateRun.Trigger.CATCHUP_PARTIAL if packages else UpdateRun.Trigger.CATCHUP_FULL
-    return workflow.start_update(node, release, user=user, trigger=trigger, packages=packages)
+    return start_update(node, release, user=user, trigger=trigger, packages=packages)
 
 
 def start_planned(plans: list[UpdatePlan], user: Any) -> tuple[list[UpdateRun], list[str]]:
@@ -67,19 +66,19 @@ def start_planned(plans: list[UpdatePlan], user: Any) -> tuple[list[UpdateRun], 
     confirmation (locked, updating, updated) is refused with its reason."""
     refused = [plan.refusal for plan in plans if plan.release is None]
     targets = [(plan.node, plan.release) for plan in plans if plan.release is not None]
-    runs, more = workflow.start_updates(targets, user=user)
+    runs, more = start_updates(targets, user=user)
     return runs, refused + more
 
 
 def remove_lock(node: Node, user: Any) -> bool:
-    return workflow.remove_lock(node, user)
+    return remove_update_lock(node, user)
 
 
 def end_maintenance(node: Node) -> bool:
     """End maintenance mode (group ``maint``): logon on, back into the load balancer.
     Refused while the node is updating."""
     with transaction.atomic():
-        if UpdateRun.objects.filter(node=node, state=UpdateRun.State.RUNNING).exists():
+        if UpdateRun.objects.running().filter(node=node).exists():
             return False
         changed = Node.objects.filter(pk=node.pk, maintenance_mode=True).update(
             maintenance_mode=False, maintenance_reason=""
@@ -90,7 +89,7 @@ def end_maintenance(node: Node) -> bool:
             transaction.on_commit(sig.apply_async)
             if node.cluster_id:
                 # A failed cluster node kept its update slot while out of service; now it is back.
-                transaction.on_commit(lambda: workflow.release_slot(node))
+                transaction.on_commit(partial(release_slot, node))
     return bool(changed)
 
 

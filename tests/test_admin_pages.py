@@ -9,8 +9,8 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from nodes.models import Cluster, Node
-from updates import workflow
 from updates.models import UpdateRun, UpdateStep
+from updates.runs import cluster_cap, locks, start
 
 pytestmark = pytest.mark.django_db
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.django_db
 def test_run_page_shows_steps_and_a_live_download_progress_bar(admin_client, make_node, releases):
     node = make_node("gw")
     run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], message="m")
-    for i, name in enumerate(workflow.plan_steps(node, run.trigger)):
+    for i, name in enumerate(start.plan_steps(node, run.trigger)):
         UpdateStep.objects.create(run=run, name=name, position=i)
     UpdateStep.objects.filter(run=run, name="notify").update(state="succeeded", detail="notice sent to 2 users")
     UpdateStep.objects.filter(run=run, name="download").update(state="running", bytes_done=512, bytes_total=1024)
@@ -46,7 +46,7 @@ def test_node_and_run_lists_use_a_fixed_number_of_queries(admin_client, releases
         for i in range(start, start + count):
             node = Node.objects.create(hostname=f"n{i}", cluster=cluster if i % 2 else None)
             UpdateRun.objects.create(node=node, release=releases["2.2.0"], state="failed")
-            workflow.set_lock(node, "failed")
+            locks.set_lock(node, "failed")
 
     add_nodes(0, 3)
     few_nodes = _queries_for(admin_client, reverse("admin:nodes_node_changelist"))
@@ -89,7 +89,7 @@ def test_a_download_warning_shows_in_the_title_bar_of_every_admin_page(admin_cli
 
 def test_cluster_page_shows_slot_holders_and_update_group_releases_a_gone_holder(client, staff, make_node):
     cluster = Cluster.objects.create(name=f"slots-{make_node('x').pk}", max_parallel_updates=2)
-    workflow.cluster_slots().acquire(cluster.name, "ghost", 2)
+    cluster_cap.cluster_slots().acquire(cluster.name, "ghost", 2)
     client.force_login(staff("viewer"))
     page = client.get(reverse("admin:nodes_cluster_change", args=[cluster.pk]))
     assert "ghost" in page.text and "1 of 2 held" in page.text
@@ -99,4 +99,4 @@ def test_cluster_page_shows_slot_holders_and_update_group_releases_a_gone_holder
     )
     client.force_login(staff("op", "update"))
     client.post(reverse("admin:nodes_cluster_release_slot", args=[cluster.pk]), {"node": "ghost"})
-    assert workflow.cluster_slots().holders(cluster.name) == []
+    assert cluster_cap.cluster_slots().holders(cluster.name) == []

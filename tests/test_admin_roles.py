@@ -10,8 +10,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from nodes.models import Node
-from updates import workflow
 from updates.models import MaintenanceNotice, UpdateLock, UpdateRun
+from updates.runs import locks
+from updates.runs.chains import QueueChain, QueueStarted
 
 pytestmark = pytest.mark.django_db
 
@@ -74,7 +75,7 @@ def test_update_group_starts_autoupdate_after_confirmation(client, staff, gw, dj
     assert response.status_code == 302
     assert response["Location"] == reverse("admin:updates_updaterun_change", args=[run.pk])
     assert run.started_by == operator and run.release.version == "2.2.0"
-    assert len(queued) == 1, "the chain is queued once the transaction commits"
+    assert queued == [QueueStarted((QueueChain(run.pk, "notify"),))], "the chain is queued once the transaction commits"
     gw.refresh_from_db()
     assert gw.maintenance_mode
 
@@ -97,12 +98,17 @@ def test_update_group_announces_maintenance_to_the_selected_nodes(
         )
     assert response.status_code == 302
     assert set(MaintenanceNotice.objects.values_list("node", flat=True)) == {gw.pk, other.pk}
-    assert len(queued) == 2, "one notice per node, queued once the transaction commits"
+    notices = MaintenanceNotice.objects.order_by("pk")
+    sent = [(cb.__self__.task, cb.__self__.args[0]) for cb in queued]
+    assert [(task, command["node"], command["notice_id"]) for task, command in sent] == [
+        ("node.announce", n.node.hostname, f"notice-{n.pk}") for n in notices
+    ], "one notice per node, queued once the transaction commits"
+    assert all("Update tonight" in command["message"] for _, command in sent)
 
 
 def test_update_group_removes_a_lock_and_the_history_keeps_who(client, staff, gw):
     operator = staff("op", "update")
-    workflow.set_lock(gw, "download failed")
+    locks.set_lock(gw, "download failed")
     login(client, operator)
     response = client.post(reverse("admin:nodes_node_remove_lock", args=[gw.pk]))
     assert response.status_code == 302
@@ -113,7 +119,7 @@ def test_update_group_removes_a_lock_and_the_history_keeps_who(client, staff, gw
 
 
 def test_maint_group_cannot_remove_locks_and_update_group_cannot_end_maintenance(client, staff, gw):
-    workflow.set_lock(gw, "failed")
+    locks.set_lock(gw, "failed")
     Node.objects.filter(pk=gw.pk).update(maintenance_mode=True)
     login(client, staff("maintainer", "maint"))
     assert client.post(reverse("admin:nodes_node_remove_lock", args=[gw.pk])).status_code == 403
@@ -135,4 +141,5 @@ def test_maint_group_ends_maintenance_mode(client, staff, gw, django_capture_on_
         response = client.post(reverse("admin:nodes_node_end_maintenance", args=[gw.pk]))
     assert response.status_code == 302
     assert not Node.objects.get(pk=gw.pk).maintenance_mode
-    assert len(queued) == 1, "the agent is told to release logon"
+    sent = [(cb.__self__.task, cb.__self__.args[0]["node"]) for cb in queued]
+    assert sent == [("node.end_maintenance", gw.hostname)], "the agent is told to release logon"

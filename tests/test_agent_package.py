@@ -194,16 +194,16 @@ def test_the_agent_refuses_a_bad_message_before_it_touches_the_appliance(
     from agent.drivers.simulated import SimulatedDriver
     from nodes.models import Node
     from tgpadmin.celery import app
-    from updates import workflow
     from updates.models import UpdateStep
+    from updates.runs import chains, start
 
     node, other = make_node("gw"), make_node("gw")
-    run = workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+    run = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
     with app.connection_for_write() as conn:  # the test sends the messages: not the run's chain
         conn.default_channel.queue_purge(node.queue)
     agent_for(node)
     appliance = SimulatedDriver(node.hostname, state_dir / node.hostname)
-    payload = workflow.node_payload(run)
+    payload = chains.node_payload(run)
 
     # A drain whose version breaks the rule: refused, the users stay, the step fails with the reason.
     app.send_task("node.drain", args=({**payload, "version": "2.2.0 && reboot"},), queue=node.queue)

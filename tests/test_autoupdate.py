@@ -16,8 +16,8 @@ import pytest
 from nodes.models import Node
 from tests.conftest import Repo, wait_for
 from tests.servers import RepoServer
-from updates import workflow
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
+from updates.runs import locks, recovery, start
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(240)]
 
@@ -39,7 +39,7 @@ def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
     agent_for(node)
     boot_before = Node.objects.get(pk=node.pk).boot_id
 
-    run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+    run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
     run = wait_run(run, "succeeded")
 
     state = appliance(state_dir, node)
@@ -79,7 +79,7 @@ def test_a_release_that_needs_no_reboot_is_installed_without_one(tmp_path, make_
     boot_before = appliance(state_dir, node)["boot_id"]
     with RepoServer(repo.dir) as server:
         agent_for(node, repo_url=server.url, pubkey=repo.pubkey)
-        run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.3.0"))
+        run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.3.0"))
         run = wait_run(run, "succeeded")
 
     # The run page lists what happened: no reboot step at all, verify right after install.
@@ -97,7 +97,7 @@ def test_users_get_the_notice_before_they_are_logged_off(demo_repo, make_node, a
     repo.import_releases()
     node = make_node("gw", users=("carol",))
     agent_for(node)
-    run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"), message="Save now")
+    run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"), message="Save now")
     wait_run(run, "succeeded")
 
     (carol,) = appliance(state_dir, node)["logged_off"]
@@ -140,7 +140,7 @@ def test_untrusted_repository_fails_run_locks_node_and_installs_nothing(
     before = current_release_dir(state_dir, node)
     with RepoServer(repo.dir) as server:
         start_agent(node.hostname, repo_url=server.url, pubkey=pubkey)
-        run = workflow.start_update(node, Release.objects.get(version="2.2.0"))
+        run = start.start_update(node, Release.objects.get(version="2.2.0"))
         run = wait_run(run, "failed")
 
     assert run.error.startswith("download:")
@@ -159,9 +159,9 @@ def test_locked_node_refuses_autoupdate(demo_repo, make_node):
     repo, _ = demo_repo
     repo.import_releases()
     node = make_node("gw")
-    workflow.set_lock(node, "earlier failure")
-    with pytest.raises(workflow.UpdateRefused, match="update lock"):
-        workflow.start_update(node, Release.objects.get(version="2.2.0"))
+    locks.set_lock(node, "earlier failure")
+    with pytest.raises(start.UpdateRefused, match="update lock"):
+        start.start_update(node, Release.objects.get(version="2.2.0"))
     assert not UpdateRun.objects.filter(node=node).exists()
 
 
@@ -175,7 +175,7 @@ def test_agent_killed_during_download_resumes_with_range_and_succeeds(
         # Written in 256 KiB batches (1 MiB by default): progress counts written bytes only.
         agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_DOWNLOAD_CHUNK="262144")
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "agent report")
-        run = workflow.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
+        run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         step = UpdateStep.objects.filter(run=run, name="download")
         wait_for(lambda: step.get().bytes_done > 200 * 1024, 60, "the download to be under way")
         (worker,) = psutil.Process(agent.pid).children()
@@ -192,11 +192,11 @@ def test_run_of_a_silent_node_fails_after_the_stall_timeout(demo_repo, make_node
     repo, _ = demo_repo
     repo.import_releases()
     node = make_node("gw")  # no agent: nothing will ever answer
-    run = workflow.start_update(node, Release.objects.get(version="2.2.0"))
+    run = start.start_update(node, Release.objects.get(version="2.2.0"))
     settings.TGP_RUN_STALL_TIMEOUT = 1.0
     UpdateRun.objects.filter(pk=run.pk).update(last_activity_at=run.last_activity_at - timedelta(seconds=5))
 
-    assert workflow.reap_stale_runs() == 1
+    assert recovery.reap_stale_runs() == 1
     run.refresh_from_db()
     assert run.state == "failed" and "no word from the node" in run.error
     assert UpdateLock.objects.filter(node=node, removed_at=None).exists()

@@ -21,7 +21,7 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="the Python package
 expect = sync_api.expect
 
 from nodes.models import Node  # noqa: E402  (after the skips: no Django import for a skipped module)
-from updates import workflow  # noqa: E402
+from updates.runs import locks  # noqa: E402
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(240)]
 
@@ -99,7 +99,7 @@ def test_autoupdate_from_the_node_list_until_succeeded(
 
 def test_remove_update_lock_from_the_node_page(page, login, live_server, staff, make_node):
     node = make_node("gw")
-    workflow.set_lock(node, "download failed: checksum mismatch")
+    locks.set_lock(node, "download failed: checksum mismatch")
     staff("op", "update")
 
     login("op")
@@ -112,7 +112,7 @@ def test_remove_update_lock_from_the_node_page(page, login, live_server, staff, 
     expect(lock).to_contain_text("No update lock.")
     expect(lock).to_contain_text("Removed locks:")
     expect(lock.locator("li")).to_contain_text("download failed: checksum mismatch")
-    assert not workflow.active_lock(node)
+    assert not locks.active_lock(node)
 
 
 def test_download_warning_shows_in_the_title_bar_of_every_page(page, login, live_server, staff, make_node):

@@ -15,8 +15,9 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from nodes.models import Cluster, Node
-from updates import workflow
 from updates.models import UpdateLock, UpdateRun
+from updates.runs import start
+from updates.runs.chains import QueueChain, QueueStarted
 
 pytestmark = pytest.mark.django_db
 URL = reverse("admin:nodes_node_autoupdate")
@@ -90,8 +91,11 @@ def test_each_run_of_a_bulk_start_is_what_a_single_start_makes(operator, django_
     single, *bulk = cluster_of(3)
     with django_capture_on_commit_callbacks(execute=False) as queued:
         operator.post(URL, {"ids": ids(bulk), "confirm": "yes"})
-        alone = workflow.start_update(single, workflow.StartChecks.read([single]).newest["stable"])
-    assert len(queued) == 2, "one hand-off per start, queued once the transaction has committed"
+        alone = start.start_update(single, start.StartChecks.read([single]).newest["stable"])
+    started = [QueueChain(UpdateRun.objects.get(node=node).pk, "notify") for node in bulk]
+    assert queued == [QueueStarted(tuple(started)), QueueStarted((QueueChain(alone.pk, "notify"),))], (
+        "one hand-off per start, queued once the transaction has committed"
+    )
     expected = list(alone.steps.values_list("name", flat=True))
     for node in bulk:
         node.refresh_from_db()
@@ -99,14 +103,14 @@ def test_each_run_of_a_bulk_start_is_what_a_single_start_makes(operator, django_
         assert list(run.steps.values_list("name", flat=True)) == expected
         assert (run.release, run.message, run.version_before) == (alone.release, alone.message, "2.1.0")
         assert run.started_by.username == "op"
-        assert node.maintenance_mode and node.state == Node.State.UPDATING
+        assert node.maintenance_mode and node.updating
         assert node.maintenance_reason == f"Update to 2.2.0 (run {run.pk})"
 
 
 def test_a_node_named_twice_starts_once(releases):
     (node,) = cluster_of(1)
     release = releases["2.2.0"]
-    runs, refused = workflow.start_updates([(node, release), (node, release)])
+    runs, refused = start.start_updates([(node, release), (node, release)])
     assert len(runs) == 1
     assert refused == [f"{node} is already updating."]
 

@@ -9,8 +9,8 @@ from django.urls import reverse
 from agent.drivers.simulated import SimulatedDriver
 from nodes import services
 from nodes.models import Node
-from updates import workflow
 from updates.models import UpdateRun
+from updates.runs import start
 
 
 def installed(state_dir, node) -> dict[str, str]:
@@ -64,9 +64,9 @@ def test_full_catchup_installs_the_whole_oldstable_release(demo_repo, make_node,
 @pytest.mark.django_db
 def test_single_packages_only_come_from_a_partial_catchup(make_node, releases):
     node = make_node("gw")
-    with pytest.raises(workflow.UpdateRefused, match="Only a partial update"):
-        workflow.start_update(node, releases["2.2.0"], packages=["tgpro-vnc"])
-    with pytest.raises(workflow.UpdateRefused, match="Not in release 2.0.0: evil"):
+    with pytest.raises(start.UpdateRefused, match="Only a partial update"):
+        start.start_update(node, releases["2.2.0"], packages=["tgpro-vnc"])
+    with pytest.raises(start.UpdateRefused, match="Not in release 2.0.0: evil"):
         services.start_catchup(node, None, ["tgpro-vnc", "evil"])
     assert not UpdateRun.objects.exists()
 
@@ -116,7 +116,8 @@ def test_a_hotfix_release_is_what_autoupdate_and_the_next_scheduled_update_insta
     node = make_node("gw")
     Node.objects.filter(pk=node.pk).update(installed_version="2.2.0")
     node.refresh_from_db()
-    assert services.plan_update(node).release == hotfix
+    (plan,) = services.plan_updates([node])
+    assert plan.release == hotfix
     assert scheduled.updates_for(node) == hotfix
     Node.objects.filter(pk=node.pk).update(installed_version="2.2.1")
     node.refresh_from_db()

@@ -12,8 +12,8 @@ from django.core.management import CommandError, call_command
 
 from nodes.models import Cluster, Node
 from tests.conftest import ROOT, process_env, test_database_url
-from updates import workflow
 from updates.models import Release, UpdateLock, UpdateRun
+from updates.runs import locks
 
 _trios = count(1)
 
@@ -39,7 +39,7 @@ def test_autoupdate_of_unknown_or_locked_node_is_refused(make_node, releases):
         run_cli("autoupdate", "nope", "--yes")
     node = make_node("gw")
     Node.objects.filter(pk=node.pk).update(installed_version="2.1.0")
-    workflow.set_lock(node, "earlier failure")
+    locks.set_lock(node, "earlier failure")
     with pytest.raises(CommandError, match="update lock"):
         run_cli("autoupdate", node.hostname, "--yes")
     assert not UpdateRun.objects.exists()
@@ -77,7 +77,7 @@ def test_autoupdate_of_a_cluster_starts_the_nodes_that_may_and_names_the_others(
     trio, django_capture_on_commit_callbacks
 ):
     cluster, nodes = trio
-    workflow.set_lock(nodes[1], "earlier failure")
+    locks.set_lock(nodes[1], "earlier failure")
     out, err = StringIO(), StringIO()
     with django_capture_on_commit_callbacks(execute=False), pytest.raises(CommandError, match="1 of 3 node"):
         call_command("autoupdate", "--cluster", cluster.name, "--yes", stdout=out, stderr=err)
@@ -107,7 +107,7 @@ def test_autoupdate_with_bad_arguments_is_a_clear_error_and_starts_nothing(args,
 @pytest.mark.django_db
 def test_remove_update_lock_keeps_history_and_checks_the_user(make_node, staff):
     node = make_node("gw")
-    workflow.set_lock(node, "failed")
+    locks.set_lock(node, "failed")
     viewer = staff("viewer")
     with pytest.raises(CommandError, match="may not remove update locks"):
         run_cli("remove_update_lock", node.hostname, "--user", viewer.username)

@@ -12,8 +12,8 @@ import pytest
 from nodes import services
 from nodes.models import Cluster, Node
 from tests.conftest import wait_for
-from updates import workflow
 from updates.models import Release, UpdateRun
+from updates.runs import cluster_cap
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(300)]
 
@@ -45,7 +45,7 @@ def test_never_more_nodes_out_of_service_than_the_cap_and_all_end_updated(demo_r
     while UpdateRun.objects.filter(pk__in=[r.pk for r in runs], state="running").exists():
         assert time.monotonic() < deadline, "the rollout did not end"
         samples.append(out_of_service(state_dir, nodes))
-        peak_slots = max(peak_slots, len(workflow.cluster_slots().holders(cluster.name)))
+        peak_slots = max(peak_slots, len(cluster_cap.cluster_slots().holders(cluster.name)))
         time.sleep(0.02)
 
     assert max(samples) == 2, f"peak out of service {max(samples)} (cap 2), {len(samples)} samples"
@@ -53,4 +53,4 @@ def test_never_more_nodes_out_of_service_than_the_cap_and_all_end_updated(demo_r
     assert set(UpdateRun.objects.filter(pk__in=[r.pk for r in runs]).values_list("state", flat=True)) == {"succeeded"}
     assert set(Node.objects.filter(cluster=cluster).values_list("installed_version", flat=True)) == {"2.2.0"}
     assert out_of_service(state_dir, nodes) == 0
-    wait_for(lambda: not workflow.cluster_slots().holders(cluster.name), 10, "every slot to be released")
+    wait_for(lambda: not cluster_cap.cluster_slots().holders(cluster.name), 10, "every slot to be released")

@@ -18,8 +18,9 @@ from agent import tasks as node_tasks
 from agent.shared.protocol import Snapshot
 from nodes.models import Cluster, Node
 from tgpadmin.celery import app
-from updates import workflow
 from updates.models import UpdateRun, UpdateStep
+from updates.runs import chains, cluster_cap, end, recovery, reports, snapshots, start, verify
+from updates.runs.chains import QueueChain
 
 pytestmark = pytest.mark.django_db
 
@@ -32,14 +33,14 @@ def cluster():
 
 def started(node, release, capture):
     with capture(execute=False):
-        return workflow.start_update(Node.objects.get(pk=node.pk), release)
+        return start.start_update(Node.objects.get(pk=node.pk), release)
 
 
 def test_a_cluster_node_downloads_before_it_takes_a_slot(make_node, cluster):
     node = make_node("c", cluster=cluster)
-    steps = workflow.plan_steps(node, UpdateRun.Trigger.MANUAL)
+    steps = start.plan_steps(node, UpdateRun.Trigger.MANUAL)
     assert steps.index("download") < steps.index("slot") < steps.index("drain")
-    single = workflow.plan_steps(make_node("gw"), UpdateRun.Trigger.MANUAL)
+    single = start.plan_steps(make_node("gw"), UpdateRun.Trigger.MANUAL)
     assert single[:3] == ["notify", "drain", "download"], "a single system keeps the manual's order"
 
 
@@ -49,18 +50,18 @@ def test_a_freed_slot_goes_to_the_longest_waiter_at_once(
     first = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     second = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     with django_capture_on_commit_callbacks(execute=False):
-        workflow.take_slot(first.pk)
-    with pytest.raises(workflow.SlotWait), django_capture_on_commit_callbacks(execute=False):
-        workflow.take_slot(second.pk)
+        cluster_cap.take_slot(first.pk)
+    with pytest.raises(cluster_cap.SlotWait), django_capture_on_commit_callbacks(execute=False):
+        cluster_cap.take_slot(second.pk)
 
     with django_capture_on_commit_callbacks(execute=False) as queued:
-        assert workflow.complete_run(first.pk)
+        assert end.complete_run(first.pk)
 
     # No control.slot retry ran, and none had to: the waiter holds the slot already.
     assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
-    assert [h.node for h in workflow.cluster_slots().holders(cluster.name)] == [second.node.hostname]
-    assert queued, "the waiter's next steps are queued once the hand-off commits"
-    workflow.release_slot(second.node)
+    assert [h.node for h in cluster_cap.cluster_slots().holders(cluster.name)] == [second.node.hostname]
+    assert queued == [QueueChain(second.pk, "drain")], "the waiter's next steps are queued once the hand-off commits"
+    cluster_cap.release_slot(second.node)
 
 
 @pytest.fixture
@@ -69,12 +70,12 @@ def in_line(make_node, cluster, releases, django_capture_on_commit_callbacks):
     first = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     second = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     with django_capture_on_commit_callbacks(execute=False):
-        workflow.take_slot(first.pk)
-        with pytest.raises(workflow.SlotWait):
-            workflow.take_slot(second.pk)
+        cluster_cap.take_slot(first.pk)
+        with pytest.raises(cluster_cap.SlotWait):
+            cluster_cap.take_slot(second.pk)
     yield first, second
     for run in (first, second):
-        workflow.cluster_slots().release(cluster.name, run.node.hostname)
+        cluster_cap.cluster_slots().release(cluster.name, run.node.hostname)
 
 
 def join_line(count, make_node, cluster, releases, capture) -> list[UpdateRun]:
@@ -82,8 +83,8 @@ def join_line(count, make_node, cluster, releases, capture) -> list[UpdateRun]:
     runs = [started(make_node("c", cluster=cluster), releases["2.2.0"], capture) for _ in range(count)]
     with capture(execute=False):
         for run in runs:
-            with pytest.raises(workflow.SlotWait):
-                workflow.take_slot(run.pk)
+            with pytest.raises(cluster_cap.SlotWait):
+                cluster_cap.take_slot(run.pk)
     return runs
 
 
@@ -108,8 +109,8 @@ def test_a_release_hands_the_slot_on_in_a_few_queries_however_long_the_line(
     for holder, waiter in zip([first, *line], line, strict=False):  # lines of 3, 2 and 1 waiting
         with CaptureQueriesContext(connection) as queries:
             with django_capture_on_commit_callbacks(execute=False) as queued:
-                assert workflow.complete_run(holder.pk)
-            assert len(queued) == 1, "the waiter's chain is queued once, after the commit"
+                assert end.complete_run(holder.pk)
+            assert queued == [QueueChain(waiter.pk, "drain")], "the waiter's chain is queued once, after the commit"
             queued[0]()
         assert UpdateStep.objects.get(run=waiter, name="slot").state == "succeeded", "the longest waiter goes on"
         assert [sig.task for sig in sent[-1].tasks][:2] == ["node.drain", "node.install"]
@@ -123,7 +124,7 @@ def test_a_node_waiting_in_line_is_not_failed_as_silent(in_line, settings):
     _, second = in_line
     settings.TGP_RUN_STALL_TIMEOUT = 60
     UpdateRun.objects.filter(pk=second.pk).update(last_activity_at=timezone.now() - timedelta(hours=2))
-    workflow.reap_stale_runs()
+    recovery.reap_stale_runs()
     assert UpdateRun.objects.get(pk=second.pk).state == "running", "waiting for a slot is not silence"
 
 
@@ -133,7 +134,7 @@ def test_the_reconciler_leaves_a_long_line_alone_at_a_cost_that_does_not_grow_wi
     def reconcile_quietly() -> tuple[int, int]:
         UpdateRun.objects.update(last_activity_at=timezone.now() - timedelta(hours=1))  # all quiet for long
         with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=False) as queued:
-            workflow.reconcile()
+            recovery.reconcile()
         return len(queries), len(queued)
 
     short = reconcile_quietly()
@@ -147,12 +148,12 @@ def test_the_reconciler_leaves_a_long_line_alone_at_a_cost_that_does_not_grow_wi
 def test_the_reconciler_hands_on_a_slot_whose_release_woke_nobody(in_line, cluster, django_capture_on_commit_callbacks):
     first, second = in_line
     # The slot was freed, but the control worker died before it woke the waiter.
-    workflow.cluster_slots().release(cluster.name, first.node.hostname)
+    cluster_cap.cluster_slots().release(cluster.name, first.node.hostname)
     with django_capture_on_commit_callbacks(execute=False) as queued:
-        workflow.reconcile()
+        recovery.reconcile()
     assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
-    assert [h.node for h in workflow.cluster_slots().holders(cluster.name)] == [second.node.hostname]
-    assert len(queued) == 1, "its next steps are queued once"
+    assert [h.node for h in cluster_cap.cluster_slots().holders(cluster.name)] == [second.node.hostname]
+    assert queued == [QueueChain(second.pk, "drain")], "its next steps are queued once"
 
 
 def test_a_waiter_that_holds_its_slot_already_goes_on_even_in_a_full_cluster(
@@ -161,11 +162,11 @@ def test_a_waiter_that_holds_its_slot_already_goes_on_even_in_a_full_cluster(
     first, second = in_line
     # The second run's slot step took the slot and was cut short before it said so
     # (the control worker killed): Redis counts it as a holder, the database as waiting.
-    workflow.cluster_slots().release(cluster.name, first.node.hostname)
-    assert workflow.cluster_slots().acquire(cluster.name, second.node.hostname, 1)
-    assert workflow.cluster_slots().acquire(cluster.name, first.node.hostname, 1) is None, "the cluster is full"
+    cluster_cap.cluster_slots().release(cluster.name, first.node.hostname)
+    assert cluster_cap.cluster_slots().acquire(cluster.name, second.node.hostname, 1)
+    assert cluster_cap.cluster_slots().acquire(cluster.name, first.node.hostname, 1) is None, "the cluster is full"
     with django_capture_on_commit_callbacks(execute=False):
-        assert workflow.wake_waiters(cluster) == 1
+        assert cluster_cap.wake_waiters(cluster) == 1
     assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
 
 
@@ -190,7 +191,7 @@ def test_verify_takes_the_snapshot_the_chain_hands_over(rebooting):
     run, hostname, back = rebooting
     # What node.reboot returned: the node runs 2.2.0 after a new boot. Its own report
     # is still queued, so the database knows nothing of it yet.
-    workflow.verify_node_back(run.pk, back())  # NodeNotBack if it waited for the report
+    verify.verify_node_back(run.pk, back())  # NodeNotBack if it waited for the report
     step = UpdateStep.objects.get(run=run, name="verify")
     assert step.state == "succeeded"
     assert step.started_at <= step.finished_at, "the run page shows when verify found the node back"
@@ -202,31 +203,31 @@ def test_a_node_is_back_from_its_reboot_once_its_agent_takes_work_again(rebootin
     run, hostname, back = rebooting
     # The supervisor reports the new boot and the worker it just started, which is
     # still importing: the chain's next step would only wait for it in the queue.
-    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))
-    with pytest.raises(workflow.NodeNotBack):
-        workflow.verify_node_back(run.pk)
-    workflow.store_snapshot(hostname, back(agent_instance="agent-2", worker=True))  # the worker's own report
-    workflow.verify_node_back(run.pk)
+    snapshots.store_snapshot(hostname, back(agent_instance="agent-2"))
+    with pytest.raises(verify.NodeNotBack):
+        verify.verify_node_back(run.pk)
+    snapshots.store_snapshot(hostname, back(agent_instance="agent-2", worker=True))  # the worker's own report
+    verify.verify_node_back(run.pk)
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
 
 
 def test_a_ready_report_processed_after_a_later_heartbeat_still_counts(rebooting):
     run, hostname, back = rebooting
     ready = back(agent_instance="agent-2", worker=True)
-    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor's next beat, taken later
-    workflow.store_snapshot(hostname, ready)  # two control processes: the ready report lands second
-    workflow.store_snapshot(hostname, back(boot_id="boot-1", agent_instance="agent-1", worker=True, taken_at=0))
+    snapshots.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor's next beat, taken later
+    snapshots.store_snapshot(hostname, ready)  # two control processes: the ready report lands second
+    snapshots.store_snapshot(hostname, back(boot_id="boot-1", agent_instance="agent-1", worker=True, taken_at=0))
     # ... and a late report of the worker that rebooted changes nothing.
-    workflow.verify_node_back(run.pk)
+    verify.verify_node_back(run.pk)
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
 
 
 def test_a_lost_ready_report_delays_verify_but_does_not_fail_the_run(rebooting):
     run, hostname, back = rebooting
-    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))  # only the supervisor got through
-    rebooted_at = timezone.now() - workflow.WORKER_GRACE - timedelta(seconds=1)
+    snapshots.store_snapshot(hostname, back(agent_instance="agent-2"))  # only the supervisor got through
+    rebooted_at = timezone.now() - verify.WORKER_GRACE - timedelta(seconds=1)
     UpdateStep.objects.filter(run=run, name="reboot").update(state="succeeded", finished_at=rebooted_at)
-    workflow.verify_node_back(run.pk)  # resume waits for the worker in its queue, as before ready reports
+    verify.verify_node_back(run.pk)  # resume waits for the worker in its queue, as before ready reports
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
 
 
@@ -234,19 +235,20 @@ def test_the_workers_ready_report_carries_a_waiting_verify_on_and_only_one_verif
     rebooting, django_capture_on_commit_callbacks
 ):
     run, hostname, back = rebooting
-    workflow.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor
-    with pytest.raises(workflow.NodeNotBack):
-        workflow.verify_node_back(run.pk)  # the chain's verify: now waiting for its retry
+    snapshots.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor
+    with pytest.raises(verify.NodeNotBack):
+        verify.verify_node_back(run.pk)  # the chain's verify: now waiting for its retry
 
     with django_capture_on_commit_callbacks(execute=False) as heartbeat:
-        workflow.node_reported(hostname, back(agent_instance="agent-2"))
+        recovery.node_reported(hostname, back(agent_instance="agent-2"))
     with django_capture_on_commit_callbacks(execute=False) as ready:
-        workflow.node_reported(hostname, back(agent_instance="agent-2", worker=True))
-    assert (len(heartbeat), len(ready)) == (0, 1), "the worker's report, not a heartbeat, queues verify again"
+        recovery.node_reported(hostname, back(agent_instance="agent-2", worker=True))
+    assert heartbeat == [], "a heartbeat queues nothing"
+    assert ready == [QueueChain(run.pk, "verify")], "the worker's report queues verify again"
 
-    workflow.verify_node_back(run.pk)  # the one queued by the ready report
-    with pytest.raises(workflow.CarriedOn):
-        workflow.verify_node_back(run.pk)  # the chain's retry: its chain stops, no second resume
+    verify.verify_node_back(run.pk)  # the one queued by the ready report
+    with pytest.raises(verify.CarriedOn):
+        verify.verify_node_back(run.pk)  # the chain's retry: its chain stops, no second resume
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
 
 
@@ -258,7 +260,7 @@ def test_a_succeeded_run_shows_its_node_back_in_service_at_once(
     run = started(node, releases["2.2.0"], django_capture_on_commit_callbacks)
     # What node.resume returned; its own report is still queued behind control.complete.
     snapshot = {"installed_version": "2.2.0", "logon_enabled": True, "boot_id": "b", "taken_at": time.time()}
-    assert workflow.complete_run(run.pk, snapshot)
+    assert end.complete_run(run.pk, snapshot)
     node.refresh_from_db()
     assert node.logon_enabled and not node.maintenance_mode
 
@@ -268,8 +270,8 @@ def test_step_times_are_the_nodes_own_not_when_the_report_was_processed(
 ):
     run = started(make_node("gw"), releases["2.2.0"], django_capture_on_commit_callbacks)
     began = time.time() - 42  # the report waited 42 s in a busy control queue
-    workflow.record_step(run.pk, "notify", "started", at=began)
-    workflow.record_step(run.pk, "notify", "succeeded", at=began + 1)
+    reports.record_step(run.pk, "notify", "started", at=began)
+    reports.record_step(run.pk, "notify", "succeeded", at=began + 1)
     notify = UpdateStep.objects.get(run=run, name="notify")
     assert notify.started_at == datetime.fromtimestamp(began, tz=UTC)
     assert notify.finished_at - notify.started_at == timedelta(seconds=1)
@@ -277,7 +279,7 @@ def test_step_times_are_the_nodes_own_not_when_the_report_was_processed(
 
 def test_a_node_clock_ahead_of_ours_is_capped_at_now(make_node, releases, django_capture_on_commit_callbacks):
     run = started(make_node("gw"), releases["2.2.0"], django_capture_on_commit_callbacks)
-    workflow.record_step(run.pk, "notify", "started", at=time.time() + 3600)
+    reports.record_step(run.pk, "notify", "started", at=time.time() + 3600)
     assert UpdateStep.objects.get(run=run, name="notify").started_at <= timezone.now()
 
 
@@ -289,7 +291,7 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     queue = f"control-order-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "report_queue", queue)
     node_tasks.report_node("gw1", Snapshot(taken_at=time.time()))
-    (slot,) = workflow.build_chain(run, "slot").tasks  # the slot request as a run's chain carries it
+    (slot,) = chains.build_chain(run, "slot").tasks  # the slot request as a run's chain carries it
     slot.set(queue=queue).apply_async()
     signature("control.complete", args=(None, 1), immutable=True).set(queue=queue).apply_async()
 
@@ -313,8 +315,8 @@ def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
     first = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     second = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     with django_capture_on_commit_callbacks(execute=False):
-        workflow.take_slot(first.pk)
-    slots = workflow.cluster_slots()
+        cluster_cap.take_slot(first.pk)
+    slots = cluster_cap.cluster_slots()
     acquire = slots.acquire
 
     def freed_meanwhile(*args, **kwargs):
@@ -327,7 +329,7 @@ def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
 
     monkeypatch.setattr(slots, "acquire", freed_meanwhile)
     with django_capture_on_commit_callbacks(execute=False):
-        workflow.take_slot(second.pk)
+        cluster_cap.take_slot(second.pk)
     held_at = UpdateStep.objects.get(run=second, name="slot").finished_at
     assert held_at >= UpdateRun.objects.get(pk=first.pk).finished_at, "never two nodes in one slot, on the record"
     slots.release(cluster.name, second.node.hostname)

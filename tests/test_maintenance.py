@@ -12,8 +12,8 @@ from agent.drivers.simulated import SimulatedDriver
 from nodes import services
 from nodes.models import Node
 from tests.conftest import wait_for
-from updates import workflow
 from updates.models import MaintenanceNotice
+from updates.runs import locks
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(120)]
 
@@ -43,11 +43,11 @@ def test_ending_maintenance_after_a_failed_run_releases_logon_on_the_node(make_n
     driver.notify("run-x", "maintenance")
     driver.drain(0)  # what a failed run leaves behind
     Node.objects.filter(pk=node.pk).update(maintenance_mode=True, maintenance_reason="run failed")
-    workflow.set_lock(node, "run failed")
+    locks.set_lock(node, "run failed")
 
     assert services.end_maintenance(Node.objects.get(pk=node.pk))
     wait_for(lambda: driver.read()["logon_enabled"], 30, "logon to be switched on again")
     assert driver.read()["maintenance"] is False
     node.refresh_from_db()
     assert not node.maintenance_mode
-    assert workflow.active_lock(node), "ending maintenance does not remove the update lock"
+    assert locks.active_lock(node), "ending maintenance does not remove the update lock"

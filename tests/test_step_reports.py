@@ -20,8 +20,8 @@ from agent.shared.protocol import Snapshot
 from nodes.models import Node
 from tgpadmin.celery import app
 from updates import tasks as control_tasks
-from updates import workflow
 from updates.models import UpdateRun, UpdateStep
+from updates.runs import chains, start
 
 pytestmark = pytest.mark.django_db
 
@@ -49,7 +49,7 @@ def inbox(monkeypatch):
 def run(make_node, releases, state_dir, django_capture_on_commit_callbacks):
     node = make_node("gw")
     with django_capture_on_commit_callbacks(execute=False):  # no chain: the test plays the node
-        made = workflow.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+        made = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
     made.driver = SimulatedDriver(node.hostname, state_dir / node.hostname)
     return made
 
@@ -74,7 +74,7 @@ def test_a_quick_step_is_one_report_that_says_when_it_began_and_ended(run, inbox
     assert (step.state, step.attempts) == ("succeeded", 1)
     assert step.started_at == datetime.fromtimestamp(kwargs["started"], tz=UTC)
     assert step.finished_at >= step.started_at
-    assert UpdateRun.objects.get(pk=run.pk).current_step == "notify"
+    assert UpdateRun.objects.with_current_step().get(pk=run.pk).current_step == "drain", "the run is past notify"
 
 
 def test_a_slow_step_shows_as_running_before_it_ends(run, inbox):
@@ -99,7 +99,7 @@ def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
         raise ConnectionError("repository unreachable")
 
     with pytest.raises(ConnectionError):
-        node_tasks._run_step(task, workflow.node_payload(run), unreachable)
+        node_tasks._run_step(task, chains.node_payload(run), unreachable)
     event, kwargs = inbox.take()
     # While its retry waits (or until on_failure's report lands), the admin shows the step as running.
     assert event == "started"
@@ -138,7 +138,7 @@ def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, agent_s
 
     queue = f"order-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "report_queue", queue)
-    payload = workflow.node_payload(run)
+    payload = chains.node_payload(run)
     after = signature("control.complete", args=(run.pk,), queue=queue, priority=9)
     trace = build_tracer("node.notify", node_tasks.notify, app=agent_app, eager=False)
     trace(uuid.uuid4().hex, (payload,), {}, {"chain": [dict(after)], "delivery_info": {"priority": 9}})

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
@@ -8,8 +8,18 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
-from updates import workflow
-from updates.models import MaintenanceNotice, Package, Release, UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
+from updates.models import (
+    MaintenanceNotice,
+    Package,
+    Release,
+    UpdateLock,
+    UpdateLockQuerySet,
+    UpdateRun,
+    UpdateRunQuerySet,
+    UpdateSchedule,
+    UpdateStep,
+)
+from updates.runs.locks import remove_lock
 from updates.schedules import next_update_at, set_time_control
 
 
@@ -29,7 +39,7 @@ class ReleaseAdmin(admin.ModelAdmin):
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """Rows written by the workflow only: viewable, never edited by hand."""
+    """Rows written by updates.runs only: viewable, never edited by hand."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
@@ -49,7 +59,7 @@ class UpdateRunAdmin(ReadOnlyAdmin):
         "release",
         "trigger",
         "state",
-        "current_step",
+        "current",
         "started_by",
         "created_at",
         "finished_at",
@@ -69,7 +79,12 @@ class UpdateRunAdmin(ReadOnlyAdmin):
     ]  # fmt: skip
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[UpdateRun]:
-        return super().get_queryset(request).prefetch_related("node", "release", "started_by")
+        runs = super().get_queryset(request).prefetch_related("node", "release", "started_by")
+        return cast(UpdateRunQuerySet, runs).with_current_step()
+
+    @admin.display(description="current step", ordering="current_step")
+    def current(self, obj: UpdateRun) -> str:
+        return obj.current_step
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
         steps = UpdateStep.objects.filter(run_id=int(object_id)).order_by("position")
@@ -87,7 +102,8 @@ class UpdateLockAdmin(ReadOnlyAdmin):
     @admin.action(description="Remove update lock")
     def remove(self, request: HttpRequest, queryset: QuerySet[UpdateLock]) -> None:
         require(request, "nodes.remove_update_lock")
-        removed = sum(workflow.remove_lock(lock.node, request.user) for lock in queryset.filter(removed_at=None))
+        active = cast(UpdateLockQuerySet, queryset).active()
+        removed = sum(remove_lock(lock.node, request.user) for lock in active)
         self.message_user(request, f"Removed {removed} update lock(s).", messages.SUCCESS)
 
     def get_actions(self, request: HttpRequest) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def wait_for_runs(run_ids: list[int], timeout: float, stdout: OutputWrapper) -> 
     pending = set(run_ids)
     several = len(run_ids) > 1  # then each line names its node
     while pending and time.monotonic() < deadline:
-        for run in UpdateRun.objects.filter(pk__in=pending).select_related("node").order_by("pk"):
+        for run in UpdateRun.objects.filter(pk__in=pending).with_current_step().select_related("node").order_by("pk"):
             name = f"run {run.pk} ({run.node})" if several else f"run {run.pk}"
             if run.current_step and run.current_step != shown.get(run.pk):
                 shown[run.pk] = run.current_step

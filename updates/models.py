@@ -9,8 +9,10 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models, transaction
-from django.db.models import Q
+from django.db.models import Case, OuterRef, Q, Subquery, Value, When
+from django.db.models.functions import Coalesce
 from django.urls import reverse
+from django.utils.functional import cached_property
 
 from agent.shared.protocol import (
     PACKAGE_NAME_RE,
@@ -69,6 +71,18 @@ class Package(models.Model):
         return f"{self.name} {self.version}"
 
 
+class UpdateRunQuerySet(models.QuerySet["UpdateRun"]):
+    def running(self) -> UpdateRunQuerySet:
+        return self.filter(state=UpdateRun.State.RUNNING)
+
+    def with_current_step(self) -> UpdateRunQuerySet:
+        """Each run with its current step (see UpdateRun.current_step) in the same query:
+        a list of runs costs no query per run."""
+        current = UpdateStep.objects.filter(run=OuterRef("pk")).current().values("name")[:1]
+        # The annotation fills the cached_property UpdateRun.current_step.
+        return self.annotate(current_step=Coalesce(Subquery(current), Value("")))  # type: ignore[no-redef]
+
+
 class UpdateRun(models.Model):
     class Trigger(models.TextChoices):
         MANUAL = "manual", "Auto-Update (manual)"
@@ -81,8 +95,6 @@ class UpdateRun(models.Model):
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
 
-    ACTIVE_STATES = (State.RUNNING,)
-
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="runs")
     release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="runs")
     packages = models.JSONField(default=list, blank=True, help_text="Package names for a partial update; empty: all.")
@@ -92,7 +104,6 @@ class UpdateRun(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     message = models.TextField(blank=True, help_text="The notice logged-in users receive.")
-    current_step = models.CharField(max_length=16, blank=True)
     boot_id_before = models.CharField(max_length=64, blank=True)
     version_before = models.CharField(max_length=32, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
@@ -113,6 +124,9 @@ class UpdateRun(models.Model):
         null=True, blank=True, help_text="A cluster node out of the load balancer drains only after its lead time."
     )
 
+    # States change in updates/runs/lifecycle.py only: conditional UPDATEs from the states each transition allows.
+    objects = UpdateRunQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         # created_at: the run list's order (see updates/admin.py: UpdateRunAdmin).
@@ -131,6 +145,37 @@ class UpdateRun(models.Model):
 
     def get_absolute_url(self) -> str:
         return reverse("admin:updates_updaterun_change", args=[self.pk])
+
+    # Derived from the steps, never stored: a second copy of where a run stands would
+    # drift from the steps. UpdateRun.objects.with_current_step() annotates it for a
+    # list of runs (the annotation takes the place of this property).
+    @cached_property
+    def current_step(self) -> str:
+        """The running step, else the first unfinished one (a failed run's: the step it
+        failed in); "" once every step is done."""
+        return UpdateStep.objects.filter(run=self).current().values_list("name", flat=True).first() or ""
+
+
+class UpdateStepQuerySet(models.QuerySet["UpdateStep"]):
+    def running(self) -> UpdateStepQuerySet:
+        return self.filter(state=UpdateStep.State.RUNNING)
+
+    def unfinished(self) -> UpdateStepQuerySet:
+        return self.exclude(state__in=UpdateStep.FINISHED)
+
+    def current(self) -> UpdateStepQuerySet:
+        """Unfinished steps, the running one first, then in their order."""
+        running_first = Case(When(state=UpdateStep.State.RUNNING, then=Value(0)), default=Value(1))
+        return self.unfinished().order_by(running_first, "position")
+
+    def waiting(self, name: str) -> UpdateStepQuerySet:
+        """The running `name` steps of running runs: a running slot step is a node waiting
+        in line for a slot, a running verify step one waiting for its node to come back."""
+        return self.filter(name=name, state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
+
+    def in_line(self) -> UpdateStepQuerySet:
+        """Nodes waiting in line for a slot of their cluster."""
+        return self.waiting(UpdateStep.Name.SLOT)
 
 
 class UpdateStep(models.Model):
@@ -153,6 +198,8 @@ class UpdateStep(models.Model):
         SKIPPED = "skipped", "Skipped"
         FAILED = "failed", "Failed"
 
+    FINISHED = (State.SUCCEEDED, State.SKIPPED)  # done, and the run goes on
+
     run = models.ForeignKey(UpdateRun, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=16, choices=Name.choices)
     position = models.PositiveSmallIntegerField()
@@ -163,6 +210,8 @@ class UpdateStep(models.Model):
     detail = models.TextField(blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+
+    objects = UpdateStepQuerySet.as_manager()
 
     class Meta:
         ordering = ["run", "position"]
@@ -176,6 +225,11 @@ class UpdateStep(models.Model):
         if not self.bytes_total:
             return 100 if self.state == self.State.SUCCEEDED else 0
         return min(100, int(100 * self.bytes_done / self.bytes_total))
+
+
+class UpdateLockQuerySet(models.QuerySet["UpdateLock"]):
+    def active(self) -> UpdateLockQuerySet:
+        return self.filter(removed_at__isnull=True)
 
 
 class UpdateLock(models.Model):
@@ -193,6 +247,8 @@ class UpdateLock(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
 
+    objects = UpdateLockQuerySet.as_manager()
+
     class Meta:
         ordering = ["-created_at"]
         constraints = [
@@ -203,10 +259,6 @@ class UpdateLock(models.Model):
 
     def __str__(self) -> str:
         return f"lock on {self.node}" + (" (removed)" if self.removed_at else "")
-
-    @property
-    def active(self) -> bool:
-        return self.removed_at is None
 
 
 class MaintenanceNotice(models.Model):
@@ -238,11 +290,6 @@ class MaintenanceNotice(models.Model):
     def clean(self) -> None:
         if bool(self.node_id) == bool(self.cluster_id):
             raise ValidationError("Choose either a node or a cluster.")
-
-    def target_nodes(self) -> models.QuerySet[Node]:
-        if self.node_id:
-            return Node.objects.filter(pk=self.node_id)
-        return Node.objects.filter(cluster=self.cluster)
 
 
 class UpdateSchedule(models.Model):

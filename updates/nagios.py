@@ -133,7 +133,7 @@ def node_result(finding: Finding) -> Result:
 
 def check_node(node: Node) -> Result:
     """The sensor for one node (two queries: its lock and its channel's newest release)."""
-    lock = UpdateLock.objects.filter(node=node, removed_at__isnull=True).values_list("reason", flat=True).first()
+    lock = UpdateLock.objects.active().filter(node=node).values_list("reason", flat=True).first()
     return node_result(assess(node, Release.newest(node.channel), lock))
 
 
@@ -142,7 +142,7 @@ def check_node(node: Node) -> Result:
 
 def with_lock_state(nodes: QuerySet[Node]) -> QuerySet[Node]:
     """Annotate each node's active lock so a whole cluster costs one query, not one per node."""
-    active = UpdateLock.objects.filter(node=OuterRef("pk"), removed_at__isnull=True)
+    active = UpdateLock.objects.active().filter(node=OuterRef("pk"))
     return nodes.annotate(has_lock=Exists(active), lock_reason=Subquery(active.values("reason")[:1]))
 
 
@@ -155,7 +155,7 @@ def _lock_reason(node: Node) -> str | None:
     if hasattr(node, "has_lock"):
         return (getattr(node, "lock_reason", None) or "") if node.has_lock else None
     # A plain list of nodes: still correct, but a query per node.
-    return node.locks.filter(removed_at__isnull=True).values_list("reason", flat=True).first()
+    return node.locks.active().values_list("reason", flat=True).first()
 
 
 def assess_all(nodes: Iterable[Node] | QuerySet[Node]) -> list[Finding]:

@@ -11,10 +11,11 @@ from django.db import IntegrityError
 from django.utils import timezone
 
 from nodes.models import Node
-from updates import workflow
 from updates.models import Release, UpdateRun, UpdateSchedule
 from updates.releases import sync_from_url
 from updates.repository import RepositoryError
+from updates.runs.chains import start_update_phase
+from updates.runs.start import UpdateRefused, start_update
 from updates.schedules import Cron, update_entry_lead, zone
 
 log = logging.getLogger(__name__)
@@ -56,16 +57,14 @@ def updates_for(node: Node) -> Release | None:
 def start_for(schedule: UpdateSchedule, node: Node, slot: datetime) -> str:
     existing = UpdateRun.objects.filter(node=node, scheduled_for=slot).first()
     if existing:
-        workflow.start_update_phase(existing.pk)
+        start_update_phase(existing.pk)
         return f"{node}: run {existing.pk}"
     release = updates_for(node)
     if release is None:
         return f"{node}: no updates available"
     try:
-        run = workflow.start_update(
-            node, release, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot
-        )
-    except workflow.UpdateRefused as exc:
+        run = start_update(node, release, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot)
+    except UpdateRefused as exc:
         return f"{node}: not started: {exc}"
     except IntegrityError:
         return f"{node}: already started for {slot:%Y-%m-%d %H:%M}"

@@ -1,5 +1,6 @@
 """Control-queue tasks: thin wrappers that take ids (or a typed message from a
-node, decoded and checked by agent.shared.protocol) and call updates.workflow."""
+node, decoded and checked by agent.shared.protocol) and call the plain functions
+of updates.runs."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from agent.shared.protocol import (
     Snapshot,
     StepReport,
 )
-from updates import workflow
+from updates.runs import cluster_cap, end, recovery, reports
+from updates.runs import verify as verification
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +50,7 @@ def record_step(message: dict[str, Any]) -> None:
     report: StepReport | None = _decoded(StepReport, message)
     if report is None:
         return
-    workflow.record_step(
+    reports.record_step(
         report.run, report.step, report.event, detail=report.detail, bytes_done=report.bytes_done,
         bytes_total=report.bytes_total, snapshot=report.snapshot.to_wire() if report.snapshot else None,
         hostname=report.hostname, at=report.at, started=report.started,
@@ -59,13 +61,13 @@ def record_step(message: dict[str, Any]) -> None:
 def node_report(message: dict[str, Any]) -> None:
     report: NodeReport | None = _decoded(NodeReport, message)
     if report is not None:
-        workflow.node_reported(report.hostname, report.snapshot.to_wire())
+        recovery.node_reported(report.hostname, report.snapshot.to_wire())
 
 
 @shared_task(
     name=VERIFY,
-    autoretry_for=(workflow.NodeNotBack,),
-    throws=(workflow.CarriedOn,),  # expected: logged without a traceback
+    autoretry_for=(verification.NodeNotBack,),
+    throws=(verification.CarriedOn,),  # expected: logged without a traceback
     retry_backoff=1,
     retry_backoff_max=3,
     retry_jitter=False,
@@ -73,39 +75,39 @@ def node_report(message: dict[str, Any]) -> None:
 )
 def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
     # snapshot: what node.reboot (or node.install) returned.
-    workflow.verify_node_back(run_id, _chain_snapshot(snapshot))
+    verification.verify_node_back(run_id, _chain_snapshot(snapshot))
 
 
-@shared_task(name="control.slot")  # sent at workflow.SLOT_PRIORITY
+@shared_task(name="control.slot")  # sent at SLOT_PRIORITY (agent.shared.protocol)
 def slot(run_id: int) -> None:
     # No retry while the cluster is full: the node waits in line in the database, and
-    # a released slot goes to the longest waiter at once (workflow.wake_waiters). A
+    # a released slot goes to the longest waiter at once (cluster_cap.wake_waiters). A
     # retry per waiter would be control-queue traffic that grows with the cluster.
-    with contextlib.suppress(workflow.SlotWait):
-        workflow.take_slot(run_id)
+    with contextlib.suppress(cluster_cap.SlotWait):
+        cluster_cap.take_slot(run_id)
 
 
 @shared_task(
     name="control.hold",
-    autoretry_for=(workflow.HoldOn,),
+    autoretry_for=(cluster_cap.HoldOn,),
     retry_backoff=1,
     retry_backoff_max=30,
     retry_jitter=False,
     max_retries=None,  # bounded by the cluster's load-balancer lead time
 )
 def hold(run_id: int) -> None:
-    workflow.hold(run_id)
+    cluster_cap.hold(run_id)
 
 
 @shared_task(name=COMPLETE)
 def complete(snapshot: dict[str, Any] | None, run_id: int) -> bool:
     # snapshot: what node.resume returned.
-    return workflow.complete_run(run_id, _chain_snapshot(snapshot))
+    return end.complete_run(run_id, _chain_snapshot(snapshot))
 
 
 @shared_task(name="control.reconcile")
 def reconcile() -> int:
-    return workflow.reconcile()
+    return recovery.reconcile()
 
 
 @worker_ready.connect
@@ -117,7 +119,7 @@ def _reconcile_at_start(sender: Any = None, **_: Any) -> None:
 
 @shared_task(name="control.reap_stale_runs")
 def reap_stale_runs() -> int:
-    return workflow.reap_stale_runs()
+    return recovery.reap_stale_runs()
 
 
 @shared_task(name="control.scheduled_download")

@@ -6,8 +6,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nodes import services
 from nodes.models import Node
-from updates import workflow
 from updates.cli import wait_for_run
+from updates.runs.start import UpdateRefused
 
 
 class Command(BaseCommand):
@@ -32,7 +32,7 @@ class Command(BaseCommand):
         names = [] if full else [p.strip() for p in (packages or "").split(",") if p.strip()]
         try:
             run = services.start_catchup(target, None, names)
-        except workflow.UpdateRefused as exc:
+        except UpdateRefused as exc:
             raise CommandError(str(exc)) from None
         self.stdout.write(f"run {run.pk}: {run.get_trigger_display()} of {node} to {run.release.version}")
         if options["wait"]:

@@ -6,7 +6,7 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from nodes.models import Node
-from updates import workflow
+from updates.runs.locks import remove_lock
 
 
 class Command(BaseCommand):
@@ -27,6 +27,6 @@ class Command(BaseCommand):
                 raise CommandError(f"no user named {user!r}")
             if not who.has_perm("nodes.remove_update_lock"):
                 raise CommandError(f"{user} may not remove update locks (group 'update')")
-        if not workflow.remove_lock(target, who):
+        if not remove_lock(target, who):
             raise CommandError(f"{node} has no update lock")
         self.stdout.write(f"update lock of {node} removed")

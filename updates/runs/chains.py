@@ -1,0 +1,202 @@
+"""Which steps a Celery chain carries, and how it gets queued.
+
+A chain carries one *segment* of a run's steps and then control.complete. Chains
+are queued from one place: queue_from registers a QueueChain with
+transaction.on_commit (queue_started one QueueStarted for the runs of a start),
+so that no message can refer to a row that is not committed, and a test can read
+which run was queued from which step.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import chain, signature
+from django.db import transaction
+from django.utils import timezone
+
+from agent.shared.protocol import (
+    COMPLETE,
+    CONTROL_QUEUE,
+    NODE_STEPS,
+    SLOT_PRIORITY,
+    VERIFY,
+    StepCommand,
+    control_task,
+    node_task,
+)
+from updates.models import UpdateRun, UpdateStep
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(Exception):
+    """Stops the chain after the run was recorded as failed (or found ended)."""
+
+
+def node_payload(run: UpdateRun) -> dict[str, Any]:
+    """What a node step needs (StepCommand). Package data is not here on purpose: the
+    agent takes sizes and hashes from the signed index, never from a message."""
+    cluster = run.node.cluster
+    return StepCommand(
+        run=run.pk, node=run.node.hostname, version=run.release.version, packages=tuple(run.packages),
+        message=run.message, cluster=cluster.name if cluster else None, fence=run.slot_token,
+    ).to_wire()  # fmt: skip
+
+
+def step_names(run: UpdateRun) -> list[str]:
+    return list(run.steps.order_by("position").values_list("name", flat=True))
+
+
+def first_unfinished(run: UpdateRun) -> UpdateStep | None:
+    return run.steps.unfinished().first()
+
+
+# --- a scheduled run's two phases ---------------------------------------------------------
+
+
+def update_phase_at(run: UpdateRun) -> datetime | None:
+    """When a scheduled run's update phase begins: the update time, or for a
+    cluster node the load-balancer lead time before it."""
+    if run.scheduled_for is None:
+        return None
+    cluster = run.node.cluster
+    return run.scheduled_for - (cluster.lb_lead_time if cluster else timedelta(0))
+
+
+def waiting(run: UpdateRun) -> bool:
+    """A scheduled run before its update phase: downloaded (or trying to), nothing disruptive yet."""
+    start = update_phase_at(run)
+    return bool(start and timezone.now() < start)
+
+
+def start_update_phase(run_id: int) -> bool:
+    """Carry a scheduled run from its download into its update phase, once.
+    A download still under way continues the run itself when it succeeds."""
+    run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
+    if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING or waiting(run):
+        return False
+    pending = first_unfinished(run)
+    if pending is None or (pending.name == "download" and pending.state == UpdateStep.State.RUNNING):
+        return False
+    # Claimed: the update entry, a late download success and the second download round may all get here.
+    if not UpdateRun.objects.filter(pk=run_id, update_phase_started=False).update(update_phase_started=True):
+        return False
+    queue_from(run_id, pending.name)
+    return True
+
+
+# --- building a chain -------------------------------------------------------------------
+
+
+def segment(run: UpdateRun, from_step: str, names: Sequence[str] | None = None) -> tuple[list[str], bool]:
+    """The steps one chain carries from `from_step`, and whether it ends the run.
+
+    A chain stops after the slot step (which queues the rest once it holds a
+    slot, with the fencing token in the payload) and, for a scheduled run, after
+    the download (the rest starts at the update time). `names`: the run's steps, if known."""
+    names = list(names or step_names(run))
+    steps = []
+    for name in names[names.index(from_step) :]:
+        steps.append(name)
+        if name == "slot" or (name == "download" and run.trigger == UpdateRun.Trigger.SCHEDULED and waiting(run)):
+            return steps, False
+    return steps, True
+
+
+def build_chain(run: UpdateRun, from_step: str, names: Sequence[str] | None = None) -> Any:
+    """Every signature names its queue: node steps the node's, control steps control."""
+    payload = node_payload(run)
+    steps, last = segment(run, from_step, names)
+    sigs = []
+    for name in steps:
+        if name in NODE_STEPS:
+            sigs.append(signature(node_task(name), args=(payload,), immutable=True).set(queue=run.node.queue))
+        elif name == "verify":
+            sigs.append(_takes_snapshot(VERIFY, run, after=sigs))
+        else:
+            sig = signature(control_task(name), args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE)
+            # Asking for a slot is never urgent: no node is out of service yet.
+            sigs.append(sig.set(priority=SLOT_PRIORITY) if name == "slot" else sig)
+    if last:
+        sigs.append(_takes_snapshot(COMPLETE, run, after=sigs))
+    return chain(*sigs)
+
+
+def _takes_snapshot(name: str, run: UpdateRun, after: list[Any]) -> Any:
+    """verify and complete come right after a node step (reboot or install, resume),
+    which returns the node's snapshot: not immutable, the chain hands it on, so that they
+    never depend on that step's report (which queues behind them) having arrived.
+    First in a chain, they get None."""
+    args = (run.pk,) if after else (None, run.pk)
+    return signature(name, args=args, immutable=not after).set(queue=CONTROL_QUEUE)
+
+
+# --- queuing a chain --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueueChain:
+    """Queues a run's chain from one step; transaction.on_commit calls it.
+
+    `run` and `names`: the run (with its node, cluster and release) and its step
+    names, when the caller holds them (a start, a slot hand-off): the chain is built
+    from them as they are, with no query, which matters on a slot's critical path.
+    Without them the run is read again when the chain is queued, and nothing is
+    queued if it has ended meanwhile."""
+
+    run_id: int
+    from_step: str
+    run: UpdateRun | None = field(default=None, compare=False, repr=False)
+    names: tuple[str, ...] = field(default=(), compare=False, repr=False)
+
+    def __call__(self) -> None:
+        run = self.run or _running(self.run_id)
+        if run is None:
+            return
+        build_chain(run, self.from_step, self.names or None).apply_async()
+        log.info("run %s dispatched from %s to %s", run.pk, self.from_step, run.node.queue)
+
+
+def _running(run_id: int) -> UpdateRun | None:
+    return UpdateRun.objects.running().select_related("node__cluster", "release").filter(pk=run_id).first()
+
+
+@dataclass(frozen=True)
+class QueueStarted:
+    """Queues the chains of runs just created, from the objects at hand: one query,
+    however many runs (a start of a whole cluster), to leave out any run that ended
+    before the commit."""
+
+    chains: tuple[QueueChain, ...]
+
+    def __call__(self) -> None:
+        ids = [queued.run_id for queued in self.chains]
+        still = set(UpdateRun.objects.running().filter(pk__in=ids).values_list("pk", flat=True))
+        for queued in self.chains:
+            if queued.run_id in still:
+                queued()
+
+
+def queue_from(run: UpdateRun | int, step: str, *, names: Sequence[str] | None = None) -> QueueChain:
+    """Queue the run's chain from `step` once the transaction has committed. `names`
+    (the run's step names) says that `run` is at hand, loaded with its node, cluster
+    and release: the chain is built from it without reading it again."""
+    if isinstance(run, UpdateRun) and names:
+        queued = QueueChain(run.pk, step, run, tuple(names))
+    else:
+        queued = QueueChain(run if isinstance(run, int) else run.pk, step)
+    transaction.on_commit(queued)
+    return queued
+
+
+def queue_started(runs: Sequence[UpdateRun], names: dict[int, list[str]]) -> QueueStarted:
+    """Queue the chains of runs just created (each from its first step) once the
+    transaction has committed: one callback for the whole start."""
+    queued = QueueStarted(tuple(QueueChain(run.pk, names[run.pk][0], run, tuple(names[run.pk])) for run in runs))
+    transaction.on_commit(queued)
+    return queued

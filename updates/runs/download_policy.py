@@ -1,0 +1,53 @@
+"""The manual's download policy for scheduled runs: a failed round of attempts
+sets the node's warning flag and leaves the download for a second round right
+before the update; the second failed round fails the run and switches the
+schedule's time control off. Only a complete, verified download clears the flag."""
+
+from __future__ import annotations
+
+import logging
+
+from django.conf import settings
+from django.utils import timezone
+
+from nodes.models import Node
+from updates.models import UpdateRun
+from updates.runs import lifecycle
+from updates.runs.chains import start_update_phase
+
+log = logging.getLogger(__name__)
+
+
+def clear_download_warning(run_id: int) -> None:
+    """Only a complete, verified download clears the warning flag (the manual)."""
+    Node.objects.filter(runs__pk=run_id, download_warning=True).update(
+        download_warning=False, download_warning_since=None
+    )
+
+
+def retry_download_later(run_id: int, detail: str) -> bool:
+    """The first failed round of attempts sets the node's warning flag and leaves the
+    download for 10 more attempts immediately before the update. True if the run goes
+    on; False when the run must fail (a manual run, or the second round), in which
+    case a scheduled run's time control is switched off too."""
+    run = UpdateRun.objects.select_related("node__cluster", "schedule").get(pk=run_id)
+    if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING:
+        return False
+    if UpdateRun.objects.filter(pk=run_id, download_rounds=0).update(download_rounds=1):
+        Node.objects.filter(pk=run.node_id, download_warning=False).update(
+            download_warning=True, download_warning_since=timezone.now()
+        )
+        lifecycle.retry_step_later(
+            run_id,
+            "download",
+            f"{settings.TGP_DOWNLOAD_ATTEMPTS} attempts failed ({detail}); warning flag set; "
+            "the download is tried again immediately before the update",
+        )
+        log.warning("run %s: download failed, warning flag set on %s", run_id, run.node)
+        start_update_phase(run_id)  # the update time may have come already: then the second round starts now
+        return True
+    if run.schedule is not None:
+        from updates.schedules import disable_time_control
+
+        disable_time_control(run.schedule, f"download for {run.node} failed twice (run {run_id})")
+    return False

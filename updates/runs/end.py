@@ -1,0 +1,57 @@
+"""How a run ends: complete (succeeded, maintenance mode off, the slot to the next
+waiter) or failed (the node locked and left in maintenance mode)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from nodes.models import Node
+from updates.models import UpdateRun
+from updates.runs import lifecycle
+from updates.runs.cluster_cap import release_slot
+from updates.runs.locks import set_lock
+from updates.runs.snapshots import store_snapshot
+
+log = logging.getLogger(__name__)
+
+
+def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
+    """Mark an error-free run succeeded and end the node's maintenance mode.
+    `snapshot`: the node's state after resume, handed on by the chain, so that the
+    node shows logon on and back in the load balancer when the run shows succeeded.
+    One transaction; then the node's slot goes to the next waiter."""
+    with transaction.atomic():
+        now = timezone.now()
+        if not lifecycle.succeed_run(run_id, now):
+            return False
+        run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
+        # The chain reaches this point only after every step succeeded: a step whose
+        # own report was lost (a control worker killed, or an agent killed between the
+        # chain's next message and the report, see agent.tasks.NodeStep) must not show
+        # as running or pending. A report that arrives later still lands on its step.
+        lifecycle.complete_steps(run_id, now)
+        if snapshot:  # the node's row last, as everywhere (run, steps, node): no deadlock
+            store_snapshot(run.node.hostname, snapshot)
+        Node.objects.filter(pk=run.node_id).update(maintenance_mode=False, maintenance_reason="")
+    release_slot(run.node, run.slot_token)
+    log.info("run %s succeeded", run_id)
+    return True
+
+
+def fail_run(run_id: int, reason: str) -> bool:
+    """End the run as failed and lock the node. The node stays in maintenance:
+    only an error-free run ends it (the manual's rule), and a failed cluster node
+    keeps its slot until then. Returns False if the run had ended already."""
+    with transaction.atomic():
+        now = timezone.now()
+        if not lifecycle.fail_run(run_id, reason, now):
+            return False
+        run = UpdateRun.objects.select_related("node").get(pk=run_id)
+        lifecycle.abort_steps(run_id, now)
+        set_lock(run.node, f"Update to run {run_id} failed: {reason}", run=run)
+    log.error("run %s failed: %s", run_id, reason)
+    return True

@@ -1,0 +1,212 @@
+"""Starting runs: may an update start, which steps does it get, and the start itself
+(the runs, their steps, maintenance mode, and their chains queued at commit)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from django.db import IntegrityError, transaction
+
+from nodes.models import Node
+from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
+from updates.runs.chains import queue_started, waiting
+
+log = logging.getLogger(__name__)
+
+
+class UpdateRefused(Exception):
+    """The update cannot start; the message says why, for the operator."""
+
+
+def default_message(release: Release) -> str:
+    return (
+        f"This server is being updated to version {release.version}. Please save your work: "
+        "you will be logged off shortly and can log on again after the update."
+    )
+
+
+@dataclass(frozen=True)
+class StartChecks:
+    """What deciding whether an update may start needs, read for many nodes at once:
+    three queries or so however many nodes, so that confirming and starting an
+    Auto-Update of a whole cluster costs no query per node."""
+
+    locks: dict[int, str]  # node id -> the reason of its active update lock
+    busy: frozenset[int]  # ids of nodes with a running run
+    newest: dict[str, Release | None]  # channel -> its newest release
+
+    @classmethod
+    def read(cls, nodes: Iterable[Node]) -> StartChecks:
+        nodes = list(nodes)
+        ids = [node.pk for node in nodes]
+        locks = UpdateLock.objects.active().filter(node_id__in=ids)
+        running = UpdateRun.objects.running().filter(node_id__in=ids)
+        return cls(
+            locks=dict(locks.values_list("node_id", "reason")),
+            busy=frozenset(running.values_list("node_id", flat=True)),
+            newest={channel: Release.newest(channel) for channel in {node.channel for node in nodes}},
+        )
+
+
+def _check_packages(release: Release, trigger: str, packages: list[str]) -> None:
+    if trigger == UpdateRun.Trigger.CATCHUP_PARTIAL and not packages:
+        raise UpdateRefused("Choose at least one package for a partial update.")
+    if trigger == UpdateRun.Trigger.CATCHUP_FULL and packages:
+        raise UpdateRefused("A full update from Oldstable installs the whole release, not single packages.")
+    unknown = set(packages) - set(release.packages.values_list("name", flat=True)) if packages else set()
+    if unknown:
+        raise UpdateRefused(f"Not in release {release.version}: {', '.join(sorted(unknown))}.")
+
+
+def check_can_start(
+    node: Node, release: Release, trigger: str, packages: list[str] | None = None, checks: StartChecks | None = None
+) -> None:
+    """UpdateRefused with the reason for the operator, if the update may not start.
+    `checks`: read for many nodes at once (StartChecks.read); by default for this one."""
+    packages = packages or []
+    _check_packages(release, trigger, packages)
+    checks = checks or StartChecks.read([node])
+    if node.pk in checks.locks:
+        raise UpdateRefused(f"{node} has an update lock ({checks.locks[node.pk]}); remove it first.")
+    if node.pk in checks.busy:
+        raise UpdateRefused(f"{node} is already updating.")
+    catchup = trigger in (UpdateRun.Trigger.CATCHUP_FULL, UpdateRun.Trigger.CATCHUP_PARTIAL)
+    if catchup:
+        if release.channel != Release.Channel.OLDSTABLE:
+            raise UpdateRefused(f"A catch-up installs an oldstable release; {release.version} is {release.channel}.")
+        return
+    if packages:
+        raise UpdateRefused("Only a partial update from Oldstable installs single packages.")
+    newest = checks.newest.get(node.channel)
+    if newest is None or release.version_sort < newest.version_sort:
+        raise UpdateRefused(
+            f"{release.version} is older than the newest {node.channel} release; "
+            "only a catch-up from Oldstable may install an older release."
+        )
+    if node.installed_version == release.version:
+        raise UpdateRefused(f"{node} already runs {release.version}: no updates available.")
+
+
+def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
+    """The steps of a run, in order. A scheduled run downloads ahead of its update
+    time. A cluster node downloads, then takes an update slot before anything
+    disruptive; on the scheduled path it then leaves the load balancer and holds
+    for the cluster's lead time before its users are logged off, so at most `cap`
+    nodes are ever out of the load balancer. A release that needs no reboot
+    (`reboot=False`) gets no reboot step: one hand-off less while the node is out
+    of service."""
+    if node.cluster_id is None:
+        if trigger == UpdateRun.Trigger.SCHEDULED:
+            steps = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
+        else:
+            steps = ["notify", "drain", "download", "install", "reboot", "verify", "resume"]
+    # A cluster node downloads while it waits for its slot: its users keep working
+    # meanwhile, and the slot (a node out of service) is held only for the update itself.
+    elif trigger == UpdateRun.Trigger.SCHEDULED:
+        steps = ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
+    else:
+        steps = ["notify", "download", "slot", "drain", "install", "reboot", "verify", "resume"]
+    return steps if reboot else [name for name in steps if name != "reboot"]
+
+
+def start_update(
+    node: Node,
+    release: Release,
+    *,
+    user: Any = None,
+    trigger: str = UpdateRun.Trigger.MANUAL,
+    packages: list[str] | None = None,
+    message: str = "",
+    schedule: Any = None,
+    scheduled_for: datetime | None = None,
+) -> UpdateRun:
+    """Create the run and its steps, switch the node into maintenance, and queue
+    the chain once the transaction has committed. UpdateRefused with the reason."""
+    runs, refused = _start(
+        [(node, release)], user=user, trigger=trigger, packages=sorted(packages or []), message=message,
+        schedule=schedule, scheduled_for=scheduled_for,
+    )  # fmt: skip
+    if refused:
+        raise UpdateRefused(refused[0])
+    return runs[0]
+
+
+def start_updates(targets: Sequence[tuple[Node, Release]], *, user: Any = None) -> tuple[list[UpdateRun], list[str]]:
+    """The operator's Auto-Update of many nodes at once (a whole cluster, say): the
+    runs of the nodes that may update, and the reasons for the ones that may not.
+    One transaction and a fixed number of queries, however many nodes."""
+    return _start(targets, user=user, trigger=UpdateRun.Trigger.MANUAL)
+
+
+def _start(
+    targets: Sequence[tuple[Node, Release]],
+    *,
+    user: Any,
+    trigger: str,
+    packages: list[str] | None = None,
+    message: str = "",
+    schedule: Any = None,
+    scheduled_for: datetime | None = None,
+) -> tuple[list[UpdateRun], list[str]]:
+    packages = packages or []
+    try:
+        with transaction.atomic():
+            # Locked in id order: two starts of overlapping node sets never deadlock.
+            ids = [node.pk for node, _ in targets]
+            rows = Node.objects.select_for_update(of=("self",)).select_related("cluster").filter(pk__in=ids)
+            locked = {node.pk: node for node in rows.order_by("pk")}
+            checks = StartChecks.read(locked.values())
+            runs, refused = [], []
+            for given, release in targets:
+                node = locked.get(given.pk)
+                try:
+                    if node is None:
+                        raise UpdateRefused(f"{given} no longer exists.")
+                    check_can_start(node, release, trigger, packages, checks)
+                except UpdateRefused as exc:
+                    refused.append(str(exc))
+                    continue
+                checks = replace(checks, busy=checks.busy | {node.pk})  # the same node twice: once
+                runs.append(
+                    UpdateRun(
+                        node=node, release=release, trigger=trigger, packages=packages,
+                        started_by=user if getattr(user, "pk", None) else None,
+                        message=message or default_message(release),
+                        boot_id_before=node.boot_id, version_before=node.installed_version,
+                        schedule=schedule, scheduled_for=scheduled_for,
+                    )
+                )  # fmt: skip
+            _create(runs)
+    except IntegrityError:
+        # A partial unique index lost a race with another start (or a second beat
+        # fired the same slot): nothing of this start was kept.
+        if len(targets) == 1:
+            return [], [f"{targets[0][0]} is already updating."]
+        return [], ["Nothing was started: another start came first for one of these nodes. Try again."]
+    return runs, refused
+
+
+def _create(runs: list[UpdateRun]) -> None:
+    """Save new runs (of locked nodes; they start running) with their steps (pending),
+    switch their nodes into maintenance, and queue their chains once the transaction
+    has committed."""
+    if not runs:
+        return
+    for run in runs:
+        # Started at its update time: this chain carries the whole run.
+        run.update_phase_started = run.scheduled_for is not None and not waiting(run)
+    UpdateRun.objects.bulk_create(runs)
+    names = {run.pk: plan_steps(run.node, run.trigger, reboot=run.release.needs_reboot) for run in runs}
+    UpdateStep.objects.bulk_create(
+        UpdateStep(run=run, name=name, position=i) for run in runs for i, name in enumerate(names[run.pk])
+    )
+    for run in runs:
+        run.node.maintenance_mode = True
+        run.node.maintenance_reason = f"Update to {run.release.version} (run {run.pk})"
+        log.info("run %s started: %s -> %s (%s)", run.pk, run.node, run.release.version, run.trigger)
+    Node.objects.bulk_update([run.node for run in runs], ["maintenance_mode", "maintenance_reason"])
+    queue_started(runs, names)
