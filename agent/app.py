@@ -7,10 +7,19 @@ DJANGO_SETTINGS_MODULE happens to be set in the environment.
 
 from __future__ import annotations
 
+import os
+import time
+
 from celery import Celery
 
 from agent.config import config
 from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY
+
+# The control side's processes run in TGP_TIME_ZONE (Django sets TZ from TIME_ZONE).
+# Celery adjusts event times by each sender's local UTC offset, so an agent in another
+# zone would show to Flower and the control worker as an hour or more adrift.
+os.environ["TZ"] = config().time_zone
+time.tzset()
 
 # Not the process's current app: a test process (or a benchmark) loads both apps.
 app = Celery("agent", fixups=[], set_as_current=False)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from agent.shared.env import ConfigError, env_float, env_int, env_list, env_str
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE
@@ -40,6 +41,7 @@ class AgentConfig:
     # plays many simulated nodes.
     served: tuple[str, ...]
     instance: str
+    time_zone: str
 
     @classmethod
     def from_env(cls) -> AgentConfig:
@@ -66,6 +68,7 @@ class AgentConfig:
             sim_step_seconds=env_str("TGP_SIM_STEP_SECONDS", ""),
             served=served,
             instance=env_str("TGP_AGENT_INSTANCE", ""),
+            time_zone=_time_zone(env_str("TGP_TIME_ZONE", "Europe/Berlin")),
         )
 
     def repo_public_key(self) -> str:
@@ -74,6 +77,14 @@ class AgentConfig:
 
     def node_dir(self, hostname: str) -> Path:
         return self.state_dir / hostname
+
+
+def _time_zone(name: str) -> str:
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"TGP_TIME_ZONE={name!r} is not a time zone (e.g. Europe/Berlin)") from None
+    return name
 
 
 _current: AgentConfig | None = None
