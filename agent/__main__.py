@@ -2,6 +2,7 @@
 
     python -m agent gw1                      supervisor + worker on queue node.gw1
     python -m agent gw1 --driver shell       on a real host (TGP_SHELL_* commands)
+    python -m agent enroll gw1               make the node's key pair, print its public key
     python -m agent simulate gw1 --version 2.1.0 --packages '{"tgpro-base": "2.1.0"}'
                                              create a simulated appliance (demo, tests)
 
@@ -47,7 +48,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog="python -m agent",
         description="Run the agent of one appliance: a Celery worker on the node's own queue, "
         "with a supervisor that sends heartbeats and outlives reboots. Needs no database. "
-        "'python -m agent simulate --help': create a simulated appliance.",
+        "'python -m agent enroll --help': the node's key; 'python -m agent simulate --help': a simulated appliance.",
     )
     parser.add_argument("hostname", type=_hostname, help="the node this agent serves, e.g. gw1")
     parser.add_argument("--driver", help="simulated, shell, or a dotted driver class path (default: TGP_NODE_DRIVER)")
@@ -83,6 +84,35 @@ def simulate(argv: list[str]) -> int:
     return 0
 
 
+def enroll_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent enroll",
+        description="Make the node's key pair if it has none (the private key never leaves the node) and print "
+        "its public key and fingerprint. An operator in group 'update' accepts it on the node's admin page, "
+        "after comparing the fingerprint; until then the control plane trusts nothing the node says.",
+    )
+    parser.add_argument("hostname", type=_hostname)
+    parser.add_argument("--json", action="store_true", help="print {hostname, public_key, fingerprint} as JSON")
+    return parser
+
+
+def enroll(argv: list[str]) -> int:
+    args = enroll_parser().parse_args(argv)
+    from agent import identity
+    from agent.shared.signing import fingerprint
+
+    public, made = identity.enroll(args.hostname)
+    found = {"hostname": args.hostname, "public_key": public, "fingerprint": fingerprint(public)}
+    if args.json:
+        print(json.dumps(found))
+    else:
+        print(f"{'new key' if made else 'key'} of {args.hostname} ({identity.key_path(args.hostname)})")
+        print(f"  public key:  {public}")
+        print(f"  fingerprint: {found['fingerprint']}")
+        print("Accept it on the node's admin page (group 'update') after comparing the fingerprint.")
+    return 0
+
+
 def run(argv: list[str]) -> int:
     args = run_parser().parse_args(argv)
     if args.driver:
@@ -98,6 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["simulate"]:
             return simulate(argv[1:])
+        if argv[:1] == ["enroll"]:
+            return enroll(argv[1:])
         return run(argv)
     except ConfigError as exc:
         print(f"agent: configuration error: {exc}", file=sys.stderr)

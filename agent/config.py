@@ -27,6 +27,8 @@ class AgentConfig:
     repo_url: str
     repo_pubkey: str
     repo_pubkey_file: Path
+    control_pubkey: str
+    control_pubkey_file: Path
     state_dir: Path
     driver: str
     heartbeat_interval: float
@@ -55,6 +57,8 @@ class AgentConfig:
             repo_url=env_str("TGP_REPO_URL", "http://127.0.0.1:8001/"),
             repo_pubkey=env_str("TGP_REPO_PUBKEY", ""),
             repo_pubkey_file=Path(env_str("TGP_REPO_PUBKEY_FILE", str(var / "keys" / "repo.pub"))),
+            control_pubkey=env_str("TGP_CONTROL_PUBKEY", ""),
+            control_pubkey_file=Path(env_str("TGP_CONTROL_PUBKEY_FILE", str(var / "keys" / "control.pub"))),
             state_dir=Path(env_str("TGP_NODE_STATE_DIR", str(var / "nodes"))),
             driver=env_str("TGP_NODE_DRIVER", "simulated"),
             heartbeat_interval=env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1),

@@ -19,7 +19,7 @@ from agent.config import config
 from agent.download import download_package
 from agent.drivers.base import Driver
 from agent.shared.files import atomic_write
-from agent.shared.protocol import StepCommand, parse_slot_holder, slot_keys
+from agent.shared.protocol import VERSION_RE, StepCommand, parse_slot_holder, slot_keys, version_key
 from agent.shared.repository import (
     PackageEntry,
     RepositoryIndex,
@@ -155,8 +155,24 @@ def verified_index(driver: Driver, version: str) -> RepositoryIndex:
     )
 
 
+class DowngradeRefused(RuntimeError):
+    """An older release than the node runs, without an operator's catch-up from Oldstable."""
+
+
+def check_not_older(driver: Driver, command: StepCommand) -> None:
+    installed = str(driver.snapshot().get("installed_version", ""))
+    if command.catchup or not VERSION_RE.match(installed):
+        return
+    if version_key(command.version) < version_key(installed):
+        raise DowngradeRefused(
+            f"{command.node} runs {installed}: refusing to install the older {command.version} "
+            "(only an operator's catch-up from Oldstable may)"
+        )
+
+
 def install(driver: Driver, command: StepCommand, report: Report) -> None:
     check_fence(command)
+    check_not_older(driver, command)
     release = verified_index(driver, command.version).release(command.version)
     packages = selected(release.packages, command.packages)
     # Every file is checked against the signed index right before it is installed.

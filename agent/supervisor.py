@@ -17,11 +17,13 @@ import sys
 import uuid
 from typing import Any
 
+from agent import identity
 from agent.config import config
 from agent.drivers.simulated import REBOOT_EXIT_CODE
+from agent.shared import signing
 from agent.shared.processes import die_with_parent
 from agent.shared.protocol import node_queue
-from agent.tasks import driver_for, report_node, snapshot_of
+from agent.tasks import driver_for, report_node, request_enrollment, snapshot_of
 
 log = logging.getLogger("agent")
 
@@ -66,9 +68,23 @@ class Supervisor:
         if self.child and self.child.poll() is None:
             self.child.terminate()
 
+    def enroll(self) -> None:
+        """The node's key (made now if it has none) is offered to the control plane at every
+        start: an operator accepts it once on the node's page; offering it again changes nothing."""
+        public, made = identity.enroll(self.hostname)
+        what = "new key" if made else "key"
+        log.info(
+            "agent %s: %s %s (accepted on the node's admin page)", self.hostname, what, signing.fingerprint(public)
+        )
+        try:
+            request_enrollment(self.hostname, public)
+        except Exception as exc:  # the broker may be down: the next start offers it again
+            log.warning("agent %s: could not offer the key: %s", self.hostname, exc)
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.stop)
         signal.signal(signal.SIGINT, self.stop)
+        self.enroll()
         while not self.stopping:
             self.start_worker()
             code = self.supervise()

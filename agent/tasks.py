@@ -22,7 +22,7 @@ from typing import Any
 from celery import Task
 from celery.signals import task_postrun, worker_ready
 
-from agent import steps
+from agent import identity, steps
 from agent.app import app
 from agent.config import config
 from agent.drivers import get_driver
@@ -30,6 +30,7 @@ from agent.drivers.base import Driver
 from agent.drivers.simulated import REBOOT_EXIT_CODE
 from agent.shared.protocol import (
     CONTROL_QUEUE,
+    ENROLL,
     NODE_REPORT,
     READY_PRIORITY,
     RECORD_STEP,
@@ -66,26 +67,49 @@ def snapshot_of(driver: Driver, *, instance: str | None = None) -> Snapshot:
     return Snapshot.from_wire({**Snapshot().to_wire(), **state, **stamp})
 
 
-def send_to_control(name: str, message: dict[str, Any], *, priority: int = REPORT_PRIORITY) -> None:
+def send_to_control(name: str, envelope: dict[str, Any], *, priority: int = REPORT_PRIORITY) -> None:
     """Reports go out at a lower priority than the chains' own control steps: when a
     whole cluster starts at once, its reports must not hold up the nodes that are
     out of service and waiting for verify or complete. Nothing depends on a report
     being processed before the chain's next step (verify takes its snapshot from the
     chain)."""
+    body = envelope["body"]
     app.send_task(
-        name, args=(message,), queue=report_queue, ignore_result=True, priority=priority,
+        name, args=(envelope,), queue=report_queue, ignore_result=True, priority=priority,
         # A short argsrepr: Celery would otherwise render the whole snapshot for each message.
-        argsrepr=f"({message.get('run', message.get('hostname'))!r}, ...)",
+        argsrepr=f"({body['kind']} {body['signer']} #{body['seq']})",
     )  # fmt: skip
 
 
-def command_for(payload: Any) -> StepCommand:
-    """The step command in a message, checked field by field, for a node this agent serves."""
-    command = StepCommand.from_wire(payload)
+def _for_me(node: str) -> None:
     served = config().served
-    if served and command.node not in served:
-        raise ProtocolError(f"a message for {command.node} reached the agent of {', '.join(served)}")
-    return command
+    if served and node not in served:
+        raise ProtocolError(f"a message for {node} reached the agent of {', '.join(served)}")
+
+
+def _fresh(body: dict[str, Any], node: str) -> None:
+    """Not expired (by this node's clock: commands live for hours, see TGP_COMMAND_TTL) and never carried out."""
+    expires, command_id = body.get("expires"), body.get("id")
+    if not isinstance(expires, int | float) or isinstance(expires, bool) or not isinstance(command_id, str):
+        raise ProtocolError("a command without an id and an expiry")
+    if expires <= time.time():
+        raise ProtocolError(
+            f"command {command_id} expired at {time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(expires))} UTC"
+        )
+    if identity.carried_out(node, command_id):
+        raise ProtocolError(f"command {command_id} was carried out already: a replay")
+
+
+def command_for(envelope: Any, step: str) -> tuple[StepCommand, dict[str, Any]]:
+    """The step command in a message, if the control plane signed it for this step of a node
+    this agent serves, and it is neither expired nor a replay; ProtocolError says why not."""
+    body = identity.opened_command(envelope, "step")
+    if body.get("step") != step:
+        raise ProtocolError(f"a command for step {body.get('step')!r} reached node.{step}")
+    command = StepCommand.from_wire(body.get("command"))
+    _for_me(command.node)
+    _fresh(body, command.node)
+    return command, body
 
 
 class Reporter:
@@ -119,12 +143,12 @@ class Reporter:
         with self._lock:
             if self._quiet:
                 self._quiet = False
-                send_to_control(RECORD_STEP, self._report("started", at=self.started).to_wire())
+                send_report(self._report("started", at=self.started))
 
     def __call__(self, event: str, **fields: Any) -> None:
         if event == "progress":  # a step that reports progress is running: its start goes first
             self.announce()
-            send_to_control(RECORD_STEP, self._report(event, at=time.time(), **fields).to_wire())
+            send_report(self._report(event, at=time.time(), **fields))
             return
         self._timer.cancel()
         with self._lock:
@@ -136,14 +160,22 @@ class Reporter:
             self.snapshot = snapshot_of(self.driver)
             report = self._report(event, at=time.time(), snapshot=self.snapshot, **fields)
             if self.outbox is None:
-                send_to_control(RECORD_STEP, report.to_wire())
+                send_report(report)
             else:
                 self.outbox.append(report)
 
 
-def _run_id(payload: Any) -> int | None:
-    """The run a refused message names, if it names one at all."""
-    run = payload.get("run") if isinstance(payload, dict) else None
+def send_report(report: StepReport) -> None:
+    send_to_control(RECORD_STEP, identity.signed(report.hostname, "report", report.to_wire()))
+
+
+def _run_id(envelope: Any) -> int | None:
+    """The run a refused message names, if it names one at all: its failure is reported as
+    this agent's own (the control plane fails only a run of this node for it)."""
+    try:
+        run = envelope["body"]["command"]["run"]
+    except (KeyError, TypeError):
+        return None
     return run if isinstance(run, int) and not isinstance(run, bool) and run > 0 else None
 
 
@@ -164,11 +196,9 @@ class NodeStep(Task):
 
     def on_failure(self, exc, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
         payload = args[0] if args else None
-        try:
-            hostname = command_for(payload).node
-        except ProtocolError:
-            # Refused: said as the node this agent serves, never as the node the message names.
-            hostname = config().served[0] if config().served else ""
+        accepted = self.request.__dict__.get("tgp_command")
+        # Refused: said as the node this agent serves, never as the node the message names.
+        hostname = accepted.node if accepted else (config().served[0] if config().served else "")
         run_id = _run_id(payload)
         if run_id is None or not hostname:
             return
@@ -183,8 +213,11 @@ class NodeStep(Task):
         # task_postrun (where a simulated reboot exits the worker).
         box = self.outbox()
         for report in box:
-            send_to_control(RECORD_STEP, report.to_wire())
+            send_report(report)
         box.clear()
+        done = self.request.__dict__.get("tgp_done")
+        if done and status in ("SUCCESS", "FAILURE"):  # not between two attempts of a retry
+            identity.remember(*done)
 
 
 StepFn = Callable[[Driver, StepCommand, Reporter], None]
@@ -194,10 +227,12 @@ def _run_step(task: NodeStep, payload: Any, fn: StepFn) -> dict[str, Any] | None
     """Run one step; returns the node's snapshot after it, which a chain hands to
     the next task (control.verify and control.complete take it from there)."""
     try:
-        command = command_for(payload)
+        command, body = command_for(payload, task.step)
     except ProtocolError as exc:
         log.error("refused %s: %s", task.name, exc)
         raise
+    task.request.__dict__["tgp_command"] = command
+    task.request.__dict__["tgp_done"] = (command.node, body["id"], body["expires"])
     driver = driver_for(command.node)
     retried = bool(task.request.retries)
     report = Reporter(driver, command.run, task.step, announce=not retried, outbox=task.outbox())
@@ -206,7 +241,14 @@ def _run_step(task: NodeStep, payload: Any, fn: StepFn) -> dict[str, Any] | None
     except Exception:
         report.announce()  # retried (or failed by on_failure): it ran, and shows so
         raise
-    return report.snapshot.to_wire() if report.snapshot else None
+    # The hand-off to the chain's next task (verify, complete, slot, hold take it): signed,
+    # so that only this node can say that this step of its run is done.
+    handoff = {
+        "run": command.run,
+        "step": task.step,
+        "snapshot": report.snapshot.to_wire() if report.snapshot else None,
+    }
+    return identity.signed(command.node, "done", handoff)
 
 
 def _reboot(driver: Driver, command: StepCommand, report: Reporter) -> None:
@@ -258,7 +300,17 @@ def _reboot_after_task(**_: Any) -> None:
 
 
 def report_node(hostname: str, snapshot: Snapshot, *, priority: int = REPORT_PRIORITY) -> None:
-    send_to_control(NODE_REPORT, NodeReport(hostname, snapshot).to_wire(), priority=priority)
+    send_to_control(
+        NODE_REPORT,
+        identity.signed(hostname, "node_report", NodeReport(hostname, snapshot).to_wire()),
+        priority=priority,
+    )
+
+
+def request_enrollment(hostname: str, public_key: str) -> None:
+    """Offer the node's key to the control plane, signed with it (it has the private key):
+    an operator accepts it on the node's page, and until then nothing of the node is trusted."""
+    send_to_control(ENROLL, identity.signed(hostname, "enroll", {"hostname": hostname, "public_key": public_key}))
 
 
 @worker_ready.connect
@@ -272,24 +324,29 @@ def _report_ready(**_: Any) -> None:
         report_node(served[0], snapshot_of(driver_for(served[0])), priority=READY_PRIORITY)
 
 
-def _notice(payload: Any) -> tuple[NoticeCommand, Driver]:
-    notice = NoticeCommand.from_wire(payload)
-    served = config().served
-    if served and notice.node not in served:
-        raise ProtocolError(f"a notice for {notice.node} reached the agent of {', '.join(served)}")
+def _notice(envelope: Any, kind: str) -> tuple[NoticeCommand, Driver]:
+    try:
+        body = identity.opened_command(envelope, kind)
+        notice = NoticeCommand.from_wire(body.get("command"))
+        _for_me(notice.node)
+        _fresh(body, notice.node)
+    except ProtocolError as exc:
+        log.error("refused node.%s: %s", kind, exc)
+        raise
+    identity.remember(notice.node, body["id"], body["expires"])  # a notice is delivered once, even if this fails
     return notice, driver_for(notice.node)
 
 
 @app.task(name="node.announce", acks_late=False)
-def announce(payload: Any) -> None:
+def announce(envelope: Any) -> None:
     """Deliver a maintenance notice ahead of time (no run involved)."""
-    notice, driver = _notice(payload)
+    notice, driver = _notice(envelope, "notice")
     driver.deliver_notice(notice.notice_id, notice.message)
     report_node(notice.node, snapshot_of(driver))
 
 
 @app.task(name="node.end_maintenance", acks_late=False)
-def end_maintenance(payload: Any) -> None:
-    notice, driver = _notice(payload)
+def end_maintenance(envelope: Any) -> None:
+    notice, driver = _notice(envelope, "end_maintenance")
     driver.resume()
     report_node(notice.node, snapshot_of(driver))

@@ -59,7 +59,8 @@ def add_fleet(first: int, count: int, rels: list[Any]) -> None:
     """Nodes first..first+count-1, 20 finished runs each, spread over about two years."""
     from django.utils import timezone
 
-    from nodes.models import Cluster, Node
+    from agent.shared import signing
+    from nodes.models import Cluster, Node, NodeKey
     from updates.models import UpdateLock, UpdateRun
 
     clusters = list(Cluster.objects.all()) or Cluster.objects.bulk_create(Cluster(name=f"c{i}") for i in range(50))
@@ -72,6 +73,12 @@ def add_fleet(first: int, count: int, rels: list[Any]) -> None:
         batch_size=2000,
     )  # fmt: skip
     UpdateLock.objects.bulk_create(UpdateLock(node=n, reason="earlier failure") for n in nodes[::100])
+    # Every node enrolled, as in a real fleet (its key accepted): one key stands for all here.
+    public = signing.public_b64(signing.Ed25519PrivateKey.generate())
+    NodeKey.objects.bulk_create(
+        (NodeKey(node=n, public_key=public, fingerprint=signing.fingerprint(public), state="accepted") for n in nodes),
+        batch_size=2000,
+    )
     created_at = UpdateRun._meta.get_field("created_at")
     created_at.auto_now_add = False  # type: ignore[attr-defined]  # spread the runs over time
     try:

@@ -90,6 +90,20 @@ def setup_django(var_dir: Path) -> None:
     call_command("migrate", verbosity=0, interactive=False)
 
 
+def enroll(nodes: list[Any], state_dir: Path) -> None:
+    """What an operator does for a real fleet: each node's key (made in its appliance's
+    state directory, where its agent signs with it) accepted, and the control plane's
+    public key where the agents look for it (TGP_VAR_DIR/keys/control.pub)."""
+    from agent.shared import signing
+    from nodes import keys
+    from nodes.demo import publish_control_key
+
+    publish_control_key()
+    for node in nodes:
+        key, _ = signing.load_or_create_private(state_dir / node.hostname / "identity.key")
+        keys.enroll_accepted(node, signing.public_b64(key), "accepted by the benchmark")
+
+
 def database_url() -> str:
     from django.db import connection
 

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from bench.common import spawn
+from bench.common import enroll, spawn
 from tgpadmin.processes import wait_for as wait
 
 OLD, NEW = "2.1.0", "2.2.0"
@@ -67,7 +67,9 @@ def seed_nodes(hostnames: list[str], state_dir: Path, *, cluster: Any = None, du
         driver.seed(version=OLD, packages=PACKAGES[OLD], users=list(users), cluster=cluster is not None)
         driver.duration_file.write_text(repr(durations[i] if durations else 0.0))
         apply_snapshot(hostname, driver.snapshot())
-    return list(Node.objects.filter(hostname__in=hostnames).order_by("hostname"))
+    nodes = list(Node.objects.filter(hostname__in=hostnames).order_by("hostname"))
+    enroll(nodes, state_dir)
+    return nodes
 
 
 def start_node_workers(hostnames: list[str], env: dict[str, str], log: Path, *, workers: int = 1,

@@ -32,7 +32,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import SECRET, database_url, in_workspace, metric, percentile, spawn, stop_process
+from bench.common import SECRET, database_url, enroll, in_workspace, metric, percentile, spawn, stop_process
 from tgpadmin.processes import wait_for as wait
 
 OPTIONS = {"runs"}
@@ -95,6 +95,7 @@ def make_nodes(count: int, state_dir: Path) -> list[Any]:
             version="2.1.0", packages=packages, users=["alice", "bob"], cluster=False
         )
         nodes.append(node)
+    enroll(nodes, state_dir)
     return nodes
 
 
@@ -233,6 +234,46 @@ def report(db: dict[str, Any], tasks: dict[str, Any], runs: int, wall: float) ->
             *(metric(f"gap p50 {k}", per[k]["p50_ms"], "ms") for k in per if k.startswith("[")),
             metric("control.record_step run time p50", record["p50_ms"], "ms"),
             metric("control.record_step run time p99", record["p99_ms"], "ms"),
+            *signing_cost(),
         ],
         "details": {"db_gaps": db, "control_task_runtimes": tasks, "wall_s": round(wall, 1)},
     }
+
+
+def signing_cost(rounds: int = 2000) -> list[dict[str, Any]]:
+    """What the trusted channel adds to each message, on this machine: a node signs a
+    report (sequence number under a file lock, Ed25519) and the control plane checks
+    it (canonical JSON, Ed25519). The step gap above includes both, per hop."""
+    import tempfile
+    from dataclasses import replace
+
+    from agent import config, identity
+    from agent.shared import signing
+
+    key = signing.Ed25519PrivateKey.generate()
+    public = key.public_key()
+    body = {"kind": "report", "signer": "gw1", "seq": 1, "message": {"run": 1, "step": "drain", "event": "succeeded",
+            "hostname": "gw1", "at": time.time(), "detail": "logged off: alice, bob"}}  # fmt: skip
+    started = time.perf_counter()
+    for _ in range(rounds):
+        envelope = signing.sign(body, key)
+    signed = (time.perf_counter() - started) / rounds
+    started = time.perf_counter()
+    for _ in range(rounds):
+        signing.verify(envelope, public)
+    checked = (time.perf_counter() - started) / rounds
+    with tempfile.TemporaryDirectory() as tmp:
+        before = config.config()
+        config.configure(replace(before, state_dir=Path(tmp)))
+        try:
+            started = time.perf_counter()
+            for _ in range(rounds):
+                identity.next_seq("gw1")
+            numbered = (time.perf_counter() - started) / rounds
+        finally:
+            config.configure(before)
+    return [
+        metric("sign a report (node)", signed * 1e6, "us"),
+        metric("number it (node, file lock)", numbered * 1e6, "us"),
+        metric("check its signature (control)", checked * 1e6, "us"),
+    ]

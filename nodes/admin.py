@@ -20,8 +20,8 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
-from nodes import services
-from nodes.models import Cluster, Node, NodeQuerySet
+from nodes import keys, services
+from nodes.models import Cluster, Node, NodeKey, NodeQuerySet
 from updates.models import Release, UpdateLock
 from updates.runs.cluster_cap import cluster_slots, wake_waiters
 from updates.runs.start import UpdateRefused
@@ -204,6 +204,8 @@ class NodeAdmin(admin.ModelAdmin):
             path("<int:pk>/remove-lock/", wrap(self.remove_lock_view), name="nodes_node_remove_lock"),
             path("<int:pk>/catchup/", wrap(self.catchup_view), name="nodes_node_catchup"),
             path("<int:pk>/end-maintenance/", wrap(self.end_maintenance_view), name="nodes_node_end_maintenance"),
+            path("<int:pk>/accept-key/", wrap(self.accept_key_view), name="nodes_node_accept_key"),
+            path("<int:pk>/revoke-key/", wrap(self.revoke_key_view), name="nodes_node_revoke_key"),
             *super().get_urls(),
         ]
 
@@ -217,6 +219,8 @@ class NodeAdmin(admin.ModelAdmin):
             "can_update": request.user.has_perm("nodes.start_update"),
             "can_unlock": request.user.has_perm("nodes.remove_update_lock"),
             "can_end_maintenance": request.user.has_perm("nodes.end_maintenance"),
+            "node_keys": NodeKey.objects.filter(node_id=object_id).select_related("decided_by")[:20],
+            "can_manage_keys": request.user.has_perm("nodes.manage_node_keys"),
             **(extra_context or {}),
         }
         return super().change_view(request, object_id, form_url, extra)
@@ -367,5 +371,54 @@ class NodeAdmin(admin.ModelAdmin):
             self.message_user(request, f"Ended maintenance mode on {node}.", messages.SUCCESS)
         return HttpResponseRedirect(reverse("admin:nodes_node_change", args=[pk]))
 
+    def accept_key_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """Accept the key the node's agent offers (after comparing its fingerprint with
+        what `python -m agent enroll` prints on the node); it replaces an accepted one."""
+        require(request, "nodes.manage_node_keys")
+        node = get_object_or_404(Node, pk=pk)
+        chosen = request.POST.get("key", "")
+        key = NodeKey.objects.pending().filter(node=node, pk=chosen).first() if chosen.isdigit() else None
+        if request.method == "POST" and key is not None:
+            try:
+                keys.accept(key, request.user)
+                self.message_user(request, f"Accepted the key {key.fingerprint} of {node}.", messages.SUCCESS)
+            except keys.KeyRefused as exc:
+                self.message_user(request, str(exc), messages.ERROR)
+        elif request.method == "POST":
+            self.message_user(request, f"{node} offers no such key.", messages.ERROR)
+        return HttpResponseRedirect(reverse("admin:nodes_node_change", args=[pk]))
 
-__all__ = ["ClusterAdmin", "NodeAdmin", "Release"]
+    def revoke_key_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """Distrust the node: nothing it says counts, and no update starts, until a new key is accepted."""
+        require(request, "nodes.manage_node_keys")
+        node = get_object_or_404(Node, pk=pk)
+        if request.method == "POST":
+            if keys.revoke(node, request.user, request.POST.get("note", "")):
+                self.message_user(request, f"Revoked the key of {node}.", messages.SUCCESS)
+            else:
+                self.message_user(request, f"{node} has no accepted key.", messages.WARNING)
+        return HttpResponseRedirect(reverse("admin:nodes_node_change", args=[pk]))
+
+
+@admin.register(NodeKey)
+class NodeKeyAdmin(admin.ModelAdmin):
+    """Every key nodes offered, and what became of it: the fleet's enrollment at a glance
+    (filter "Waiting for an operator"). Decisions are made on the node's page."""
+
+    list_display = ["node", "fingerprint", "state", "offered_at", "decided_at", "decided_by", "note"]
+    list_filter = ["state"]
+    list_select_related = ["node", "decided_by"]
+    search_fields = ["node__hostname", "fingerprint"]
+    readonly_fields = ["node", "fingerprint", "state", "offered_at", "decided_at", "decided_by", "note"]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # the history stays
+
+
+__all__ = ["ClusterAdmin", "NodeAdmin", "NodeKeyAdmin", "Release"]

@@ -8,14 +8,18 @@ import os
 import secrets
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.contrib.auth.models import Group
 
+from agent.shared.files import atomic_write
 from agent.shared.protocol import Snapshot
+from nodes import keys
 from nodes.models import Cluster, Node
+from updates import trust
 from updates.demo import DEMO_RELEASES, write_demo_sources
 from updates.releases import sync_from_dir
 from updates.repository import build_repository, generate_keypair
@@ -47,25 +51,34 @@ def seed_nodes() -> list[Node]:
     nodes = []
     for hostname, (cluster_name, users) in FLEET.items():
         node, _ = Node.objects.get_or_create(hostname=hostname, defaults={"cluster": cluster if cluster_name else None})
-        snapshot = simulate(hostname, start_packages, users, cluster=bool(cluster_name))
+        args = ["--version", START_VERSION, "--packages", json.dumps(start_packages), "--users", ",".join(users)]
+        snapshot = Snapshot.from_wire(agent_cli("simulate", hostname, *args, *(["--cluster"] if cluster_name else [])))
         # The demo runs on this machine: show the state before the agents first report.
         apply_snapshot(hostname, snapshot.to_wire())
+        # Enrolled automatically, as no real fleet is: the key is made in the appliance's
+        # state and accepted at once (its history says by whom).
+        keys.enroll_accepted(node, agent_cli("enroll", hostname, "--json")["public_key"], "accepted by demo_fleet")
         nodes.append(node)
     return nodes
 
 
-def simulate(hostname: str, packages: dict[str, str], users: list[str], *, cluster: bool) -> Snapshot:
-    """Create the node's simulated appliance (if it has none) as its agent would: with
-    `python -m agent simulate`, since the control side never imports the agent."""
-    command = [sys.executable, "-m", "agent", "simulate", hostname, "--version", START_VERSION]
-    command += ["--packages", json.dumps(packages), "--users", ",".join(users)] + (["--cluster"] if cluster else [])
+def agent_cli(*args: str) -> Any:
+    """`python -m agent ...` for a demo appliance, its JSON output: the control side never imports the agent."""
     env = {**os.environ, "TGP_NODE_STATE_DIR": str(settings.TGP_NODE_STATE_DIR), "TGP_NODE_DRIVER": "simulated"}
     done = subprocess.run(
-        command, cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, check=False, timeout=60
-    )
+        [sys.executable, "-m", "agent", *args], cwd=settings.BASE_DIR, env=env, capture_output=True, text=True,
+        check=False, timeout=60,
+    )  # fmt: skip
     if done.returncode:
-        raise RuntimeError(f"could not create the simulated appliance {hostname}: {done.stderr.strip()}")
-    return Snapshot.from_wire(json.loads(done.stdout))
+        raise RuntimeError(f"python -m agent {args[0]} {args[1]} failed: {done.stderr.strip()}")
+    return json.loads(done.stdout)
+
+
+def publish_control_key() -> Path:
+    """The control plane's public key where the demo agents look for it (TGP_CONTROL_PUBKEY_FILE)."""
+    path = settings.VAR_DIR / "keys" / "control.pub"
+    atomic_write(path, (trust.control_public_key() + "\n").encode())
+    return path
 
 
 def demo_password() -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from django.conf import settings
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Exists, OuterRef
@@ -100,9 +101,12 @@ class Node(models.Model):
     # then takes a second or more to take work.
     worker_instance = models.CharField(max_length=64, blank=True, editable=False)
     last_seen = models.DateTimeField(null=True, blank=True, editable=False)
-    # When the node took the snapshot stored above: reports processed out of order
-    # (several control processes) must not put older state over newer.
+    # When the control plane stored the snapshot above (its own clock: a node's clock
+    # ahead or behind changes nothing), and that snapshot's place in the node's signed
+    # sequence: reports processed out of order (several control processes) never put
+    # older state over newer, and a replayed report is older than the last one stored.
     reported_at = models.DateTimeField(null=True, blank=True, editable=False)
+    report_seq = models.PositiveBigIntegerField(default=0, editable=False)
     # What the appliance itself says about its maintenance mode (None: not reported).
     # maintenance_mode below is the control plane's decision; the two differ while a
     # step that switches it is under way, or when an appliance was changed by hand.
@@ -123,6 +127,7 @@ class Node(models.Model):
             ("start_update", "Can start updates"),
             ("remove_update_lock", "Can remove update locks"),
             ("end_maintenance", "Can end maintenance mode"),
+            ("manage_node_keys", "Can accept, re-key and revoke node keys"),
         ]
 
     def __str__(self) -> str:
@@ -153,3 +158,53 @@ class Node(models.Model):
 
     def get_status_display(self) -> str:
         return self.Status(self.status).label
+
+
+class NodeKeyQuerySet(models.QuerySet["NodeKey"]):
+    def accepted(self) -> NodeKeyQuerySet:
+        return self.filter(state=NodeKey.State.ACCEPTED)
+
+    def pending(self) -> NodeKeyQuerySet:
+        return self.filter(state=NodeKey.State.PENDING)
+
+
+class NodeKey(models.Model):
+    """A node's public key, made on the node (`python -m agent enroll`) and offered by its
+    agent. Nothing the node says is trusted until an operator (group `update`) accepts a
+    key; accepting another replaces it, revoking it distrusts the node. Every key stays
+    as history: who decided, when."""
+
+    class State(models.TextChoices):
+        PENDING = "pending", "Waiting for an operator"
+        ACCEPTED = "accepted", "Accepted"
+        REPLACED = "replaced", "Replaced by a newer key"
+        REVOKED = "revoked", "Revoked"
+        REJECTED = "rejected", "Rejected"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="keys")
+    public_key = models.CharField(max_length=64)
+    fingerprint = models.CharField(max_length=60, editable=False)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.PENDING)
+    offered_at = models.DateTimeField(auto_now_add=True)
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    note = models.CharField(max_length=200, blank=True)
+
+    objects = NodeKeyQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-offered_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["node"], condition=models.Q(state="accepted"), name="one_accepted_key_per_node"
+            ),
+            models.UniqueConstraint(
+                fields=["node"], condition=models.Q(state="pending"), name="one_pending_key_per_node"
+            ),
+            models.UniqueConstraint(fields=["node", "public_key"], name="a_key_once_per_node"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.node} {self.fingerprint} ({self.state})"

@@ -14,6 +14,7 @@ from django.db.models import QuerySet
 
 from agent.shared.protocol import ANNOUNCE, END_MAINTENANCE, NoticeCommand
 from nodes.models import Node
+from updates import trust
 from updates.models import MaintenanceNotice, Release, UpdateRun
 from updates.runs.cluster_cap import release_slot
 from updates.runs.locks import remove_lock as remove_update_lock
@@ -84,7 +85,7 @@ def end_maintenance(node: Node) -> bool:
             maintenance_mode=False, maintenance_reason=""
         )
         if changed:
-            command = NoticeCommand(node=node.hostname).to_wire()
+            command = trust.command("end_maintenance", NoticeCommand(node=node.hostname).to_wire())
             sig = signature(END_MAINTENANCE, args=(command,)).set(queue=node.queue)
             transaction.on_commit(sig.apply_async)
             if node.cluster_id:
@@ -105,7 +106,8 @@ def announce(nodes: list[Node], message: str, starts_at: datetime, user: Any) ->
                 node=node, message=message, starts_at=starts_at, created_by=user if getattr(user, "pk", None) else None
             )
             text = f"{message} (maintenance starts {starts_at:%Y-%m-%d %H:%M %Z})"
-            command = NoticeCommand(node=node.hostname, notice_id=f"notice-{notice.pk}", message=text).to_wire()
+            notice_command = NoticeCommand(node=node.hostname, notice_id=f"notice-{notice.pk}", message=text)
+            command = trust.command("notice", notice_command.to_wire())
             sig = signature(ANNOUNCE, args=(command,)).set(queue=node.queue)
             transaction.on_commit(sig.apply_async)
     return len(nodes)

@@ -12,10 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,10 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # through django.conf.settings, so changing them there is enough.
     settings.REDIS_URL = settings.CELERY_BROKER_URL = settings.CELERY_RESULT_BACKEND = url
     app._backend_cache = None
-    # The agent code that tests run in this process (reports, steps) talks to the same Redis.
-    agent_config.configure(replace(agent_config.config(), redis_url=url))
+    # The agent code that tests run in this process (reports, steps) talks to the same
+    # Redis, and trusts the same control plane, whose key this process signs with too.
+    agent_config.configure(replace(agent_config.config(), redis_url=url, control_pubkey=CONTROL_KEY.public))
+    settings.TGP_CONTROL_SIGNING_KEY_FILE = CONTROL_KEY.path
     agent_app.conf.broker_url = url
     assert app.connection_for_write().as_uri().endswith(url.rsplit("@", 1)[-1].split("//")[-1])
     yield url
@@ -103,6 +107,36 @@ class HotfixProviders:
 HOTFIX = HotfixProviders()
 
 
+@dataclass(frozen=True)
+class ControlKey:
+    """The control plane's signing key of the test session: the control worker and this
+    process sign with it, the agents pin its public key."""
+
+    path: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tgp-control-key-")) / "control.key")
+
+    @cached_property
+    def public(self) -> str:
+        from agent.shared import signing
+
+        return signing.public_b64(signing.load_or_create_private(self.path)[0])
+
+
+CONTROL_KEY = ControlKey()
+
+
+def accept_key(node: Any, node_dir: Path | None = None) -> str:
+    """Give the node an accepted key, as an operator would after its agent offered it:
+    made in the node's state directory when it has one (its agent signs with it), else
+    made for the test alone (the test plays the node). Returns the public key."""
+    from agent.shared import signing
+    from nodes import keys
+
+    path = (node_dir or Path(tempfile.mkdtemp(prefix="tgp-node-key-"))) / "identity.key"
+    public = signing.public_b64(signing.load_or_create_private(path)[0])
+    keys.enroll_accepted(node, public, "accepted by the test fixture")
+    return public
+
+
 def process_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,
@@ -113,6 +147,8 @@ def process_env(redis_url: str, **extra: str) -> dict[str, str]:
         "TGP_RECONCILE_AFTER": "2",
         "TGP_RECONCILE_INTERVAL": "1",
         "PYTHONUNBUFFERED": "1",
+        "TGP_CONTROL_SIGNING_KEY_FILE": str(CONTROL_KEY.path),
+        "TGP_CONTROL_PUBKEY": CONTROL_KEY.public,
         **extra,
     }
 
@@ -234,6 +270,7 @@ def make_node(state_dir: Path) -> Callable[..., Any]:
         SimulatedDriver(hostname, state_dir / hostname).seed(
             version=version, packages=packages, users=list(users), cluster=cluster is not None
         )
+        accept_key(node, state_dir / hostname)
         return node
 
     return make

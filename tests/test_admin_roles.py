@@ -24,6 +24,14 @@ def gw(make_node, releases):
     return Node.objects.get(pk=node.pk)
 
 
+def signed_command(envelope: dict) -> dict:
+    """The command in a message for a node, which must carry the control plane's signature."""
+    from agent.shared import signing
+    from tests.conftest import CONTROL_KEY
+
+    return signing.verify(envelope, signing.load_public(CONTROL_KEY.public))["command"]
+
+
 def login(client, user):
     client.force_login(user)
     return client
@@ -99,7 +107,7 @@ def test_update_group_announces_maintenance_to_the_selected_nodes(
     assert response.status_code == 302
     assert set(MaintenanceNotice.objects.values_list("node", flat=True)) == {gw.pk, other.pk}
     notices = MaintenanceNotice.objects.order_by("pk")
-    sent = [(cb.__self__.task, cb.__self__.args[0]) for cb in queued]
+    sent = [(cb.__self__.task, signed_command(cb.__self__.args[0])) for cb in queued]
     assert [(task, command["node"], command["notice_id"]) for task, command in sent] == [
         ("node.announce", n.node.hostname, f"notice-{n.pk}") for n in notices
     ], "one notice per node, queued once the transaction commits"
@@ -141,5 +149,5 @@ def test_maint_group_ends_maintenance_mode(client, staff, gw, django_capture_on_
         response = client.post(reverse("admin:nodes_node_end_maintenance", args=[gw.pk]))
     assert response.status_code == 302
     assert not Node.objects.get(pk=gw.pk).maintenance_mode
-    sent = [(cb.__self__.task, cb.__self__.args[0]["node"]) for cb in queued]
+    sent = [(cb.__self__.task, signed_command(cb.__self__.args[0])["node"]) for cb in queued]
     assert sent == [("node.end_maintenance", gw.hostname)], "the agent is told to release logon"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -185,36 +186,102 @@ def test_the_control_plane_drops_a_report_that_does_not_follow_the_protocol(make
 # --- a real agent refuses before it touches the appliance -----------------------------
 
 
+@pytest.fixture
+def stopped_run(make_node, releases, agent_for):
+    """A run of a node whose agent runs, with the run's own chain taken off the node's
+    queue: the test sends the node's messages itself."""
+    from nodes.models import Node
+    from tgpadmin.celery import app
+    from updates.runs import start
+
+    node = make_node("gw")
+    run = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
+    with app.connection_for_write() as conn:
+        conn.default_channel.queue_purge(node.queue)
+    agent_for(node)
+    return run
+
+
+def send_drain(run, command: dict) -> None:
+    from tgpadmin.celery import app
+
+    app.send_task("node.drain", args=(command,), queue=run.node.queue)
+
+
+def untouched(state_dir, hostname: str) -> bool:
+    from agent.drivers.simulated import SimulatedDriver
+
+    state = SimulatedDriver(hostname, state_dir / hostname).snapshot()
+    return state["users"] == ["alice", "bob"] and state["logon_enabled"]
+
+
+def agent_log(logs_dir, run) -> str:
+    return (logs_dir / f"agent-{run.node.hostname}.log").read_text()
+
+
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.workflow
 @pytest.mark.timeout(120)
-def test_the_agent_refuses_a_bad_message_before_it_touches_the_appliance(
-    make_node, agent_for, releases, state_dir, logs_dir
-):
-    from agent.drivers.simulated import SimulatedDriver
-    from nodes.models import Node
-    from tgpadmin.celery import app
+def test_the_agent_refuses_a_signed_command_with_a_bad_field_and_its_step_fails(stopped_run, state_dir):
+    from updates import trust
     from updates.models import UpdateStep
-    from updates.runs import chains, start
+    from updates.runs import chains
 
-    node, other = make_node("gw"), make_node("gw")
-    run = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
-    with app.connection_for_write() as conn:  # the test sends the messages: not the run's chain
-        conn.default_channel.queue_purge(node.queue)
-    agent_for(node)
-    appliance = SimulatedDriver(node.hostname, state_dir / node.hostname)
-    payload = chains.node_payload(run)
-
-    # A drain whose version breaks the rule: refused, the users stay, the step fails with the reason.
-    app.send_task("node.drain", args=({**payload, "version": "2.2.0 && reboot"},), queue=node.queue)
-    drain = UpdateStep.objects.filter(run=run, name="drain")
+    bad = {**chains.node_payload(stopped_run), "version": "2.2.0 && reboot"}
+    send_drain(stopped_run, trust.command("step", bad, step="drain"))
+    drain = UpdateStep.objects.filter(run=stopped_run, name="drain")
     wait_for(lambda: drain.get().state == "failed", 30, "the refused drain to fail")
     assert "version='2.2.0 && reboot' is not a dotted numeric version" in drain.get().detail
-    assert appliance.snapshot()["users"] == ["alice", "bob"] and appliance.snapshot()["logon_enabled"]
+    assert untouched(state_dir, stopped_run.node.hostname), "nobody was logged off"
 
-    # A drain for another node reaching this agent: refused, neither appliance touched.
-    app.send_task("node.drain", args=({**payload, "node": other.hostname},), queue=node.queue)
-    log = logs_dir / f"agent-{node.hostname}.log"
-    wait_for(lambda: f"a message for {other.hostname} reached the agent of {node.hostname}" in log.read_text(), 30)
-    for hostname in (node.hostname, other.hostname):
-        assert SimulatedDriver(hostname, state_dir / hostname).snapshot()["users"] == ["alice", "bob"]
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.workflow
+@pytest.mark.timeout(120)
+def test_the_agent_refuses_what_the_control_plane_did_not_sign_for_it(stopped_run, make_node, state_dir, logs_dir):
+    from agent.shared import signing
+    from updates import trust
+    from updates.runs import chains
+
+    payload = chains.node_payload(stopped_run)
+    other = make_node("gw")
+    forged = signing.sign(trust.command("step", payload, step="drain")["body"], signing.Ed25519PrivateKey.generate())
+    expired = trust.command("step", payload, step="drain")
+    expired["body"]["expires"] = time.time() - 1
+    expired = signing.sign(expired["body"], trust.control_key())  # signed, but out of date
+    refusals = {
+        "unsigned": (payload, "expected a signed envelope"),
+        "signed by another key": (forged, "does not match its key"),
+        "for another step": (trust.command("step", payload, step="reboot"), "a command for step 'reboot'"),
+        "for another node": (
+            trust.command("step", {**payload, "node": other.hostname}, step="drain"),
+            f"a message for {other.hostname} reached the agent of {stopped_run.node.hostname}",
+        ),
+        "expired": (expired, "expired at"),
+    }
+    for what, (command, says) in refusals.items():
+        send_drain(stopped_run, command)
+        wait_for(lambda s=says: s in agent_log(logs_dir, stopped_run), 30, f"the refusal of a drain {what}")
+    for hostname in (stopped_run.node.hostname, other.hostname):
+        assert untouched(state_dir, hostname), "nobody was logged off on either node"
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.workflow
+@pytest.mark.timeout(120)
+def test_a_command_the_node_carried_out_is_refused_when_it_comes_again(stopped_run, state_dir, logs_dir):
+    from agent.drivers.simulated import SimulatedDriver
+    from updates import trust
+    from updates.models import UpdateStep
+    from updates.runs import chains
+
+    drain = trust.command("step", chains.node_payload(stopped_run), step="drain")
+    send_drain(stopped_run, drain)
+    step = UpdateStep.objects.filter(run=stopped_run, name="drain")
+    wait_for(lambda: step.get().state == "succeeded", 30, "the drain")
+    appliance = SimulatedDriver(stopped_run.node.hostname, state_dir / stopped_run.node.hostname)
+    with appliance.state() as data:  # a user logs on again (logon is off: by hand, for the test)
+        data["sessions"]["carol"] = {"since": "now", "inbox": []}
+    send_drain(stopped_run, drain)  # the same message, recorded from the broker and sent again
+    wait_for(lambda: "was carried out already: a replay" in agent_log(logs_dir, stopped_run), 30, "the refusal")
+    assert "carol" in appliance.snapshot()["users"], "the replay logged nobody off"

@@ -15,6 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from nodes.models import Cluster, Node
+from tests.conftest import accept_key
 from updates.models import UpdateLock, UpdateRun
 from updates.runs import start
 from updates.runs.chains import QueueChain, QueueStarted
@@ -31,11 +32,14 @@ def operator(client, staff, releases):
 
 def cluster_of(count: int) -> list[Node]:
     cluster = Cluster.objects.create(name=f"bulk-{uuid.uuid4().hex[:6]}", max_parallel_updates=2)
-    return [
+    nodes = [
         Node.objects.create(hostname=f"{cluster.name}-{i}", cluster=cluster, installed_version="2.1.0",
                             logged_in_users=["alice"])
         for i in range(count)
     ]  # fmt: skip
+    for node in nodes:
+        accept_key(node)
+    return nodes
 
 
 def ids(nodes: list[Node]) -> str:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from nodes import services
 from nodes.models import Cluster, Node
+from tests.conftest import accept_key
 from updates.models import UpdateLock, UpdateRun, UpdateStep
 from updates.runs import cluster_cap, end, recovery, reports, start, verify
 
@@ -182,6 +183,7 @@ def test_the_cap_holds_and_every_node_ends_updated_or_locked(
                 hostname=f"{cluster.name}-{i}", cluster=cluster, installed_version="2.1.0",
                 boot_id=boot, agent_instance=agent, worker_instance=agent,
             )  # fmt: skip
+            accept_key(node)
             run = start.start_update(node, releases["2.2.0"])
             fail_at = failures[i] if i < len(failures) else None
             sims.append(Sim(run, start.plan_steps(node, run.trigger), fail_at, boot, agent))

@@ -18,6 +18,7 @@ from agent import tasks as node_tasks
 from agent.shared.protocol import Snapshot
 from nodes.models import Cluster, Node
 from tgpadmin.celery import app
+from updates import trust
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import chains, cluster_cap, end, recovery, reports, snapshots, start, verify
 from updates.runs.chains import QueueChain
@@ -114,7 +115,7 @@ def test_a_release_hands_the_slot_on_in_a_few_queries_however_long_the_line(
             queued[0]()
         assert UpdateStep.objects.get(run=waiter, name="slot").state == "succeeded", "the longest waiter goes on"
         assert [sig.task for sig in sent[-1].tasks][:2] == ["node.drain", "node.install"]
-        assert sent[-1].tasks[0].args[0]["fence"] == UpdateRun.objects.get(pk=waiter.pk).slot_token
+        assert sent[-1].tasks[0].args[0]["body"]["command"]["fence"] == UpdateRun.objects.get(pk=waiter.pk).slot_token
         costs.append(statements(queries))
     assert len({len(c) for c in costs}) == 1, "a line of 3 costs the hand-off what a line of 1 does"
     assert len(costs[0]) <= 9, "\n".join(sql[:120] for sql in costs[0])
@@ -214,9 +215,9 @@ def test_a_node_is_back_from_its_reboot_once_its_agent_takes_work_again(rebootin
 def test_a_ready_report_processed_after_a_later_heartbeat_still_counts(rebooting):
     run, hostname, back = rebooting
     ready = back(agent_instance="agent-2", worker=True)
-    snapshots.store_snapshot(hostname, back(agent_instance="agent-2"))  # the supervisor's next beat, taken later
-    snapshots.store_snapshot(hostname, ready)  # two control processes: the ready report lands second
-    snapshots.store_snapshot(hostname, back(boot_id="boot-1", agent_instance="agent-1", worker=True, taken_at=0))
+    snapshots.store_snapshot(hostname, back(agent_instance="agent-2"), seq=11)  # the supervisor's next beat, later
+    snapshots.store_snapshot(hostname, ready, seq=10)  # two control processes: the ready report lands second
+    snapshots.store_snapshot(hostname, back(boot_id="boot-1", agent_instance="agent-1", worker=True), seq=1)
     # ... and a late report of the worker that rebooted changes nothing.
     verify.verify_node_back(run.pk)
     assert UpdateStep.objects.get(run=run, name="verify").state == "succeeded"
@@ -284,16 +285,16 @@ def test_a_node_clock_ahead_of_ours_is_capped_at_now(make_node, releases, django
 
 
 def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
-    monkeypatch, make_node, cluster, releases, django_capture_on_commit_callbacks
+    monkeypatch, make_node, cluster, releases, agent_settings, django_capture_on_commit_callbacks
 ):
     run = started(make_node("c", cluster=cluster), releases["2.2.0"], django_capture_on_commit_callbacks)
     # A queue of its own, so that no control worker of the session takes the messages.
     queue = f"control-order-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "report_queue", queue)
-    node_tasks.report_node("gw1", Snapshot(taken_at=time.time()))
+    node_tasks.report_node(run.node.hostname, Snapshot(taken_at=time.time()))
     (slot,) = chains.build_chain(run, "slot").tasks  # the slot request as a run's chain carries it
     slot.set(queue=queue).apply_async()
-    signature("control.complete", args=(None, 1), immutable=True).set(queue=queue).apply_async()
+    signature("control.complete", args=(trust.go(1, "complete"),), immutable=True).set(queue=queue).apply_async()
 
     with app.connection_for_read() as conn:
         inbox = conn.SimpleQueue(queue)

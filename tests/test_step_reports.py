@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from agent import identity
 from agent import tasks as node_tasks
 from agent.app import app as agent_app
 from agent.drivers.simulated import SimulatedDriver
@@ -20,15 +21,22 @@ from agent.shared.protocol import Snapshot
 from nodes.models import Node
 from tgpadmin.celery import app
 from updates import tasks as control_tasks
+from updates import trust
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import chains, start
 
 pytestmark = pytest.mark.django_db
 
 
+class Received(dict):
+    """A report's fields as the node sent them; `envelope`: the signed message itself."""
+
+    envelope: dict[str, Any]
+
+
 @pytest.fixture
 def inbox(monkeypatch):
-    """The reports the agent code sends, as (event, message), read back from Redis."""
+    """The reports the agent code sends, as (event, report), read back from Redis."""
     queue = f"reports-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "report_queue", queue)
     with app.connection_for_read() as conn:
@@ -37,8 +45,10 @@ def inbox(monkeypatch):
         def take(timeout: float = 5.0) -> tuple[str, dict[str, Any]]:
             message = simple.get(timeout=timeout)
             message.ack()
-            (report,), _, _ = message.decode()
+            (envelope,), _, _ = message.decode()
             assert message.headers["task"] == "control.record_step"
+            report = Received(envelope["body"]["message"])
+            report.envelope = envelope
             return report["event"], report
 
         yield SimpleNamespace(take=take, Empty=simple.Empty)
@@ -46,7 +56,7 @@ def inbox(monkeypatch):
 
 
 @pytest.fixture
-def run(make_node, releases, state_dir, django_capture_on_commit_callbacks):
+def run(make_node, releases, state_dir, agent_settings, django_capture_on_commit_callbacks):
     node = make_node("gw")
     with django_capture_on_commit_callbacks(execute=False):  # no chain: the test plays the node
         made = start.start_update(Node.objects.get(pk=node.pk), releases["2.2.0"])
@@ -54,10 +64,10 @@ def run(make_node, releases, state_dir, django_capture_on_commit_callbacks):
     return made
 
 
-def record(run: UpdateRun, step: str, event: str, report: dict[str, Any]) -> UpdateStep:
-    """Recorded as the control worker does: the message decoded, then recorded."""
+def record(run: UpdateRun, step: str, event: str, report: Received) -> UpdateStep:
+    """Recorded as the control worker does: the signature checked, the message decoded, then recorded."""
     assert (report["run"], report["step"], report["event"]) == (run.pk, step, event)
-    control_tasks.record_step(report)
+    control_tasks.record_step(report.envelope)
     return UpdateStep.objects.get(run=run, name=step)
 
 
@@ -99,7 +109,7 @@ def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
         raise ConnectionError("repository unreachable")
 
     with pytest.raises(ConnectionError):
-        node_tasks._run_step(task, chains.node_payload(run), unreachable)
+        node_tasks._run_step(task, trust.command("step", chains.node_payload(run), step="download"), unreachable)
     event, kwargs = inbox.take()
     # While its retry waits (or until on_failure's report lands), the admin shows the step as running.
     assert event == "started"
@@ -114,13 +124,15 @@ def test_a_workers_ready_report_goes_ahead_of_the_fleets_heartbeats(make_node, a
     queue = f"control-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "report_queue", queue)
     for i in range(20):
+        identity.enroll(f"other{i}")
         node_tasks.report_node(f"other{i}", Snapshot())
     node_tasks._report_ready()
 
     with app.connection_for_read() as conn, conn.SimpleQueue(queue) as backlog:
         message = backlog.get(timeout=5)
         message.ack()
-        (report,), _, _ = message.decode()
+        (envelope,), _, _ = message.decode()
+        report = envelope["body"]["message"]
         assert report["hostname"] == node.hostname and report["snapshot"]["worker"] is True
         while True:  # leave nothing behind in Redis
             try:
@@ -138,8 +150,8 @@ def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, agent_s
 
     queue = f"order-{uuid.uuid4().hex[:8]}"
     monkeypatch.setattr(node_tasks, "report_queue", queue)
-    payload = chains.node_payload(run)
-    after = signature("control.complete", args=(run.pk,), queue=queue, priority=9)
+    payload = trust.command("step", chains.node_payload(run), step="notify")
+    after = signature("control.complete", queue=queue, priority=9)
     trace = build_tracer("node.notify", node_tasks.notify, app=agent_app, eager=False)
     trace(uuid.uuid4().hex, (payload,), {}, {"chain": [dict(after)], "delivery_info": {"priority": 9}})
 

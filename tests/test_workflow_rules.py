@@ -132,8 +132,8 @@ def test_an_unknown_node_report_is_ignored():
 
 def test_an_older_snapshot_processed_late_does_not_overwrite_a_newer_one(make_node):
     node = make_node("gw")
-    snapshots.apply_snapshot(node.hostname, {"logon_enabled": True, "taken_at": 2000.0, "boot_id": "b"})
-    snapshots.apply_snapshot(node.hostname, {"logon_enabled": False, "taken_at": 1000.0, "boot_id": "b"})
+    snapshots.apply_snapshot(node.hostname, {"logon_enabled": True, "boot_id": "b"}, seq=2000)
+    snapshots.apply_snapshot(node.hostname, {"logon_enabled": False, "boot_id": "b"}, seq=1000)
     node.refresh_from_db()
     assert node.logon_enabled is True
     assert node.last_seen is not None

@@ -183,6 +183,12 @@ TGP_REPO_URL = env_str("TGP_REPO_URL", "http://127.0.0.1:8001/")
 TGP_REPO_PUBKEY = env_str("TGP_REPO_PUBKEY", "")
 TGP_REPO_PUBKEY_FILE = Path(env_str("TGP_REPO_PUBKEY_FILE", str(VAR_DIR / "keys" / "repo.pub")))
 TGP_REPO_SIGNING_KEY_FILE = Path(env_str("TGP_REPO_SIGNING_KEY_FILE", str(VAR_DIR / "keys" / "repo.key")))
+# The control plane signs every command to a node with this key (made on first use);
+# agents pin its public key (TGP_CONTROL_PUBKEY, or the file next to it, control.pub).
+TGP_CONTROL_SIGNING_KEY_FILE = Path(env_str("TGP_CONTROL_SIGNING_KEY_FILE", str(VAR_DIR / "keys" / "control.key")))
+# How long a node accepts a command (by its own clock): a scheduled run's download
+# segment, or a slot wait before a hand-off, must fit in it.
+TGP_COMMAND_TTL = env_float("TGP_COMMAND_TTL", 24 * 3600.0, minimum=60.0)
 TGP_REPO_DIR = Path(env_str("TGP_REPO_DIR", str(VAR_DIR / "repo")))
 # Where the demo's simulated appliances keep their state (the agents read the same variable).
 TGP_NODE_STATE_DIR = Path(env_str("TGP_NODE_STATE_DIR", str(VAR_DIR / "nodes")))

@@ -1,6 +1,7 @@
 """The operator groups of the manual, kept true in code.
 
-``update`` runs updates, removes update locks and sends hotfix notices;
+``update`` runs updates, removes update locks, accepts and revokes node keys and
+sends hotfix notices;
 ``maint`` ends maintenance mode. Both may look at the fleet and its runs.
 Applied after every ``migrate`` (post_migrate, like Django's own permissions):
 permissions are only ever added, so grants made by hand survive.
@@ -11,13 +12,19 @@ from __future__ import annotations
 from typing import Any
 
 VIEW = [
-    "nodes.view_cluster", "nodes.view_node", "updates.view_release", "updates.view_package",
+    "nodes.view_cluster", "nodes.view_node", "nodes.view_nodekey", "updates.view_release", "updates.view_package",
     "updates.view_updaterun", "updates.view_updatestep", "updates.view_updatelock",
     "updates.view_maintenancenotice", "hotfixes.view_contact", "hotfixes.view_hotfixnotice",
     "hotfixes.view_delivery",
 ]  # fmt: skip
 ROLES = {
-    "update": ["nodes.start_update", "nodes.remove_update_lock", "hotfixes.send_hotfixnotice", *VIEW],
+    "update": [
+        "nodes.start_update",
+        "nodes.remove_update_lock",
+        "nodes.manage_node_keys",
+        "hotfixes.send_hotfixnotice",
+        *VIEW,
+    ],
     "maint": ["nodes.end_maintenance", *VIEW],
 }
 

@@ -1,6 +1,6 @@
-"""Control-queue tasks: thin wrappers that take ids (or a typed message from a
-node, decoded and checked by agent.shared.protocol) and call the plain functions
-of updates.runs."""
+"""Control-queue tasks: thin wrappers that take a signed message (checked by
+updates.trust, decoded by agent.shared.protocol) or ids, and call the plain
+functions of updates.runs."""
 
 from __future__ import annotations
 
@@ -15,53 +15,78 @@ from django.conf import settings
 from agent.shared.protocol import (
     COMPLETE,
     CONTROL_QUEUE,
+    ENROLL,
     NODE_REPORT,
     RECORD_STEP,
     VERIFY,
     NodeReport,
     ProtocolError,
-    Snapshot,
     StepReport,
+    control_task,
 )
+from nodes import keys
+from nodes.models import Node
+from updates import trust
+from updates.models import UpdateRun
 from updates.runs import cluster_cap, end, recovery, reports
 from updates.runs import verify as verification
 
 log = logging.getLogger(__name__)
 
 
-def _decoded(kind: type[Any], message: Any) -> Any:
-    """The message, checked field by field; None (and a log line) for one that does not
-    follow the protocol: it changes nothing, and retrying it would not help."""
+def _from_node(envelope: Any, kind: str, message_type: type[Any]) -> tuple[Node, int, Any] | None:
+    """(node, seq, message) of a message a node signed with its accepted key, checked field
+    by field; None (and a log line) otherwise: it changes nothing, and retrying it would not help."""
     try:
-        return kind.from_wire(message)
+        node, body = trust.from_node(envelope, kind)
+        return node, body["seq"], message_type.from_wire(body.get("message"))
     except ProtocolError as exc:
-        log.warning("refused a %s: %s", kind.__name__, exc)
+        log.warning("refused a %s: %s", kind, exc)
         return None
 
 
-def _chain_snapshot(snapshot: Any) -> dict[str, Any] | None:
-    """The snapshot a node step returned, handed on by the chain (None when a chain starts here)."""
-    decoded = None if snapshot is None else _decoded(Snapshot, snapshot)
-    return decoded.to_wire() if decoded else None
-
-
 @shared_task(name=RECORD_STEP, ignore_result=True)
-def record_step(message: dict[str, Any]) -> None:
-    report: StepReport | None = _decoded(StepReport, message)
-    if report is None:
+def record_step(envelope: dict[str, Any]) -> None:
+    found = _from_node(envelope, "report", StepReport)
+    if found is None:
+        return
+    node, seq, report = found
+    # A node speaks for itself only: about its own runs, under its own name.
+    if report.hostname != node.hostname or not UpdateRun.objects.filter(pk=report.run, node=node).exists():
+        log.warning("refused a report of %s about run %s of another node", node, report.run)
         return
     reports.record_step(
         report.run, report.step, report.event, detail=report.detail, bytes_done=report.bytes_done,
         bytes_total=report.bytes_total, snapshot=report.snapshot.to_wire() if report.snapshot else None,
-        hostname=report.hostname, at=report.at, started=report.started,
+        hostname=node.hostname, at=report.at, started=report.started, seq=seq,
     )  # fmt: skip
 
 
 @shared_task(name=NODE_REPORT, ignore_result=True)
-def node_report(message: dict[str, Any]) -> None:
-    report: NodeReport | None = _decoded(NodeReport, message)
-    if report is not None:
-        recovery.node_reported(report.hostname, report.snapshot.to_wire())
+def node_report(envelope: dict[str, Any]) -> None:
+    found = _from_node(envelope, "node_report", NodeReport)
+    if found is None:
+        return
+    node, seq, report = found
+    if report.hostname != node.hostname:
+        log.warning("refused a report of %s about %s", node, report.hostname)
+        return
+    recovery.node_reported(node.hostname, report.snapshot.to_wire(), seq)
+
+
+@shared_task(name=ENROLL, ignore_result=True)
+def enroll(envelope: dict[str, Any]) -> None:
+    """A node's agent offers its key; an operator accepts it on the node's page."""
+    try:
+        hostname, public_key = trust.offered_key(envelope)
+    except ProtocolError as exc:
+        log.warning("refused a key offer: %s", exc)
+        return
+    node = Node.objects.filter(hostname=hostname).first()
+    if node is None:
+        log.warning("a key offer of %s, which is not in the fleet, ignored", hostname)
+    elif keys.offer(node, public_key):
+        log.info("%s offers a new key; an operator may accept it on the node's page", hostname)
 
 
 @shared_task(
@@ -73,36 +98,44 @@ def node_report(message: dict[str, Any]) -> None:
     retry_jitter=False,
     max_retries=None,  # bounded by TGP_REBOOT_TIMEOUT inside verify_node_back
 )
-def verify(snapshot: dict[str, Any] | None, run_id: int) -> None:
-    # snapshot: what node.reboot (or node.install) returned.
-    verification.verify_node_back(run_id, _chain_snapshot(snapshot))
+def verify(handoff: dict[str, Any]) -> None:
+    # handoff: what node.reboot (or node.install) returned, signed by the node, or a go
+    # of the control plane's (updates.trust.accepted_handoff).
+    accepted = trust.accepted_handoff(handoff, "verify")
+    if accepted is not None:
+        verification.verify_node_back(accepted.run, accepted.snapshot, accepted.seq)
 
 
-@shared_task(name="control.slot")  # sent at SLOT_PRIORITY (agent.shared.protocol)
-def slot(run_id: int) -> None:
+@shared_task(name=control_task("slot"))  # sent at SLOT_PRIORITY (agent.shared.protocol)
+def slot(handoff: dict[str, Any]) -> None:
     # No retry while the cluster is full: the node waits in line in the database, and
     # a released slot goes to the longest waiter at once (cluster_cap.wake_waiters). A
     # retry per waiter would be control-queue traffic that grows with the cluster.
-    with contextlib.suppress(cluster_cap.SlotWait):
-        cluster_cap.take_slot(run_id)
+    accepted = trust.accepted_handoff(handoff, "slot")
+    if accepted is not None:
+        with contextlib.suppress(cluster_cap.SlotWait):
+            cluster_cap.take_slot(accepted.run)
 
 
 @shared_task(
-    name="control.hold",
+    name=control_task("hold"),
     autoretry_for=(cluster_cap.HoldOn,),
     retry_backoff=1,
     retry_backoff_max=30,
     retry_jitter=False,
     max_retries=None,  # bounded by the cluster's load-balancer lead time
 )
-def hold(run_id: int) -> None:
-    cluster_cap.hold(run_id)
+def hold(handoff: dict[str, Any]) -> None:
+    accepted = trust.accepted_handoff(handoff, "hold")
+    if accepted is not None:
+        cluster_cap.hold(accepted.run)
 
 
 @shared_task(name=COMPLETE)
-def complete(snapshot: dict[str, Any] | None, run_id: int) -> bool:
-    # snapshot: what node.resume returned.
-    return end.complete_run(run_id, _chain_snapshot(snapshot))
+def complete(handoff: dict[str, Any]) -> bool:
+    # handoff: what node.resume returned, signed by the node.
+    accepted = trust.accepted_handoff(handoff, "complete")
+    return accepted is not None and end.complete_run(accepted.run, accepted.snapshot, accepted.seq)
 
 
 @shared_task(name="control.reconcile")

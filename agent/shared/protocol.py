@@ -29,6 +29,7 @@ STEP_EVENTS = ("started", "progress", "succeeded", "skipped", "failed")
 # Control-queue tasks that agents send or chains name.
 RECORD_STEP = "control.record_step"
 NODE_REPORT = "control.node_report"
+ENROLL = "control.enroll"
 VERIFY = "control.verify"
 COMPLETE = "control.complete"
 # Node-queue tasks outside a run.
@@ -45,6 +46,13 @@ SLOT_PRIORITY = 9
 # Publishing (step reports, a chain's next task) survives a broker restart of up to
 # about a minute instead of failing the step.
 PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
+
+
+# Who signs what (agent.shared.signing): the control plane its commands, each node
+# its reports and the hand-offs of its steps, with its own key.
+CONTROL_SIGNER = "control"
+COMMAND_KINDS = ("step", "notice", "end_maintenance", "go")
+NODE_KINDS = ("report", "node_report", "done", "enroll")
 
 
 def node_queue(hostname: str) -> str:
@@ -215,6 +223,8 @@ class StepCommand:
     message: str = ""
     cluster: str | None = None
     fence: int | None = None
+    # An operator's catch-up from Oldstable: the only run that may install an older release.
+    catchup: bool = False
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "packages": list(self.packages)}
@@ -230,6 +240,7 @@ class StepCommand:
             message=f.text("message"),
             cluster=f.text("cluster", HOSTNAME_RE, HOSTNAME_RULE, optional=True),
             fence=f.integer("fence", minimum=1, optional=True),
+            catchup=f.boolean("catchup"),
         )
 
 

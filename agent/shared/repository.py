@@ -24,7 +24,9 @@ import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from agent.shared.env import ConfigError
 from agent.shared.protocol import CHANNELS, PACKAGE_NAME_RE, SHA256_RE, VERSION_RE, version_key
+from agent.shared.signing import pinned_key
 
 INDEX_FORMAT = 1
 INDEX_NAME = "index.json"
@@ -183,14 +185,10 @@ def _load_public_key(public_key_b64: str) -> Ed25519PublicKey:
 
 def pinned_public_key(key_b64: str, key_file: Path) -> str:
     """The repository key a reader trusts: given inline (base64), else read from its file."""
-    if key_b64:
-        return key_b64
     try:
-        return Path(key_file).read_text().strip()
-    except FileNotFoundError:
-        raise RepositoryError(
-            f"no pinned repository key: set TGP_REPO_PUBKEY, or TGP_REPO_PUBKEY_FILE ({key_file} does not exist)"
-        ) from None
+        return pinned_key(key_b64, key_file, "TGP_REPO_PUBKEY")
+    except ConfigError as exc:
+        raise RepositoryError(f"repository: {exc}") from None
 
 
 # --------------------------------------------------------------------------- verify

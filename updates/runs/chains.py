@@ -19,16 +19,8 @@ from celery import chain, signature
 from django.db import transaction
 from django.utils import timezone
 
-from agent.shared.protocol import (
-    COMPLETE,
-    CONTROL_QUEUE,
-    NODE_STEPS,
-    SLOT_PRIORITY,
-    VERIFY,
-    StepCommand,
-    control_task,
-    node_task,
-)
+from agent.shared.protocol import CONTROL_QUEUE, NODE_STEPS, SLOT_PRIORITY, StepCommand, control_task, node_task
+from updates import trust
 from updates.models import UpdateRun, UpdateStep
 
 log = logging.getLogger(__name__)
@@ -42,9 +34,10 @@ def node_payload(run: UpdateRun) -> dict[str, Any]:
     """What a node step needs (StepCommand). Package data is not here on purpose: the
     agent takes sizes and hashes from the signed index, never from a message."""
     cluster = run.node.cluster
+    catchup = run.trigger in (UpdateRun.Trigger.CATCHUP_FULL, UpdateRun.Trigger.CATCHUP_PARTIAL)
     return StepCommand(
         run=run.pk, node=run.node.hostname, version=run.release.version, packages=tuple(run.packages),
-        message=run.message, cluster=cluster.name if cluster else None, fence=run.slot_token,
+        message=run.message, cluster=cluster.name if cluster else None, fence=run.slot_token, catchup=catchup,
     ).to_wire()  # fmt: skip
 
 
@@ -109,31 +102,26 @@ def segment(run: UpdateRun, from_step: str, names: Sequence[str] | None = None) 
 
 
 def build_chain(run: UpdateRun, from_step: str, names: Sequence[str] | None = None) -> Any:
-    """Every signature names its queue: node steps the node's, control steps control."""
+    """Every signature names its queue: node steps the node's, control steps control.
+
+    A node step carries a command signed for it (updates.trust.command). A control step
+    right after a node step takes what that step returns, signed by the node (the chain
+    hands it on, and it carries the node's snapshot, so verify and complete never wait for
+    the step's report); first in a chain, it gets a "go" signed by the control plane."""
     payload = node_payload(run)
     steps, last = segment(run, from_step, names)
     sigs = []
-    for name in steps:
+    for name in [*steps, *(["complete"] if last else [])]:
         if name in NODE_STEPS:
-            sigs.append(signature(node_task(name), args=(payload,), immutable=True).set(queue=run.node.queue))
-        elif name == "verify":
-            sigs.append(_takes_snapshot(VERIFY, run, after=sigs))
-        else:
-            sig = signature(control_task(name), args=(run.pk,), immutable=True).set(queue=CONTROL_QUEUE)
-            # Asking for a slot is never urgent: no node is out of service yet.
-            sigs.append(sig.set(priority=SLOT_PRIORITY) if name == "slot" else sig)
-    if last:
-        sigs.append(_takes_snapshot(COMPLETE, run, after=sigs))
+            signed = trust.command("step", payload, step=name)
+            sigs.append(signature(node_task(name), args=(signed,), immutable=True).set(queue=run.node.queue))
+            continue
+        after_node = bool(sigs) and str(sigs[-1].task).startswith("node.")
+        args = () if after_node else (trust.go(run.pk, name),)
+        sig = signature(control_task(name), args=args, immutable=not after_node).set(queue=CONTROL_QUEUE)
+        # Asking for a slot is never urgent: no node is out of service yet.
+        sigs.append(sig.set(priority=SLOT_PRIORITY) if name == "slot" else sig)
     return chain(*sigs)
-
-
-def _takes_snapshot(name: str, run: UpdateRun, after: list[Any]) -> Any:
-    """verify and complete come right after a node step (reboot or install, resume),
-    which returns the node's snapshot: not immutable, the chain hands it on, so that they
-    never depend on that step's report (which queues behind them) having arrived.
-    First in a chain, they get None."""
-    args = (run.pk,) if after else (None, run.pk)
-    return signature(name, args=args, immutable=not after).set(queue=CONTROL_QUEUE)
 
 
 # --- queuing a chain --------------------------------------------------------------------

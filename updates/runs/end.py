@@ -19,10 +19,11 @@ from updates.runs.snapshots import store_snapshot
 log = logging.getLogger(__name__)
 
 
-def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
+def complete_run(run_id: int, snapshot: dict[str, Any] | None = None, seq: int = 0) -> bool:
     """Mark an error-free run succeeded and end the node's maintenance mode.
     `snapshot`: the node's state after resume, handed on by the chain, so that the
-    node shows logon on and back in the load balancer when the run shows succeeded.
+    node shows logon on and back in the load balancer when the run shows succeeded
+    (`seq`: its place in the node's signed sequence).
     One transaction; then the node's slot goes to the next waiter."""
     with transaction.atomic():
         now = timezone.now()
@@ -35,7 +36,7 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None) -> bool:
         # as running or pending. A report that arrives later still lands on its step.
         lifecycle.complete_steps(run_id, now)
         if snapshot:  # the node's row last, as everywhere (run, steps, node): no deadlock
-            store_snapshot(run.node.hostname, snapshot)
+            store_snapshot(run.node.hostname, snapshot, seq)
         Node.objects.filter(pk=run.node_id).update(maintenance_mode=False, maintenance_reason="")
     release_slot(run.node, run.slot_token)
     log.info("run %s succeeded", run_id)

@@ -25,12 +25,12 @@ from updates.runs.verify import wake_verify
 log = logging.getLogger(__name__)
 
 
-def node_reported(hostname: str, snapshot: dict[str, Any]) -> None:
+def node_reported(hostname: str, snapshot: dict[str, Any], seq: int = 0) -> None:
     """A heartbeat. If the agent restarted in the middle of a run (a crash, not
     the reboot step), queue the run again from its first unfinished step: every
     node step is safe to run twice."""
     before = Node.objects.filter(hostname=hostname).values_list("agent_instance", "boot_id").first()
-    node = apply_snapshot(hostname, snapshot)
+    node = apply_snapshot(hostname, snapshot, seq)
     if node is not None and snapshot.get("worker"):
         wake_verify(node)
     if node is None or before is None or not before[0] or before[0] == node.agent_instance:

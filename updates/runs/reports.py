@@ -32,8 +32,10 @@ def record_step(
     hostname: str = "",
     at: float | None = None,
     started: float | None = None,
+    seq: int = 0,
 ) -> None:
     """Record one event of a step: started, progress, succeeded, skipped or failed.
+    (`seq`: the report's place in the node's signed sequence, for its snapshot.)
 
     `at` is when it happened on the node (epoch seconds): a step's times are the
     node's, not when a control worker got round to the report, which may be
@@ -56,7 +58,7 @@ def record_step(
             changes["detail"] = detail[:2000]
         _record_event(run_id, step, event, when, began=began, reason=detail, changes=changes)
         if snapshot and hostname:
-            store_snapshot(hostname, snapshot)
+            store_snapshot(hostname, snapshot, seq)
 
 
 def _node_time(at: float | None, now: datetime) -> datetime:

@@ -4,10 +4,8 @@ the facts the control plane shows and decides on, never invented by it."""
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
-from django.db.models import Q
 from django.utils import timezone
 
 from nodes.models import Node
@@ -15,15 +13,21 @@ from nodes.models import Node
 log = logging.getLogger(__name__)
 
 
-def apply_snapshot(hostname: str, snapshot: dict[str, Any]) -> Node | None:
+def apply_snapshot(hostname: str, snapshot: dict[str, Any], seq: int = 0) -> Node | None:
     """Store what an agent says about its node. Returns the node, or None if unknown."""
-    if not store_snapshot(hostname, snapshot):
+    if not store_snapshot(hostname, snapshot, seq):
         return None
     return Node.objects.get(hostname=hostname)
 
 
-def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
-    """apply_snapshot without reading the node back: False if the node is unknown."""
+def store_snapshot(hostname: str, snapshot: dict[str, Any], seq: int = 0) -> bool:
+    """apply_snapshot without reading the node back: False if the node is unknown.
+
+    `seq` is the snapshot's place in the node's signed sequence (agent.identity): it is
+    stored only if it is newer than the last one stored. The node's own clock decides
+    nothing: a node an hour ahead does not make its later reports look old. A snapshot
+    that is not newer still says that the node was seen. 0: no sequence (the demo's
+    first look at its appliances), stored if nothing newer was."""
     fields = {
         "installed_version": str(snapshot.get("installed_version", "")),
         "installed_packages": dict(snapshot.get("packages", {})),
@@ -37,10 +41,9 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
     if snapshot.get("worker"):
         fields["worker_instance"] = fields["agent_instance"]
     now = timezone.now()
-    taken = datetime.fromtimestamp(float(snapshot["taken_at"]), tz=UTC) if "taken_at" in snapshot else now
     nodes = Node.objects.filter(hostname=hostname)
-    newer = nodes.filter(Q(reported_at__isnull=True) | Q(reported_at__lte=taken))
-    if newer.update(**fields, reported_at=taken, last_seen=now):
+    newer = nodes.filter(report_seq__lt=seq) if seq else nodes.filter(report_seq=0)
+    if newer.update(**fields, reported_at=now, report_seq=seq, last_seen=now):
         return True
     # An older snapshot processed late: the node was still seen. A worker's report
     # still says that its worker is up, if it is the node's current agent: a heartbeat
@@ -53,9 +56,9 @@ def store_snapshot(hostname: str, snapshot: dict[str, Any]) -> bool:
     return False
 
 
-def store_run_snapshot(run_id: int, snapshot: dict[str, Any] | None) -> None:
-    """A snapshot a chain handed on, stored for the run's node."""
+def store_run_snapshot(run_id: int, snapshot: dict[str, Any] | None, seq: int = 0) -> None:
+    """A snapshot a chain handed on (signed by the run's node, seq its place), stored for the run's node."""
     if snapshot:
         hostname = Node.objects.filter(runs__pk=run_id).values_list("hostname", flat=True).first()
         if hostname:
-            store_snapshot(hostname, snapshot)
+            store_snapshot(hostname, snapshot, seq)

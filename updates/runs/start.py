@@ -11,7 +11,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
-from nodes.models import Node
+from nodes.models import Node, NodeKey
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
 from updates.runs.chains import queue_started, waiting
 
@@ -38,6 +38,7 @@ class StartChecks:
     locks: dict[int, str]  # node id -> the reason of its active update lock
     busy: frozenset[int]  # ids of nodes with a running run
     newest: dict[str, Release | None]  # channel -> its newest release
+    trusted: frozenset[int]  # ids of nodes with an accepted key (updates.trust)
 
     @classmethod
     def read(cls, nodes: Iterable[Node]) -> StartChecks:
@@ -49,6 +50,7 @@ class StartChecks:
             locks=dict(locks.values_list("node_id", "reason")),
             busy=frozenset(running.values_list("node_id", flat=True)),
             newest={channel: Release.newest(channel) for channel in {node.channel for node in nodes}},
+            trusted=frozenset(NodeKey.objects.accepted().filter(node_id__in=ids).values_list("node_id", flat=True)),
         )
 
 
@@ -70,6 +72,8 @@ def check_can_start(
     packages = packages or []
     _check_packages(release, trigger, packages)
     checks = checks or StartChecks.read([node])
+    if node.pk not in checks.trusted:
+        raise UpdateRefused(f"{node} has no accepted key: accept the key its agent offers on the node's page first.")
     if node.pk in checks.locks:
         raise UpdateRefused(f"{node} has an update lock ({checks.locks[node.pk]}); remove it first.")
     if node.pk in checks.busy:

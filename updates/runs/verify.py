@@ -40,7 +40,7 @@ def target_reached(run: UpdateRun, node: Node) -> bool:
     return bool(run.packages) or node.installed_version == run.release.version
 
 
-def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> None:
+def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None, seq: int = 0) -> None:
     """Succeeds once the node reports the target version (and a new boot, if it
     had to reboot); fails the run after TGP_REBOOT_TIMEOUT; else NodeNotBack.
 
@@ -48,7 +48,7 @@ def verify_node_back(run_id: int, snapshot: dict[str, Any] | None = None) -> Non
     verify never waits for that step's report, which may still be queued."""
     # Started now, on the first attempt: not once the checks below are done.
     lifecycle.wait_step(run_id, "verify", timezone.now())
-    store_run_snapshot(run_id, snapshot)
+    store_run_snapshot(run_id, snapshot, seq)
     run = UpdateRun.objects.select_related("node", "release").get(pk=run_id)
     if run.state == UpdateRun.State.SUCCEEDED:
         raise CarriedOn(f"run {run_id} succeeded already")  # a retry that outlived its run
