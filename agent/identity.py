@@ -126,7 +126,10 @@ def remember(hostname: str, command_id: str, expires: float) -> None:
         now = time.time()
         done = {cid: until for cid, until in _read_done(path).items() if until > now}
         done[command_id] = expires
-        atomic_write(path, json.dumps(done).encode(), durable=True)
+        # Not synced: every step writes it, and a sync is most of a step's hand-off here.
+        # A power cut may forget the last ids; their commands still expire, and what is
+        # disruptive is guarded once per run on the appliance (install and reboot markers).
+        atomic_write(path, json.dumps(done).encode(), durable=False)
 
 
 def _read_done(path: Path) -> dict[str, float]:

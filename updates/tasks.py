@@ -27,19 +27,19 @@ from agent.shared.protocol import (
 from nodes import keys
 from nodes.models import Node
 from updates import trust
-from updates.models import UpdateRun
 from updates.runs import cluster_cap, end, recovery, reports
 from updates.runs import verify as verification
 
 log = logging.getLogger(__name__)
 
 
-def _from_node(envelope: Any, kind: str, message_type: type[Any]) -> tuple[Node, int, Any] | None:
-    """(node, seq, message) of a message a node signed with its accepted key, checked field
-    by field; None (and a log line) otherwise: it changes nothing, and retrying it would not help."""
+def _from_node(envelope: Any, kind: str, message_type: type[Any]) -> tuple[str, int, Any, bool] | None:
+    """(node, seq, message, whether the run it names is the node's) of a message a node signed
+    with its accepted key, checked field by field; None (and a log line) otherwise: it
+    changes nothing, and retrying it would not help."""
     try:
-        node, body = trust.from_node(envelope, kind)
-        return node, body["seq"], message_type.from_wire(body.get("message"))
+        node, body, owns_run = trust.from_node(envelope, kind)
+        return node, body["seq"], message_type.from_wire(body.get("message")), owns_run
     except ProtocolError as exc:
         log.warning("refused a %s: %s", kind, exc)
         return None
@@ -50,15 +50,15 @@ def record_step(envelope: dict[str, Any]) -> None:
     found = _from_node(envelope, "report", StepReport)
     if found is None:
         return
-    node, seq, report = found
+    node, seq, report, owns_run = found
     # A node speaks for itself only: about its own runs, under its own name.
-    if report.hostname != node.hostname or not UpdateRun.objects.filter(pk=report.run, node=node).exists():
+    if report.hostname != node or not owns_run:
         log.warning("refused a report of %s about run %s of another node", node, report.run)
         return
     reports.record_step(
         report.run, report.step, report.event, detail=report.detail, bytes_done=report.bytes_done,
         bytes_total=report.bytes_total, snapshot=report.snapshot.to_wire() if report.snapshot else None,
-        hostname=node.hostname, at=report.at, started=report.started, seq=seq,
+        hostname=node, at=report.at, started=report.started, seq=seq,
     )  # fmt: skip
 
 
@@ -67,11 +67,11 @@ def node_report(envelope: dict[str, Any]) -> None:
     found = _from_node(envelope, "node_report", NodeReport)
     if found is None:
         return
-    node, seq, report = found
-    if report.hostname != node.hostname:
+    node, seq, report, _ = found
+    if report.hostname != node:
         log.warning("refused a report of %s about %s", node, report.hostname)
         return
-    recovery.node_reported(node.hostname, report.snapshot.to_wire(), seq)
+    recovery.node_reported(node, report.snapshot.to_wire(), seq)
 
 
 @shared_task(name=ENROLL, ignore_result=True)

@@ -24,11 +24,12 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.conf import settings
+from django.db.models import Exists, OuterRef, Value
 
 from agent.shared import signing
 from agent.shared.protocol import CONTROL_SIGNER, HOSTNAME_RE, ProtocolError, Snapshot
-from nodes.models import Node, NodeKey
-from updates.models import UpdateStep
+from nodes.models import NodeKey
+from updates.models import UpdateRun, UpdateStep
 
 log = logging.getLogger(__name__)
 
@@ -68,20 +69,29 @@ def go(run_id: int, step: str) -> dict[str, Any]:
     return signing.sign({"kind": "go", "signer": CONTROL_SIGNER, "run": run_id, "step": step}, control_key())
 
 
-def from_node(envelope: Any, kind: str) -> tuple[Node, dict[str, Any]]:
-    """The node that signed a message of this kind, and the message's body; Untrusted if
-    the node has no accepted key or the signature is not that key's."""
+def from_node(envelope: Any, kind: str) -> tuple[str, dict[str, Any], bool]:
+    """The node (host name) that signed a message of this kind, the message's body, and whether the
+    run the message names is the node's own (asked in the same query: every report
+    needs it); Untrusted if the node has no accepted key or the signature is not that key's."""
     body = signing.body_of(envelope)
     signer = body.get("signer")
     if body.get("kind") != kind or not isinstance(signer, str) or not HOSTNAME_RE.match(signer):
         raise Untrusted(f"expected a {kind!r} signed by a node")
-    key = NodeKey.objects.accepted().select_related("node").filter(node__hostname=signer).first()
-    if key is None:
+    # One plain query on every message (a report is the control plane's most frequent work).
+    keys = NodeKey.objects.filter(state=NodeKey.State.ACCEPTED, node__hostname=signer).order_by()
+    message = body.get("message")
+    run_id = message.get("run") if isinstance(message, dict) else None  # signed, as the check below proves
+    if isinstance(run_id, int) and not isinstance(run_id, bool):
+        owns = Exists(UpdateRun.objects.filter(pk=run_id, node_id=OuterRef("node_id")).order_by())
+        found = keys.annotate(owns_run=owns).values_list("public_key", "owns_run").first()
+    else:
+        found = keys.values_list("public_key", Value(False)).first()
+    if found is None:
         raise Untrusted(f"{signer} has no accepted key: its {kind} is not trusted")
-    signing.verify(envelope, signing.load_public(key.public_key))
+    signing.verify(envelope, signing.load_public(found[0]))
     if not isinstance(body.get("seq"), int) or isinstance(body["seq"], bool) or body["seq"] < 1:
         raise Untrusted(f"a {kind} of {signer} without a sequence number")
-    return key.node, body
+    return signer, body, bool(found[1])
 
 
 def handoff(envelope: Any, step: str) -> tuple[int, str, dict[str, Any] | None]:
@@ -95,11 +105,11 @@ def handoff(envelope: Any, step: str) -> tuple[int, str, dict[str, Any] | None]:
         if body.get("kind") != "go" or body.get("step") != step or not isinstance(body.get("run"), int):
             raise Untrusted(f"a control plane message that does not start {step}")
         return body["run"], "", None
-    node, body = from_node(envelope, "done")
+    node, body, _ = from_node(envelope, "done")
     message = body.get("message")
     if not isinstance(message, dict) or not isinstance(message.get("run"), int):
         raise Untrusted(f"a hand-off of {node} that names no run")
-    return message["run"], node.hostname, message
+    return message["run"], node, message
 
 
 @dataclass(frozen=True)
