@@ -137,10 +137,13 @@ X_FRAME_OPTIONS = "DENY"
 
 # --- Redis and Celery ----------------------------------------------------------
 # Without REDIS_URL, tgpadmin talks to its embedded Redis (tgpadmin/embedded_redis.py),
-# which `make run` starts on a private port. A process may read its URL from the file
-# that TGP_REDIS_URL_FILE names; a rediss:// URL checks the server against TGP_REDIS_CA_FILE.
+# which `make run` starts on a private port. With broker users (manage.py broker_acl,
+# docs/security-broker.md) each process reads its own user's URL from the file that
+# TGP_REDIS_URL_FILE names; a rediss:// URL checks the server against TGP_REDIS_CA_FILE.
 EMBEDDED_REDIS_PORT = env_int("TGP_EMBEDDED_REDIS_PORT", 6390, minimum=1)
 REDIS_URL = env_redis_url(f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0")
+# Where manage.py broker_acl keeps each broker user's URL (with its password, mode 0600).
+TGP_BROKER_DIR = Path(env_str("TGP_BROKER_DIR", str(VAR_DIR / "broker")))
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
@@ -181,7 +184,15 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_TASK_PUBLISH_RETRY_POLICY = PUBLISH_RETRY_POLICY
 # An unacknowledged message comes back after this long. Node steps are acked on
 # receipt (see agent/tasks.py), so this only matters for control tasks.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60),
+    # Ack emulation keeps each message a consumer takes in the transport's shared
+    # "unacked" hash until it is acknowledged, and every consumer restores the overdue
+    # ones of all queues. The control workers need it; Flower, which only consumes
+    # events and replies without acknowledgements, runs with TGP_BROKER_ACK_EMULATION=0,
+    # so that its broker user needs no access to those keys (docs/security-broker.md).
+    "ack_emulation": env_bool("TGP_BROKER_ACK_EMULATION", True),
+}
 
 # --- Update workflow -------------------------------------------------------------
 # The signed repository: where it is served, the public key (base64, Ed25519) that
