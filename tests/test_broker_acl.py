@@ -32,7 +32,7 @@ from celery import Celery
 from kombu import Connection, Queue
 
 from agent.shared.env import ConfigError, env_redis_url
-from agent.shared.protocol import NoticeCommand
+from agent.shared.protocol import NodeReport, NoticeCommand, Snapshot
 from tests.conftest import ROOT, ControlWorker, process_env, test_database_url, wait_for
 from tests.servers import free_port
 from tgpadmin import broker_acl as acl
@@ -227,6 +227,7 @@ NODE_REFUSED: dict[str, Op] = {
     # remote control and other people's events
     "PUBLISH /0.celery.pidbox": lambda c: c.publish("/0.celery.pidbox", '{"method": "shutdown"}'),
     "PSUBSCRIBE /0.celery.pidbox": _psubscribe("/0.celery.pidbox"),
+    "SUBSCRIBE /0.celery.pidbox": _subscribe("/0.celery.pidbox"),
     "PSUBSCRIBE /0.celeryev/*": _psubscribe("/0.celeryev/*"),
     "SUBSCRIBE celery-task-meta-x": _subscribe("celery-task-meta-x"),
     "PUBLISH /0.celeryev/worker.elect (gossip)": lambda c: c.publish("/0.celeryev/worker.elect", "{}"),
@@ -581,6 +582,45 @@ def test_a_cluster_update_runs_through_the_control_web_and_node_users(
     steps = dict(run.steps.values_list("name", "state"))
     assert {"slot", "drain", "install", "verify"} <= set(steps) and set(steps.values()) == {"succeeded"}
     assert broker.denials() == []
+
+
+@needs_redis7
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.workflow
+@pytest.mark.timeout(120)
+def test_a_control_worker_as_the_procfile_starts_it_runs_as_control(broker, tmp_path):
+    """Gossip, mingle, remote control and events on, prefork, ack emulation: all of it
+    with the control user. It answers remote control (its own user's), runs what the web
+    user queued, and Redis refuses it nothing."""
+    broker.reset_log()
+    name = f"control-{uuid.uuid4().hex[:6]}@acl"
+    cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", name]
+    cmd += ["--concurrency", "2", "-E", "-l", "INFO"]
+    env = {**process_env(""), "REDIS_URL": "", "TGP_REDIS_URL_FILE": str(broker.dir / "control.url")}
+    env["DATABASE_URL"] = test_database_url()
+    log = tmp_path / "control.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            preexec_fn=die_with_parent,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: f"{name} ready." in log.read_text(), 60, "the control worker")
+        assert "mingle: all alone" in log.read_text()
+        control = _bare_app(broker.url("control"))
+        with control.connection_for_write() as conn:
+            assert control.control.ping(destination=[name], timeout=5, connection=conn) == [{name: {"ok": "pong"}}]
+        # A report as an agent sends it (node user), a task as the web process queues it.
+        node = _bare_app(broker.url("node-n1"), task_queues=[Queue("control", no_declare=True)])
+        report = NodeReport("n1", Snapshot()).to_wire()
+        node.send_task("control.node_report", args=(report,), queue="control", priority=9, retry=False)
+        _bare_app(broker.url("web")).send_task("control.reap_stale_runs", queue="control", retry=False)
+        wait_for(lambda: "report from unknown node 'n1' ignored" in log.read_text(), 30, "the report")
+        wait_for(lambda: not broker.admin.exists(*acl.queue_keys("control"), "unacked"), 30, "the queue to drain")
+        time.sleep(2)  # heartbeats, gossip, the periodic restore of unacked messages
+    finally:
+        stop_process(proc)
+    assert broker.denials() == [], log.read_text()[-3000:]
 
 
 @needs_redis7
