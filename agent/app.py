@@ -11,9 +11,10 @@ import os
 import time
 
 from celery import Celery
+from kombu import Queue
 
 from agent.config import config
-from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY
+from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY, node_queue
 
 # The control side's processes run in TGP_TIME_ZONE (Django sets TZ from TIME_ZONE).
 # Celery adjusts event times by each sender's local UTC offset, so an agent in another
@@ -32,6 +33,10 @@ app.conf.update(
     # A node's outcome travels in its step reports and the chain, never in a result backend.
     task_ignore_result=True,
     task_default_queue=CONTROL_QUEUE,
+    # Declared by nobody here: on Redis a declaration reads the queue's length and adds to
+    # its binding table, which the node's broker user need not do (docs/security-broker.md).
+    # Publishing to a direct queue goes straight to its list; consuming is a BRPOP.
+    task_queues=[Queue(name, no_declare=True) for name in (CONTROL_QUEUE, *map(node_queue, config().served))],
     task_publish_retry=True,
     task_publish_retry_policy=PUBLISH_RETRY_POLICY,
     # An agent publishes only reports and the next step of its own chain: no "task-sent"
@@ -39,5 +44,12 @@ app.conf.update(
     task_send_sent_event=False,
     worker_send_task_events=True,
     worker_prefetch_multiplier=1,
+    # No remote control: nothing can shut the agent down, or make it consume another
+    # node's queue, over the broker, and the node's broker user needs no pidbox access.
+    worker_enable_remote_control=False,
+    # Node steps are acknowledged on receipt (agent/tasks.py): no ack emulation, so the
+    # agent keeps what it has taken in memory and touches none of the transport's
+    # shared "unacked" keys, which hold the in-flight messages of every queue.
+    broker_transport_options={"ack_emulation": False},
     include=["agent.tasks"],
 )

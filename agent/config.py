@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.shared.env import ConfigError, env_float, env_int, env_list, env_str
+from agent.shared.env import ConfigError, env_float, env_int, env_list, env_redis_url, env_str
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE
 from agent.shared.repository import pinned_public_key
 
@@ -53,7 +53,8 @@ class AgentConfig:
             if not HOSTNAME_RE.match(name):
                 raise ConfigError(f"TGP_AGENT_NODE: {name!r} is not {HOSTNAME_RULE}")
         return cls(
-            redis_url=env_str("REDIS_URL", "") or f"redis://127.0.0.1:{env_int('TGP_EMBEDDED_REDIS_PORT', 6390)}/0",
+            # REDIS_URL or TGP_REDIS_URL_FILE (the node's own broker user), TLS checked.
+            redis_url=env_redis_url(f"redis://127.0.0.1:{env_int('TGP_EMBEDDED_REDIS_PORT', 6390)}/0"),
             repo_url=env_str("TGP_REPO_URL", "http://127.0.0.1:8001/"),
             repo_pubkey=env_str("TGP_REPO_PUBKEY", ""),
             repo_pubkey_file=Path(env_str("TGP_REPO_PUBKEY_FILE", str(var / "keys" / "repo.pub"))),

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 import dj_database_url
 
 from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY
-from tgpadmin.env import env_bool, env_float, env_int, env_list, env_str
+from tgpadmin.env import env_bool, env_float, env_int, env_list, env_redis_url, env_str
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("TGP_VAR_DIR", str(BASE_DIR / "var")))
@@ -136,12 +137,22 @@ X_FRAME_OPTIONS = "DENY"
 
 # --- Redis and Celery ----------------------------------------------------------
 # Without REDIS_URL, tgpadmin talks to its embedded Redis (tgpadmin/embedded_redis.py),
-# which `make run` starts on a private port.
+# which `make run` starts on a private port. With broker users (manage.py broker_acl,
+# docs/security-broker.md) each process reads its own user's URL from the file that
+# TGP_REDIS_URL_FILE names; a rediss:// URL checks the server against TGP_REDIS_CA_FILE.
 EMBEDDED_REDIS_PORT = env_int("TGP_EMBEDDED_REDIS_PORT", 6390, minimum=1)
-REDIS_URL = env_str("REDIS_URL", "") or f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0"
+REDIS_URL = env_redis_url(f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0")
+# Where manage.py broker_acl keeps each broker user's URL (with its password, mode 0600).
+TGP_BROKER_DIR = Path(env_str("TGP_BROKER_DIR", str(VAR_DIR / "broker")))
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
+if urlsplit(REDIS_URL).scheme == "rediss":
+    # kombu, the result backend and redis-py read these from the URL as well; Flower's
+    # broker page (queue lengths) only from here.
+    CELERY_BROKER_USE_SSL = CELERY_REDIS_BACKEND_USE_SSL = {
+        key: value for key, value in parse_qsl(urlsplit(REDIS_URL).query) if key.startswith("ssl_")
+    }
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_DEFAULT_QUEUE = CONTROL_QUEUE
 CELERY_TASK_SERIALIZER = "json"
@@ -173,7 +184,15 @@ CELERY_BEAT_SCHEDULE = {
 CELERY_TASK_PUBLISH_RETRY_POLICY = PUBLISH_RETRY_POLICY
 # An unacknowledged message comes back after this long. Node steps are acked on
 # receipt (see agent/tasks.py), so this only matters for control tasks.
-CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60)}
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": env_int("TGP_VISIBILITY_TIMEOUT", 3600, minimum=60),
+    # Ack emulation keeps each message a consumer takes in the transport's shared
+    # "unacked" hash until it is acknowledged, and every consumer restores the overdue
+    # ones of all queues. The control workers need it; Flower, which only consumes
+    # events and replies without acknowledgements, runs with TGP_BROKER_ACK_EMULATION=0,
+    # so that its broker user needs no access to those keys (docs/security-broker.md).
+    "ack_emulation": env_bool("TGP_BROKER_ACK_EMULATION", True),
+}
 
 # --- Update workflow -------------------------------------------------------------
 # The signed repository: where it is served, the public key (base64, Ed25519) that

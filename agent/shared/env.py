@@ -8,6 +8,9 @@ ImproperlyConfigured). A typo in a deployment stops the process at start.
 from __future__ import annotations
 
 import os
+import stat
+from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -65,3 +68,71 @@ def env_float(name: str, default: float, minimum: float | None = None) -> float:
 def env_list(name: str, default: str = "") -> list[str]:
     raw = os.environ.get(name, default)
     return [item.strip() for item in raw.split(",") if item.strip()]
+
+
+# --- the broker URL ----------------------------------------------------------------
+
+_TLS_REQUIRED = {"required", "cert_required"}
+
+
+def env_redis_url(default: str) -> str:
+    """The Redis (broker) URL of this process, the same way on both sides.
+
+    REDIS_URL, or the first line of the file TGP_REDIS_URL_FILE names (each process
+    reads its own broker user's URL from a file that ``manage.py broker_acl`` writes,
+    so the password is in neither the environment nor the process list), else
+    `default`. The file must not be readable by other users.
+
+    A ``rediss://`` URL always checks the server's certificate: against the CA in
+    TGP_REDIS_CA_FILE when that is set (``ssl_ca_certs``), else the system's CAs.
+    kombu would otherwise connect to anyone with ``ssl_cert_reqs=none`` (its default for
+    rediss:// without options), so a URL that asks for less than ``required`` is refused.
+    """
+    url, source = env_str("REDIS_URL", ""), "REDIS_URL"
+    url_file = env_str("TGP_REDIS_URL_FILE", "")
+    if url and url_file:
+        raise ConfigError("REDIS_URL and TGP_REDIS_URL_FILE are both set: set one of them.")
+    if url_file:
+        url, source = _read_url_file(url_file), f"the URL in {url_file} (TGP_REDIS_URL_FILE)"
+    url = url or default
+    return _with_tls(url, source, env_str("TGP_REDIS_CA_FILE", ""))
+
+
+def _read_url_file(name: str) -> str:
+    path = Path(name)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"TGP_REDIS_URL_FILE={name!r} cannot be read: {exc.strerror}") from None
+    if mode & 0o007:
+        raise ConfigError(
+            f"TGP_REDIS_URL_FILE={name!r} is open to other users (mode {stat.S_IMODE(mode):04o}); "
+            f"it holds a password: chmod 600 {name}"
+        )
+    url = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ConfigError(f"TGP_REDIS_URL_FILE={name!r} does not hold a redis:// or rediss:// URL.")
+    return url
+
+
+def _with_tls(url: str, source: str, ca_file: str) -> str:
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    if parts.scheme != "rediss":
+        if ca_file:
+            raise ConfigError(f"TGP_REDIS_CA_FILE is set, but {source} is not a rediss:// (TLS) URL.")
+        return url
+    if ca_file:
+        if not Path(ca_file).is_file():
+            raise ConfigError(f"TGP_REDIS_CA_FILE={ca_file!r} is not a file.")
+        if query.get("ssl_ca_certs", ca_file) != ca_file:
+            raise ConfigError(f"TGP_REDIS_CA_FILE and the ssl_ca_certs of {source} name different CAs: set one.")
+        query["ssl_ca_certs"] = ca_file
+    reqs = query.setdefault("ssl_cert_reqs", "required")
+    if reqs.lower() not in _TLS_REQUIRED:
+        raise ConfigError(
+            f"{source} has ssl_cert_reqs={reqs}: TLS that does not check the server's certificate "
+            "protects no password; use ssl_cert_reqs=required (the default) and TGP_REDIS_CA_FILE."
+        )
+    return urlunsplit(parts._replace(query=urlencode(query, safe="/")))
