@@ -17,13 +17,16 @@ run: $(STAMP)
 	$(BIN)/python manage.py migrate --noinput -v0
 	$(BIN)/python manage.py collectstatic --noinput -v0
 	$(BIN)/python manage.py demo_fleet
+	env -u REDIS_URL $(BIN)/python manage.py broker_acl --out var/broker
 	@echo ""
 	@echo "  Admin:  http://127.0.0.1:8000/admin/   users admin / operator / maintainer, password: $$(cat var/demo-password)"
 	@echo "  Flower: http://127.0.0.1:5555/         user admin, same password"
 	@echo "  Repo:   http://127.0.0.1:8001/index.json"
 	@echo "  Mail:   hotfix notices land in var/mail/ (a local SMTP sink on 127.0.0.1:1025)"
+	@echo "  Redis:  every process is its own broker user (var/broker/); commands by hand take the control user:"
+	@echo "          TGP_REDIS_URL_FILE=var/broker/control.url $(BIN)/python manage.py autoupdate gw1 --yes --wait"
 	@echo ""
-	PATH="$(CURDIR)/$(BIN):$$PATH" FLOWER_BASIC_AUTH="admin:$$(cat var/demo-password)" \
+	env -u REDIS_URL PATH="$(CURDIR)/$(BIN):$$PATH" FLOWER_BASIC_AUTH="admin:$$(cat var/demo-password)" \
 	  TGP_EMAIL_HOST=127.0.0.1 TGP_EMAIL_PORT=1025 $(BIN)/honcho start -f Procfile
 
 test: $(STAMP)

@@ -82,7 +82,7 @@ def start_node_workers(hostnames: list[str], env: dict[str, str], log: Path, *, 
     for k in range(workers):
         share = hostnames[k::workers]
         name = f"nodes{k}-{uuid.uuid4().hex[:6]}@bench"
-        cmd = [sys.executable, "-m", "celery", "-A", "agent.app", "worker", "-n", name]
+        cmd = [sys.executable, "-m", "celery", "-A", "bench.node_app", "worker", "-n", name]
         cmd += ["-Q", ",".join(f"node.{h}" for h in share)]
         cmd += ["--pool", "threads", "--concurrency", str(concurrency), "--disable-prefetch"]
         cmd += ["--without-gossip", "--without-mingle", "-l", "WARNING"]

@@ -167,6 +167,9 @@ def main(argv: list[str]) -> int:
         return 2
     address = os.environ.get("TGP_FLOWER_ADDRESS", "127.0.0.1")
     port = os.environ.get("TGP_FLOWER_PORT", "5555")
+    # Flower takes events and replies without acknowledgements: it needs no ack emulation,
+    # and its broker user (manage.py broker_acl) no access to the transport's unacked keys.
+    os.environ.setdefault("TGP_BROKER_ACK_EMULATION", "0")
     try:
         install()
         from celery.bin.celery import celery
