@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.shared import signing
 from agent.shared.files import atomic_write, atomic_write_stream, hash_file
 from agent.shared.protocol import CHANNELS, VERSION_RE, version_key
 from agent.shared.repository import (
@@ -41,49 +40,26 @@ from agent.shared.repository import (
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> str:
-    private_path, public_path = Path(private_path), Path(public_path)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    private_path.parent.mkdir(parents=True, exist_ok=True)
+    """A new signing key in its own file (never over one that nodes already trust), and
+    its public half, which nodes pin (base64)."""
     try:
-        # O_EXCL: never clobber a key that nodes already trust.
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        key = signing.create_private(Path(private_path))
     except FileExistsError:
         raise RepositoryError(f"signing key {private_path} already exists; refusing to overwrite it") from None
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
-        fh.flush()
-        os.fsync(fh.fileno())
-    public_b64 = _public_b64(key.public_key())
-    public_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(public_path, (public_b64 + "\n").encode("ascii"))
-    return public_b64
-
-
-def _public_b64(public: Ed25519PublicKey) -> str:
-    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    return base64.b64encode(raw).decode("ascii")
+    return signing.write_public(Path(public_path), key)
 
 
 def _load_private_key(private_path: Path) -> Ed25519PrivateKey:
-    private_path = Path(private_path)
     try:
-        data = private_path.read_bytes()
+        return signing.load_private(Path(private_path))
     except FileNotFoundError:
         raise RepositoryError(f"signing key {private_path} does not exist") from None
-    except OSError as exc:
-        raise RepositoryError(f"cannot read signing key {private_path}: {exc}") from exc
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise RepositoryError(f"signing key {private_path} is not an unencrypted PEM key: {exc}") from exc
-    if not isinstance(key, Ed25519PrivateKey):
-        raise RepositoryError(f"signing key {private_path} is not an Ed25519 key")
-    return key
+    except (OSError, ValueError) as exc:
+        raise RepositoryError(f"signing key {private_path}: {exc}") from exc
 
 
 def public_key_from_private(private_path: Path) -> str:
-    return _public_b64(_load_private_key(private_path).public_key())
+    return signing.public_b64(_load_private_key(private_path))
 
 
 # --------------------------------------------------------------------------- build
