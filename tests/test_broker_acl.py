@@ -31,9 +31,10 @@ import redis
 from celery import Celery
 from kombu import Connection, Queue
 
+from agent.shared import signing
 from agent.shared.env import ConfigError, env_redis_url
 from agent.shared.protocol import NodeReport, NoticeCommand, Snapshot
-from tests.conftest import ROOT, ControlWorker, process_env, test_database_url, wait_for
+from tests.conftest import CONTROL_KEY, ROOT, ControlWorker, process_env, test_database_url, wait_for
 from tests.servers import free_port
 from tgpadmin import broker_acl as acl
 from tgpadmin import embedded_redis
@@ -445,10 +446,17 @@ def _agent_env(broker: AclRedis, state_dir: Path, **extra: str) -> dict[str, str
         "TGP_REDIS_URL_FILE": str(broker.dir / "node-n1.url"),
         "TGP_NODE_STATE_DIR": str(state_dir),
         "DJANGO_SETTINGS_MODULE": "no.such.settings",
+        "TGP_CONTROL_PUBKEY": CONTROL_KEY.public,
         "TGP_HEARTBEAT_INTERVAL": "0.5",
         "PYTHONUNBUFFERED": "1",
         **extra,
     }
+
+
+def _worker_said(envelope: dict) -> bool:
+    """A signed node report from the agent's worker (its ready report, or a step's)."""
+    message = envelope["body"]["message"]
+    return bool(message.get("snapshot", {}).get("worker"))
 
 
 def _control_messages(url: str, want: Callable[[list[tuple[str, Any]]], bool], timeout: float) -> list:
@@ -480,7 +488,10 @@ def test_a_real_agent_takes_a_command_from_the_web_user_and_reports_to_the_contr
     broker.admin.delete(*acl.queue_keys("control"), *acl.queue_keys("node.n1"))
     broker.reset_log()
     web = _bare_app(broker.url("web"))
-    notice = NoticeCommand(node="n1", notice_id="acl-1", message="maintenance at noon").to_wire()
+    from updates import trust
+
+    noon = NoticeCommand(node="n1", notice_id="acl-1", message="maintenance at noon")
+    notice = trust.command("notice", noon.to_wire())
     # Queued before the agent runs: it must be taken once the worker consumes.
     web.send_task("node.announce", args=(notice,), queue="node.n1", retry=False)
     log = tmp_path / "agent.log"
@@ -491,11 +502,9 @@ def test_a_real_agent_takes_a_command_from_the_web_user_and_reports_to_the_contr
         )  # fmt: skip
     try:
         # The worker's ready report and the notice's report (the supervisor's heartbeats too).
-        reports = _control_messages(
-            broker.url("control"), lambda got: sum(p["snapshot"]["worker"] for _, p in got) >= 2, 60
-        )
-        assert {task for task, _ in reports} == {"control.node_report"}
-        assert {p["hostname"] for _, p in reports} == {"n1"}
+        reports = _control_messages(broker.url("control"), lambda got: sum(_worker_said(p) for _, p in got) >= 2, 60)
+        assert {task for task, _ in reports} <= {"control.node_report", "control.enroll"}
+        assert {p["body"]["signer"] for _, p in reports} == {"n1"}
         assert "maintenance at noon" in (state / "n1" / "state.json").read_text()
         assert "node.announce" in log.read_text()
         assert broker.admin.llen("node.n1") == 0
@@ -511,7 +520,8 @@ def test_a_real_agent_takes_a_command_from_the_web_user_and_reports_to_the_contr
 
         # A command with an ETA is held by the worker, not acknowledged; at a warm
         # shutdown the worker puts it back into its own queue (no ack emulation).
-        web.send_task("node.announce", args=(notice,), queue="node.n1", countdown=600, retry=False)
+        again = trust.command("notice", NoticeCommand(node="n1", notice_id="acl-2", message="later").to_wire())
+        web.send_task("node.announce", args=(again,), queue="node.n1", countdown=600, retry=False)
         wait_for(lambda: log.read_text().count("node.announce[") >= 2, 30, "the worker to hold the ETA command")
         wait_for(lambda: broker.admin.llen("node.n1") == 0, 10, "the ETA command to be taken")
         agent.send_signal(signal.SIGTERM)
@@ -613,9 +623,11 @@ def test_a_control_worker_as_the_procfile_starts_it_runs_as_control(broker, tmp_
         # A report as an agent sends it (node user), a task as the web process queues it.
         node = _bare_app(broker.url("node-n1"), task_queues=[Queue("control", no_declare=True)])
         report = NodeReport("n1", Snapshot()).to_wire()
-        node.send_task("control.node_report", args=(report,), queue="control", priority=9, retry=False)
+        signed = signing.sign({"kind": "node_report", "signer": "n1", "seq": 1, "message": report},
+                              signing.Ed25519PrivateKey.generate())  # fmt: skip
+        node.send_task("control.node_report", args=(signed,), queue="control", priority=9, retry=False)
         _bare_app(broker.url("web")).send_task("control.reap_stale_runs", queue="control", retry=False)
-        wait_for(lambda: "report from unknown node 'n1' ignored" in log.read_text(), 30, "the report")
+        wait_for(lambda: "n1 has no accepted key" in log.read_text(), 30, "the report")
         wait_for(lambda: not broker.admin.exists(*acl.queue_keys("control"), "unacked"), 30, "the queue to drain")
         time.sleep(2)  # heartbeats, gossip, the periodic restore of unacked messages
     finally:

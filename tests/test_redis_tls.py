@@ -24,7 +24,7 @@ import redis
 from kombu import Connection
 
 from agent.shared.env import ConfigError, env_redis_url
-from tests.conftest import ROOT, process_env
+from tests.conftest import CONTROL_KEY, ROOT, process_env
 from tests.test_broker_acl import REDIS7, AclRedis, RedisServer, needs_redis7
 from tgpadmin import broker_acl as acl
 from tgpadmin.processes import die_with_parent, stop_process
@@ -209,9 +209,10 @@ CONTROL_SIDE = textwrap.dedent(
     from tgpadmin.celery import app
     from updates.slots import slots_for_url
     from agent.shared.protocol import NoticeCommand
+    from updates import trust
 
     out = {"broker_url": settings.CELERY_BROKER_URL, "use_ssl": settings.CELERY_BROKER_USE_SSL}
-    notice = NoticeCommand(node="t1", notice_id="tls-1", message="over TLS").to_wire()
+    notice = trust.command("notice", NoticeCommand(node="t1", notice_id="tls-1", message="over TLS").to_wire())
     app.send_task("node.announce", args=(notice,), queue="node.t1")
     slots = slots_for_url(settings.REDIS_URL)
     out["slot"] = slots.acquire("tls", "t1", 1)
@@ -223,7 +224,7 @@ CONTROL_SIDE = textwrap.dedent(
     deadline = time.monotonic() + 60
     with app.connection_for_read() as conn, conn.SimpleQueue("control") as queue:
         # The worker's ready report, then the notice's.
-        while sum(r["snapshot"]["worker"] for r in reports) < 2:
+        while sum(r["body"]["message"].get("snapshot", {}).get("worker", False) for r in reports) < 2:
             if time.monotonic() > deadline:
                 break
             try:
@@ -248,6 +249,7 @@ def test_a_message_round_trip_over_tls(tls, tmp_path):
         "TGP_NODE_STATE_DIR": str(state),
         "TGP_HEARTBEAT_INTERVAL": "0.5",
         "DJANGO_SETTINGS_MODULE": "no.such.settings",
+        "TGP_CONTROL_PUBKEY": CONTROL_KEY.public,
     }
     seed = [sys.executable, "-m", "agent", "simulate", "t1", "--version", "2.1.0", "--users", "alice"]
     subprocess.run([*seed, "--packages", '{"tgpro-base": "2.1.0"}'], env=agent_env, check=True, capture_output=True)
@@ -272,8 +274,9 @@ def test_a_message_round_trip_over_tls(tls, tmp_path):
     assert result["use_ssl"] == {"ssl_cert_reqs": "required", "ssl_ca_certs": str(tls.ca)}
     assert result["slot"] == 1 and result["backend_ping"] is True
     assert result["flower_queues"][0]["name"] == "control"
-    assert sum(r["snapshot"]["worker"] for r in result["reports"]) == 2, result["reports"]
-    assert {r["hostname"] for r in result["reports"]} == {"t1"}
+    said = [r["body"]["message"] for r in result["reports"]]
+    assert sum(m.get("snapshot", {}).get("worker", False) for m in said) == 2, said
+    assert {r["body"]["signer"] for r in result["reports"]} == {"t1"}
     assert "over TLS" in (state / "t1" / "state.json").read_text(), "the notice reached the appliance"
     assert "node.announce" in log.read_text()
     assert tls.users.denials() == []
