@@ -137,6 +137,8 @@ def test_a_step_command_survives_the_wire():
         ("version", "2.2.0; reboot", "is not a dotted numeric version"),
         ("version", "1234567890.0", "is not a dotted numeric version"),
         ("node", "../gw1", "is not a host name"),
+        ("node", "gw1\n", "is not a host name"),
+        ("version", "2.2.0\n", "is not a dotted numeric version"),
         ("packages", ["tgpro-base", "--force"], "'--force', which is not a Debian package name"),
         ("packages", "tgpro-base", "is not a list"),
         ("fence", -1, "fence=-1 is not an integer >= 1"),

@@ -70,10 +70,11 @@ def control_task(step: str) -> str:
 
 # --- names and versions ----------------------------------------------------------
 
-HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$")
-PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,62}$")
-SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+# \Z, not $: "$" also matches before a trailing newline, and "gw1\n" is no host name.
+HOSTNAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\Z")
+VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}\Z")
+PACKAGE_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9.+-]{1,62}\Z")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}\Z")
 CHANNELS = ("stable", "oldstable")
 
 HOSTNAME_RULE = "a host name: lower-case letters, digits and hyphens, at most 63 characters"
@@ -118,8 +119,8 @@ def parse_slot_holder(value: bytes | str) -> tuple[int, int]:
 
 MAX_TEXT = 4000
 MAX_ITEMS = 10_000
-_ID_RE = re.compile(r"^[A-Za-z0-9-]{0,64}$")
-_USER_RE = re.compile(r"^[^\x00-\x1f]{1,256}$")
+_ID_RE = re.compile(r"^[A-Za-z0-9-]{0,64}\Z")
+_USER_RE = re.compile(r"^[^\x00-\x1f]{1,256}\Z")
 
 
 class ProtocolError(ValueError):
