@@ -15,11 +15,11 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='cluster',
             name='name',
-            field=models.CharField(max_length=63, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'), 'Use a host name: lower-case letters, digits and hyphens, at most 63 characters.')]),
+            field=models.CharField(max_length=63, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\Z'), 'Use a host name: lower-case letters, digits and hyphens, at most 63 characters.')]),
         ),
         migrations.AlterField(
             model_name='node',
             name='hostname',
-            field=models.CharField(max_length=63, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$'), 'Use a host name: lower-case letters, digits and hyphens, at most 63 characters.')]),
+            field=models.CharField(max_length=63, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\\Z'), 'Use a host name: lower-case letters, digits and hyphens, at most 63 characters.')]),
         ),
     ]

@@ -24,22 +24,22 @@ class Migration(migrations.Migration):
         migrations.AlterField(
             model_name='package',
             name='name',
-            field=models.CharField(max_length=63, validators=[django.core.validators.RegexValidator(re.compile('^[a-z0-9][a-z0-9.+-]{1,62}$'), "Use a Debian package name: lower-case letters, digits, '.', '+', '-'.")]),
+            field=models.CharField(max_length=63, validators=[django.core.validators.RegexValidator(re.compile('^[a-z0-9][a-z0-9.+-]{1,62}\\Z'), "Use a Debian package name: lower-case letters, digits, '.', '+', '-'.")]),
         ),
         migrations.AlterField(
             model_name='package',
             name='sha256',
-            field=models.CharField(max_length=64, validators=[django.core.validators.RegexValidator(re.compile('^[0-9a-f]{64}$'), '64 hex digits.')]),
+            field=models.CharField(max_length=64, validators=[django.core.validators.RegexValidator(re.compile('^[0-9a-f]{64}\\Z'), '64 hex digits.')]),
         ),
         migrations.AlterField(
             model_name='package',
             name='version',
-            field=models.CharField(max_length=32, validators=[django.core.validators.RegexValidator(re.compile('^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}$'), 'Use a dotted numeric version such as 2.1.0 (at most four parts of at most nine digits).')]),
+            field=models.CharField(max_length=32, validators=[django.core.validators.RegexValidator(re.compile('^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}\\Z'), 'Use a dotted numeric version such as 2.1.0 (at most four parts of at most nine digits).')]),
         ),
         migrations.AlterField(
             model_name='release',
             name='version',
-            field=models.CharField(max_length=32, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}$'), 'Use a dotted numeric version such as 2.1.0 (at most four parts of at most nine digits).')]),
+            field=models.CharField(max_length=32, unique=True, validators=[django.core.validators.RegexValidator(re.compile('^[0-9]{1,9}(\\.[0-9]{1,9}){0,3}\\Z'), 'Use a dotted numeric version such as 2.1.0 (at most four parts of at most nine digits).')]),
         ),
         migrations.RunPython(resort, migrations.RunPython.noop),
     ]
