@@ -19,7 +19,14 @@ from agent.config import config
 from agent.download import download_package
 from agent.drivers.base import Driver
 from agent.shared.files import atomic_write
-from agent.shared.protocol import VERSION_RE, StepCommand, parse_slot_holder, slot_keys, version_key
+from agent.shared.protocol import (
+    VERSION_RE,
+    StepCommand,
+    parse_slot_holder,
+    render_notice,
+    slot_keys,
+    version_key,
+)
 from agent.shared.repository import (
     PackageEntry,
     RepositoryIndex,
@@ -67,7 +74,7 @@ def check_fence(command: StepCommand) -> None:
 
 
 def notify(driver: Driver, command: StepCommand, report: Report) -> None:
-    count = driver.notify(f"run-{command.run}", command.message)
+    count = driver.notify(f"run-{command.run}", render_notice(command.message, command.at, config().time_zone))
     report("succeeded", detail=f"maintenance mode on; notice sent to {count} logged-in user(s)")
 
 

@@ -41,6 +41,7 @@ from agent.shared.protocol import (
     Snapshot,
     StepCommand,
     StepReport,
+    render_notice,
 )
 from agent.shared.repository import DownloadError
 
@@ -341,7 +342,8 @@ def _notice(envelope: Any, kind: str) -> tuple[NoticeCommand, Driver]:
 def announce(envelope: Any) -> None:
     """Deliver a maintenance notice ahead of time (no run involved)."""
     notice, driver = _notice(envelope, "notice")
-    driver.deliver_notice(notice.notice_id, notice.message)
+    text = render_notice(notice.message, notice.at, config().time_zone, missing="Maintenance begins {when}.")
+    driver.deliver_notice(notice.notice_id, text)
     report_node(notice.node, snapshot_of(driver))
 
 

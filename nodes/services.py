@@ -105,8 +105,10 @@ def announce(nodes: list[Node], message: str, starts_at: datetime, user: Any) ->
             notice = MaintenanceNotice.objects.create(
                 node=node, message=message, starts_at=starts_at, created_by=user if getattr(user, "pk", None) else None
             )
-            text = f"{message} (maintenance starts {starts_at:%Y-%m-%d %H:%M %Z})"
-            notice_command = NoticeCommand(node=node.hostname, notice_id=f"notice-{notice.pk}", message=text)
+            # The agent writes the time in the appliance's own zone (render_notice).
+            notice_command = NoticeCommand(
+                node=node.hostname, notice_id=f"notice-{notice.pk}", message=message, at=starts_at.timestamp()
+            )
             command = trust.command("notice", notice_command.to_wire())
             sig = signature(ANNOUNCE, args=(command,)).set(queue=node.queue)
             transaction.on_commit(sig.apply_async)

@@ -9,11 +9,20 @@ import ast
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from agent.shared.protocol import NODE_STEPS, ProtocolError, Snapshot, StepCommand, StepReport
+from agent.shared.protocol import (
+    NODE_STEPS,
+    NoticeCommand,
+    ProtocolError,
+    Snapshot,
+    StepCommand,
+    StepReport,
+    render_notice,
+)
 from tests.conftest import ROOT, process_env, wait_for
 
 CONTROL_PACKAGES = ("tgpadmin", "nodes", "updates", "hotfixes")
@@ -287,3 +296,27 @@ def test_a_command_the_node_carried_out_is_refused_when_it_comes_again(stopped_r
     send_drain(stopped_run, drain)  # the same message, recorded from the broker and sent again
     wait_for(lambda: "was carried out already: a replay" in agent_log(logs_dir, stopped_run), 30, "the refusal")
     assert "carol" in appliance.snapshot()["users"], "the replay logged nobody off"
+
+
+def test_a_notice_names_its_time_in_the_appliances_own_zone():
+    at = datetime(2026, 12, 6, 2, 0, tzinfo=UTC).timestamp()
+    message = "Please save your work: you will be logged off {when}."
+    assert render_notice(message, at, "Europe/Berlin") == (
+        "Please save your work: you will be logged off at 2026-12-06 03:00 CET."
+    )
+    assert render_notice(message, at, "America/New_York").endswith("at 2026-12-05 21:00 EST.")
+    assert render_notice(message, None, "Europe/Berlin").endswith("logged off shortly.")
+    # An operator's own text without the placeholder still says when.
+    assert render_notice("Update tonight", at, "Europe/Berlin") == (
+        "Update tonight (You will be logged off at 2026-12-06 03:00 CET.)"
+    )
+    assert render_notice("Update now", None, "Europe/Berlin") == "Update now"
+
+
+def test_a_notice_time_survives_the_wire_and_a_bad_one_is_refused():
+    command = StepCommand(run=1, node="gw1", version="2.2.0", at=1_800_000_000.5)
+    assert StepCommand.from_wire(command.to_wire()) == command
+    notice = NoticeCommand(node="gw1", notice_id="notice-1", message="m", at=1_800_000_000.0)
+    assert NoticeCommand.from_wire(notice.to_wire()) == notice
+    with pytest.raises(ProtocolError, match="at="):
+        NoticeCommand.from_wire({**notice.to_wire(), "at": "tomorrow"})

@@ -40,6 +40,9 @@ def test_beat_fires_download_then_update_of_a_one_off_schedule(demo_repo, make_n
     assert run.state == "succeeded", run.error
     drain = UpdateStep.objects.get(run=run, name="drain")
     assert drain.started_at >= update_at - timedelta(seconds=1), "nobody is logged off before the update time"
+    logged_off = json.loads((state_dir / node.hostname / "state.json").read_text())["logged_off"]
+    notice = logged_off[0]["inbox"][0]["message"]
+    assert f"logged off at {timezone.localtime(update_at):%Y-%m-%d %H:%M}" in notice, "the notice names the time"
     node.refresh_from_db()
     assert node.installed_version == "2.2.0" and node.logon_enabled and not node.maintenance_mode
     schedule.refresh_from_db()

@@ -14,7 +14,9 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Self
+from zoneinfo import ZoneInfo
 
 # --- names -----------------------------------------------------------------------
 
@@ -226,6 +228,9 @@ class StepCommand:
     fence: int | None = None
     # An operator's catch-up from Oldstable: the only run that may install an older release.
     catchup: bool = False
+    # When the node's users are logged off (epoch seconds), for the notice: the agent
+    # writes it in the appliance's own time zone (render_notice). None: right away.
+    at: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return {**asdict(self), "packages": list(self.packages)}
@@ -242,6 +247,7 @@ class StepCommand:
             cluster=f.text("cluster", HOSTNAME_RE, HOSTNAME_RULE, optional=True),
             fence=f.integer("fence", minimum=1, optional=True),
             catchup=f.boolean("catchup"),
+            at=f.number("at", optional=True),
         )
 
 
@@ -350,6 +356,8 @@ class NoticeCommand:
     node: str
     notice_id: str = ""
     message: str = ""
+    # When the maintenance (or the update) begins, epoch seconds; see render_notice.
+    at: float | None = None
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -361,4 +369,27 @@ class NoticeCommand:
             node=f.text("node", HOSTNAME_RE, HOSTNAME_RULE),
             notice_id=f.text("notice_id", re.compile(r"^[A-Za-z0-9_.:-]{0,100}$"), "a notice id"),
             message=f.text("message"),
+            at=f.number("at", optional=True),
         )
+
+
+# --- notices ---------------------------------------------------------------------
+
+# Where a notice names its time: "you will be logged off {when}". The control plane
+# sends an instant (epoch seconds); the agent writes it in the appliance's own time
+# zone, the one its users read clocks in.
+WHEN = "{when}"
+
+
+def render_notice(message: str, at: float | None, time_zone: str, missing: str = "You will be logged off {when}.") -> str:
+    """The notice as users read it: {when} becomes "at 2026-12-06 03:00 CET" (or
+    "shortly" without a time). A message without {when} that has a time gets
+    `missing` appended: an operator's own text never hides the time."""
+    when = "shortly" if at is None else "at " + format_time(at, time_zone)
+    if WHEN in message:
+        return message.replace(WHEN, when)
+    return message if at is None else f"{message} ({missing.replace(WHEN, when)})"
+
+
+def format_time(at: float, time_zone: str) -> str:
+    return datetime.fromtimestamp(at, ZoneInfo(time_zone)).strftime("%Y-%m-%d %H:%M %Z")

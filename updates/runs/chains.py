@@ -38,7 +38,14 @@ def node_payload(run: UpdateRun) -> dict[str, Any]:
     return StepCommand(
         run=run.pk, node=run.node.hostname, version=run.release.version, packages=tuple(run.packages),
         message=run.message, cluster=cluster.name if cluster else None, fence=run.slot_token, catchup=catchup,
+        at=logoff_at(run),
     ).to_wire()  # fmt: skip
+
+
+def logoff_at(run: UpdateRun) -> float | None:
+    """When the run's users are logged off, for their notice: a scheduled run's update
+    time; None (right away) for an Auto-Update."""
+    return run.scheduled_for.timestamp() if run.scheduled_for else None
 
 
 def step_names(run: UpdateRun) -> list[str]:

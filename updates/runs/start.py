@@ -11,6 +11,7 @@ from typing import Any
 
 from django.db import IntegrityError, transaction
 
+from agent.shared.protocol import WHEN
 from nodes.models import Node, NodeKey
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
 from updates.runs.chains import queue_started, waiting
@@ -25,7 +26,7 @@ class UpdateRefused(Exception):
 def default_message(release: Release) -> str:
     return (
         f"This server is being updated to version {release.version}. Please save your work: "
-        "you will be logged off shortly and can log on again after the update."
+        f"you will be logged off {WHEN} and can log on again after the update."
     )
 
 
