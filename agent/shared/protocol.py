@@ -381,7 +381,9 @@ class NoticeCommand:
 WHEN = "{when}"
 
 
-def render_notice(message: str, at: float | None, time_zone: str, missing: str = "You will be logged off {when}.") -> str:
+def render_notice(
+    message: str, at: float | None, time_zone: str, missing: str = "You will be logged off {when}."
+) -> str:
     """The notice as users read it: {when} becomes "at 2026-12-06 03:00 CET" (or
     "shortly" without a time). A message without {when} that has a time gets
     `missing` appended: an operator's own text never hides the time."""
