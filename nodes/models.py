@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from django.conf import settings
+from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models
 from django.db.models import Exists, OuterRef
@@ -35,6 +36,19 @@ class Cluster(models.Model):
         default=timedelta(hours=1),
         help_text="How long before its update a node leaves the load balancer.",
     )
+    max_out_of_lb = models.PositiveSmallIntegerField(
+        "max out of load balancer",
+        null=True,
+        blank=True,
+        help_text="How many nodes may be out of the load balancer at once (waiting for their update time, "
+        "updating, or on their way back). Empty: twice the parallel updates.",
+    )
+    expected_update = models.DurationField(
+        "expected update duration",
+        default=timedelta(minutes=30),
+        help_text="From logging users off to back in service, for planning nodes that have no successful "
+        "update to learn from (those plan with the median of their last three).",
+    )
 
     class Meta:
         ordering = ["name"]
@@ -44,6 +58,22 @@ class Cluster(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def out_of_lb_bound(self) -> int:
+        """The bound on nodes out of the load balancer at once (max_out_of_lb, or its default)."""
+        return self.max_out_of_lb or 2 * self.max_parallel_updates
+
+    def clean(self) -> None:
+        if self.max_out_of_lb is not None and self.max_out_of_lb < (self.max_parallel_updates or 1):
+            raise ValidationError(
+                {"max_out_of_lb": "At least as many as may update at once: a node leaves the load balancer before "
+                 "it updates."}
+            )  # fmt: skip
+        if self.lb_lead_time is not None and self.lb_lead_time < timedelta(0):
+            raise ValidationError({"lb_lead_time": "A lead time cannot be negative."})
+        if self.expected_update is not None and self.expected_update <= timedelta(0):
+            raise ValidationError({"expected_update": "Use a positive duration, e.g. 00:30:00."})
 
 
 def _has_running_run() -> Exists:

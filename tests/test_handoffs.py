@@ -340,7 +340,7 @@ def test_raising_the_cap_lets_the_longest_waiter_go_on_at_once(
     in_line, cluster, admin_client, django_capture_on_commit_callbacks
 ):
     _, second = in_line
-    form = {"name": cluster.name, "max_parallel_updates": 2, "lb_lead_time": "01:00:00"}
+    form = {"name": cluster.name, "max_parallel_updates": 2, "lb_lead_time": "01:00:00", "expected_update": "00:30:00"}
     with django_capture_on_commit_callbacks(execute=False) as saved:
         page = admin_client.post(reverse("admin:nodes_cluster_change", args=[cluster.pk]), form)
     assert page.status_code == 302

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -94,6 +94,9 @@ class UpdateRun(models.Model):
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
+        # Called off before anything disruptive (an operator took the node out of one
+        # occurrence of a plan): no lock, maintenance mode ends.
+        CANCELLED = "cancelled", "Cancelled"
 
     node = models.ForeignKey(Node, on_delete=models.PROTECT, related_name="runs")
     release = models.ForeignKey(Release, on_delete=models.PROTECT, related_name="runs")
@@ -120,9 +123,6 @@ class UpdateRun(models.Model):
     # Claimed (conditional UPDATE) by whoever carries a scheduled run into its update
     # phase: the update entry, a late download success or the second download round.
     update_phase_started = models.BooleanField(default=False)
-    drain_not_before = models.DateTimeField(
-        null=True, blank=True, help_text="A cluster node out of the load balancer drains only after its lead time."
-    )
 
     # States change in updates/runs/lifecycle.py only: conditional UPDATEs from the states each transition allows.
     objects = UpdateRunQuerySet.as_manager()
@@ -174,16 +174,18 @@ class UpdateStepQuerySet(models.QuerySet["UpdateStep"]):
         return self.filter(name=name, state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
 
     def in_line(self) -> UpdateStepQuerySet:
-        """Nodes waiting in line for a slot of their cluster."""
-        return self.waiting(UpdateStep.Name.SLOT)
+        """Nodes waiting in line for an update slot or a place out of the load balancer."""
+        names = (UpdateStep.Name.LEAVE, UpdateStep.Name.SLOT)
+        return self.filter(name__in=names, state=UpdateStep.State.RUNNING, run__state=UpdateRun.State.RUNNING)
 
 
 class UpdateStep(models.Model):
     class Name(models.TextChoices):
         NOTIFY = "notify", "Notify users"
+        LEAVE = "leave", "Wait for a place out of the load balancer"
         EXCLUDE = "exclude", "Out of the load balancer"
-        SLOT = "slot", "Wait for an update slot"
         HOLD = "hold", "Load-balancer lead time"
+        SLOT = "slot", "Wait for an update slot"
         DRAIN = "drain", "Drain (logon off, users logged off)"
         DOWNLOAD = "download", "Download"
         INSTALL = "install", "Install"
@@ -373,3 +375,76 @@ class UpdateSchedule(models.Model):
         if self.node_id:
             return Node.objects.filter(pk=self.node_id)
         return Node.objects.filter(cluster=self.cluster)
+
+
+class LeftSchedule(models.Model):
+    """A cluster node that left its schedule: its download failed twice (the manual:
+    time control off, an update lock). The rest of the cluster goes on; the node comes
+    back when an operator (group `update`) puts it back, after removing its lock."""
+
+    schedule = models.ForeignKey(UpdateSchedule, on_delete=models.CASCADE, related_name="left")
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="+")
+    reason = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["node__hostname"]
+        constraints = [models.UniqueConstraint(fields=["schedule", "node"], name="a_node_leaves_a_schedule_once")]
+
+    def __str__(self) -> str:
+        return f"{self.node} left {self.schedule}"
+
+
+class UpdatePlan(models.Model):
+    """The rolling plan of one occurrence of a cluster schedule: each node's own update
+    time (PlanEntry), within the cluster's two bounds as they were when it was made.
+    Made when the occurrence's first entry fires, or earlier when an operator changes
+    it; until then the schedule's page shows a preview computed on the fly
+    (updates/plans.py)."""
+
+    schedule = models.ForeignKey(UpdateSchedule, on_delete=models.CASCADE, related_name="plans")
+    cluster = models.ForeignKey(Cluster, on_delete=models.CASCADE, related_name="plans")
+    occurrence = models.DateTimeField(help_text="The schedule's update time: the first wave is logged off then.")
+    lead = models.DurationField(help_text="The cluster's load-balancer lead time.")
+    cap = models.PositiveSmallIntegerField(help_text="Nodes updating at once, at most.")
+    out_bound = models.PositiveSmallIntegerField(help_text="Nodes out of the load balancer at once, at most.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-occurrence"]
+        constraints = [
+            models.UniqueConstraint(fields=["schedule", "occurrence"], name="one_plan_per_occurrence"),
+        ]
+
+    def __str__(self) -> str:
+        return f"plan of {self.schedule} for {self.occurrence:%Y-%m-%d %H:%M}"
+
+
+class PlanEntry(models.Model):
+    """One node in a plan: when its users are logged off (`planned_at`), and so when
+    it leaves the load balancer (the plan's lead before) and is expected back."""
+
+    plan = models.ForeignKey(UpdatePlan, on_delete=models.CASCADE, related_name="entries")
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="plan_entries")
+    planned_at = models.DateTimeField(help_text="Its users are logged off at this time.")
+    expected = models.DurationField(help_text="From logging its users off to back in service.")
+    excluded = models.BooleanField(default=False, help_text="Left out of this occurrence by an operator.")
+    note = models.CharField(max_length=300, blank=True, help_text="Why it moved, or why it is left out.")
+    changed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["planned_at", "node__hostname"]
+        constraints = [models.UniqueConstraint(fields=["plan", "node"], name="a_node_once_per_plan")]
+
+    def __str__(self) -> str:
+        return f"{self.node} at {self.planned_at:%H:%M}"
+
+    @property
+    def out_at(self) -> datetime:
+        return self.planned_at - self.plan.lead
+
+    @property
+    def back_at(self) -> datetime:
+        return self.planned_at + self.expected

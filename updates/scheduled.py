@@ -12,6 +12,7 @@ from django.utils import timezone
 
 from nodes.models import Node
 from updates.models import Release, UpdateRun, UpdateSchedule
+from updates.plans import ensure_plan
 from updates.releases import sync_from_url
 from updates.repository import RepositoryError
 from updates.runs.chains import start_update_phase
@@ -54,10 +55,11 @@ def updates_for(node: Node) -> Release | None:
     return newest
 
 
-def start_for(schedule: UpdateSchedule, node: Node, slot: datetime) -> str:
+def start_for(schedule: UpdateSchedule, node: Node, slot: datetime, kind: str = "update") -> str:
     existing = UpdateRun.objects.filter(node=node, scheduled_for=slot).first()
     if existing:
-        start_update_phase(existing.pk)
+        # The update entry arms a timer for a node whose own time comes later (a plan's later wave).
+        start_update_phase(existing.pk, arm=kind == "update")
         return f"{node}: run {existing.pk}"
     release = updates_for(node)
     if release is None:
@@ -68,6 +70,8 @@ def start_for(schedule: UpdateSchedule, node: Node, slot: datetime) -> str:
         return f"{node}: not started: {exc}"
     except IntegrityError:
         return f"{node}: already started for {slot:%Y-%m-%d %H:%M}"
+    if kind == "update":
+        start_update_phase(run.pk, arm=True)  # downloads first, then waits for its own time
     return f"{node}: run {run.pk} to {release.version}"
 
 
@@ -82,7 +86,12 @@ def fire(schedule_id: int, kind: str) -> str:
     if slot is None:
         return "no update time found for this firing"
     result = refresh_releases()
-    lines = [start_for(schedule, node, slot) for node in schedule.target_nodes().select_related("cluster")]
+    nodes = schedule.target_nodes().select_related("cluster")
+    if schedule.cluster_id:
+        # Each node's own time, planned once for the occurrence; left-out nodes get no run.
+        plan = ensure_plan(schedule, slot)
+        nodes = nodes.filter(plan_entries__plan=plan, plan_entries__excluded=False)
+    lines = [start_for(schedule, node, slot, kind) for node in nodes]
     result += f"{kind} for {timezone.localtime(slot):%Y-%m-%d %H:%M}: " + "; ".join(lines or ["no nodes"])
     UpdateSchedule.objects.filter(pk=schedule_id).update(last_checked_at=now, last_result=result[:4000])
     log.info("schedule %s: %s", schedule_id, result)

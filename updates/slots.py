@@ -136,11 +136,11 @@ class ClusterSlots:
         return freed
 
 
-def slots_for_url(url: str) -> ClusterSlots:
-    return ClusterSlots(redis.Redis.from_url(url))
+def slots_for_url(url: str, prefix: str = SLOT_PREFIX) -> ClusterSlots:
+    return ClusterSlots(redis.Redis.from_url(url), prefix)
 
 
 @functools.cache
-def shared_slots(url: str) -> ClusterSlots:
+def shared_slots(url: str, prefix: str = SLOT_PREFIX) -> ClusterSlots:
     """One client (and connection pool) per URL and process, not a connection per call."""
-    return slots_for_url(url)
+    return slots_for_url(url, prefix)

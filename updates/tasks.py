@@ -27,7 +27,7 @@ from agent.shared.protocol import (
 from nodes import keys
 from nodes.models import Node
 from updates import trust
-from updates.runs import cluster_cap, end, recovery, reports
+from updates.runs import chains, cluster_cap, end, recovery, reports
 from updates.runs import verify as verification
 
 log = logging.getLogger(__name__)
@@ -106,29 +106,43 @@ def verify(handoff: dict[str, Any]) -> None:
         verification.verify_node_back(accepted.run, accepted.snapshot, accepted.seq)
 
 
-@shared_task(name=control_task("slot"))  # sent at SLOT_PRIORITY (agent.shared.protocol)
-def slot(handoff: dict[str, Any]) -> None:
-    # No retry while the cluster is full: the node waits in line in the database, and
-    # a released slot goes to the longest waiter at once (cluster_cap.wake_waiters). A
-    # retry per waiter would be control-queue traffic that grows with the cluster.
-    accepted = trust.accepted_handoff(handoff, "slot")
+def _take(handoff: dict[str, Any], step: str) -> None:
+    # No retry while all are taken: the node waits in line in the database, and a
+    # release hands on at once (cluster_cap.wake_waiters). A retry per waiter would be
+    # control-queue traffic that grows with the cluster.
+    accepted = trust.accepted_handoff(handoff, step)
     if accepted is not None:
         with contextlib.suppress(cluster_cap.SlotWait):
-            cluster_cap.take_slot(accepted.run)
+            cluster_cap.take_slot(accepted.run, step)
 
 
-@shared_task(
-    name=control_task("hold"),
-    autoretry_for=(cluster_cap.HoldOn,),
-    retry_backoff=1,
-    retry_backoff_max=30,
-    retry_jitter=False,
-    max_retries=None,  # bounded by the cluster's load-balancer lead time
-)
-def hold(handoff: dict[str, Any]) -> None:
+@shared_task(name=control_task("slot"))  # sent at SLOT_PRIORITY (agent.shared.protocol)
+def slot(handoff: dict[str, Any]) -> None:
+    _take(handoff, "slot")
+
+
+@shared_task(name=control_task("leave"))
+def leave(handoff: dict[str, Any]) -> None:
+    _take(handoff, "leave")
+
+
+@shared_task(bind=True, name=control_task("hold"), max_retries=None)  # bounded by the node's planned time
+def hold(self: Any, handoff: dict[str, Any]) -> None:
     accepted = trust.accepted_handoff(handoff, "hold")
-    if accepted is not None:
+    if accepted is None:
+        return
+    try:
         cluster_cap.hold(accepted.run)
+    except cluster_cap.HoldOn as wait:
+        # Back exactly at the planned time (or for a look at the plan before it):
+        # users are logged off at the time they were told, not up to a backoff later.
+        raise self.retry(countdown=wait.seconds) from None
+
+
+@shared_task(name="control.update_phase")
+def update_phase(run_id: int) -> bool:
+    """A scheduled run's update phase begins at its time (see chains.wake_at_phase)."""
+    return chains.start_update_phase(run_id, arm=True)
 
 
 @shared_task(name=COMPLETE)

@@ -25,7 +25,7 @@ NODE_QUEUE_PREFIX = "node."
 
 # The steps a node's agent carries out, and those the control plane does itself.
 NODE_STEPS = ("notify", "exclude", "drain", "download", "install", "reboot", "resume")
-CONTROL_STEPS = ("slot", "hold", "verify")
+CONTROL_STEPS = ("leave", "hold", "slot", "verify")
 STEP_EVENTS = ("started", "progress", "succeeded", "skipped", "failed")
 
 # Control-queue tasks that agents send or chains name.

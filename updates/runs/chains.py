@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from celery import chain, signature
@@ -20,10 +20,15 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent.shared.protocol import CONTROL_QUEUE, NODE_STEPS, SLOT_PRIORITY, StepCommand, control_task, node_task
-from updates import trust
+from updates import plans, trust
 from updates.models import UpdateRun, UpdateStep
+from updates.runs import lifecycle
 
 log = logging.getLogger(__name__)
+
+
+# Control steps after which a chain stops: the rest is queued once a slot or place is held.
+WAITS_IN_LINE = ("leave", "slot")
 
 
 class RunFailed(Exception):
@@ -43,9 +48,12 @@ def node_payload(run: UpdateRun) -> dict[str, Any]:
 
 
 def logoff_at(run: UpdateRun) -> float | None:
-    """When the run's users are logged off, for their notice: a scheduled run's update
-    time; None (right away) for an Auto-Update."""
-    return run.scheduled_for.timestamp() if run.scheduled_for else None
+    """When the run's users are logged off, for their notice: a scheduled cluster node's
+    planned time, a single system's update time; None (right away) for an Auto-Update."""
+    if run.scheduled_for is None:
+        return None
+    entry = plans.entry_for(run) if run.node.cluster_id else None
+    return (entry.planned_at if entry else run.scheduled_for).timestamp()
 
 
 def step_names(run: UpdateRun) -> list[str]:
@@ -60,12 +68,16 @@ def first_unfinished(run: UpdateRun) -> UpdateStep | None:
 
 
 def update_phase_at(run: UpdateRun) -> datetime | None:
-    """When a scheduled run's update phase begins: the update time, or for a
-    cluster node the load-balancer lead time before it."""
+    """When a scheduled run's update phase begins: a single system's update time; a
+    cluster node's planned time less the load-balancer lead (it leaves then), from its
+    plan entry (which an overrun before it may move later)."""
     if run.scheduled_for is None:
         return None
     cluster = run.node.cluster
-    return run.scheduled_for - (cluster.lb_lead_time if cluster else timedelta(0))
+    if cluster is None:
+        return run.scheduled_for
+    entry = plans.entry_for(run)
+    return entry.out_at if entry else run.scheduled_for - cluster.lb_lead_time
 
 
 def waiting(run: UpdateRun) -> bool:
@@ -74,11 +86,44 @@ def waiting(run: UpdateRun) -> bool:
     return bool(start and timezone.now() < start)
 
 
-def start_update_phase(run_id: int) -> bool:
-    """Carry a scheduled run from its download into its update phase, once.
-    A download still under way continues the run itself when it succeeds."""
+# The longest a run's phase timer sleeps before it looks at the plan again: Redis holds
+# a countdown message unacknowledged, and a plan may move the time later meanwhile.
+PHASE_NAP = 300.0
+
+
+@dataclass(frozen=True)
+class WakeAtPhase:
+    """Queues control.update_phase for the run at its phase time (or a nap before it);
+    transaction.on_commit calls it, a test can read it."""
+
+    run_id: int
+    countdown: float
+
+    def __call__(self) -> None:
+        signature("control.update_phase", args=(self.run_id,)).set(queue=CONTROL_QUEUE).apply_async(
+            countdown=self.countdown
+        )
+
+
+def wake_at_phase(run: UpdateRun, at: datetime) -> WakeAtPhase:
+    wake = WakeAtPhase(run.pk, max(0.0, min((at - timezone.now()).total_seconds(), PHASE_NAP)))
+    transaction.on_commit(wake)
+    return wake
+
+
+def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
+    """Carry a scheduled run from its download into its update phase, once, at its
+    time. Before it: with `arm`, a timer (control.update_phase) comes back then; the
+    update entry, the timer itself and the reconciler arm it. A download still under
+    way continues the run itself when it succeeds."""
     run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
-    if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING or waiting(run):
+    if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING:
+        return False
+    at = update_phase_at(run)
+    if at is not None and timezone.now() < at:
+        if arm and not run.update_phase_started:
+            lifecycle.touch(run_id)  # resting until its time is not silence (the reaper)
+            wake_at_phase(run, at)
         return False
     pending = first_unfinished(run)
     if pending is None or (pending.name == "download" and pending.state == UpdateStep.State.RUNNING):
@@ -96,14 +141,16 @@ def start_update_phase(run_id: int) -> bool:
 def segment(run: UpdateRun, from_step: str, names: Sequence[str] | None = None) -> tuple[list[str], bool]:
     """The steps one chain carries from `from_step`, and whether it ends the run.
 
-    A chain stops after the slot step (which queues the rest once it holds a
-    slot, with the fencing token in the payload) and, for a scheduled run, after
+    A chain stops after the slot and leave steps (which queue the rest once they hold
+    a slot or a place, an update slot's fencing token in the payload) and, for a scheduled run, after
     the download (the rest starts at the update time). `names`: the run's steps, if known."""
     names = list(names or step_names(run))
     steps = []
     for name in names[names.index(from_step) :]:
         steps.append(name)
-        if name == "slot" or (name == "download" and run.trigger == UpdateRun.Trigger.SCHEDULED and waiting(run)):
+        if name in WAITS_IN_LINE or (
+            name == "download" and run.trigger == UpdateRun.Trigger.SCHEDULED and waiting(run)
+        ):
             return steps, False
     return steps, True
 

@@ -1,7 +1,10 @@
-"""The cluster cap: at most `max_parallel_updates` nodes of a cluster out of
-service at once. A node takes one of the cluster's slots (updates/slots.py: a
-semaphore in Redis with fencing tokens) or waits in line in the database; a
-release hands the slot on to the longest waiter in place."""
+"""The cluster's two bounds: at most `max_parallel_updates` nodes updating (from
+logging their users off to back in service) and at most `out_of_lb_bound` out of
+the load balancer at once. Each is a semaphore in Redis (updates/slots.py, with
+fencing tokens): a node takes a *place* out of the load balancer (the `leave`
+step, scheduled runs only) before it leaves it, and an update *slot* (the `slot`
+step) before its users are logged off, or waits in line in the database; a
+release hands both on to the longest waiters in place."""
 
 from __future__ import annotations
 
@@ -21,95 +24,146 @@ class SlotWait(Exception):
 
 
 class HoldOn(Exception):
-    """The load-balancer lead time has not passed yet (retried)."""
+    """The node's update time has not come yet: retried after `seconds`."""
+
+    def __init__(self, message: str, seconds: float) -> None:
+        super().__init__(message)
+        self.seconds = seconds
+
+
+# Redis key prefix of the places out of the load balancer (the update slots keep the
+# default, which the agents' fencing check reads).
+OUT_PREFIX = "tgp:out"
+# The longest a holding node waits between two looks at its plan (an overrun before
+# it moves its time, and its users hear of it within this).
+HOLD_LOOK = 30.0
 
 
 def cluster_slots() -> ClusterSlots:
     return shared_slots(settings.REDIS_URL)
 
 
-def take_slot(run_id: int) -> None:
-    """Hold one of the cluster's update slots, then queue the rest of the run with
-    the slot's fencing token. SlotWait while the cluster is full.
+def out_places() -> ClusterSlots:
+    return shared_slots(settings.REDIS_URL, OUT_PREFIX)
+
+
+def _semaphore(step: str, cluster: Cluster) -> tuple[ClusterSlots, int, str]:
+    if step == "leave":
+        return out_places(), cluster.out_of_lb_bound, "places out of the load balancer"
+    return cluster_slots(), cluster.max_parallel_updates, "update slots"
+
+
+def take_slot(run_id: int, step: str = "slot") -> None:
+    """Hold one of the cluster's update slots (`slot`) or places out of the load
+    balancer (`leave`), then queue the rest of the run; an update slot's fencing
+    token goes into the rest's payload. SlotWait while all are taken.
 
     On the slot's critical path when a release hands it to the next waiter
     (wake_waiters): two reads, one transaction of two writes, and the chain queued
     from the objects at hand."""
     run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
     names, states = zip(*run.steps.order_by("position").values_list("name", "state"), strict=True)
-    state = states[names.index("slot")]
+    state = states[names.index(step)]
     if run.state != UpdateRun.State.RUNNING or state == UpdateStep.State.SUCCEEDED:
-        return  # ended, or a duplicate of a slot step that already went on
+        return  # ended, or a duplicate of a step that already went on
     if state == UpdateStep.State.PENDING:
-        lifecycle.wait_step(run_id, "slot", timezone.now())
+        lifecycle.wait_step(run_id, step, timezone.now())
     cluster, node = run.node.cluster, run.node
     assert cluster is not None
-    token = cluster_slots().acquire(cluster.name, node.hostname, cluster.max_parallel_updates)
+    semaphore, bound, what = _semaphore(step, cluster)
+    token = semaphore.acquire(cluster.name, node.hostname, bound)
     if token is None:
-        holders = ", ".join(h.node for h in cluster_slots().holders(cluster.name))
+        holders = ", ".join(h.node for h in semaphore.holders(cluster.name))
         # No last_activity_at: the reaper and the reconciler leave waiting runs alone.
-        UpdateStep.objects.filter(run_id=run_id, name="slot").update(
-            detail=f"waiting in line: all {cluster.max_parallel_updates} slots were taken ({holders})"
+        UpdateStep.objects.filter(run_id=run_id, name=step).update(
+            detail=f"waiting in line: all {bound} {what} were taken ({holders})"
         )
-        raise SlotWait(f"{node} waits for an update slot of {cluster}")
+        if step == "slot":
+            _replan(run)  # its time has come and gone: it and the nodes after it move
+        raise SlotWait(f"{node} waits for one of the {what} of {cluster}")
     # Stamped once held, not when asked: the slot may have been freed in between, and
     # the step's end must never come before the release that made room for it.
     held_at = timezone.now()
     with transaction.atomic():
-        if not lifecycle.claim_step(run_id, "slot", held_at, f"slot held, fencing token {token}"):
+        if not lifecycle.claim_step(run_id, step, held_at, f"held, token {token}"):
             return  # a duplicate was faster
-        drain_at = max(run.scheduled_for, held_at + cluster.lb_lead_time) if run.scheduled_for else None
-        if (
-            not UpdateRun.objects.running()
-            .filter(pk=run_id)
-            .update(slot_token=token, drain_not_before=drain_at, last_activity_at=held_at)
-        ):
+        fields = {"slot_token": token} if step == "slot" else {}
+        if not UpdateRun.objects.running().filter(pk=run_id).update(last_activity_at=held_at, **fields):
             return  # ended meanwhile: not carried on; its node keeps the slot until maintenance ends
-        run.slot_token = token
+        if step == "slot":
+            run.slot_token = token
         # Named, not "the first unfinished step": an earlier step's report may still be queued.
-        queue_from(run, names[names.index("slot") + 1], names=names)
+        queue_from(run, names[names.index(step) + 1], names=names)
 
 
 def hold(run_id: int) -> None:
-    """Out of the load balancer, a cluster node keeps its users for the lead time."""
-    run = UpdateRun.objects.get(pk=run_id)
+    """Out of the load balancer, a cluster node keeps its users until its planned time
+    (its plan entry, which an overrun before it may move: looked at again at least
+    every HOLD_LOOK seconds). HoldOn until then."""
+    from updates import plans  # plans build on runs: imported when used
+
+    run = UpdateRun.objects.select_related("node").get(pk=run_id)
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
     now = timezone.now()
     lifecycle.touch(run_id, now)
-    if run.drain_not_before and now < run.drain_not_before:
-        lifecycle.start_step(run_id, "hold", now, detail=f"users are logged off at {run.drain_not_before:%H:%M:%S}")
-        raise HoldOn(f"run {run_id} holds until {run.drain_not_before}")
+    entry = plans.entry_for(run)
+    if entry is not None and now < entry.planned_at:
+        plans.replan(entry.plan, now)
+        entry.refresh_from_db(fields=["planned_at"])
+    if entry is not None and now < entry.planned_at:
+        detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
+        lifecycle.start_step(run_id, "hold", now, detail=detail)
+        wait = (entry.planned_at - now).total_seconds()
+        raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, HOLD_LOOK))
     lifecycle.finish_step(run_id, "hold", "succeeded", now, began=None)
 
 
+def _replan(run: UpdateRun) -> None:
+    from updates import plans
+
+    entry = plans.entry_for(run)
+    if entry is not None:
+        plans.replan(entry.plan)
+
+
 def release_slot(node: Node, token: int | None = None) -> None:
-    """Free the node's slot (once it is back in service) and wake the next waiter."""
+    """Free the node's update slot and its place out of the load balancer (once it is
+    back in service) and wake the next waiters."""
     cluster = node.cluster
     if cluster is None:
         return
-    if cluster_slots().release(cluster.name, node.hostname, token) or token is None:
+    freed = cluster_slots().release(cluster.name, node.hostname, token) or token is None
+    freed = out_places().release(cluster.name, node.hostname) or freed
+    if freed:
         wake_waiters(cluster)
 
 
 def wake_waiters(cluster: Cluster) -> int:
-    """Offer the cluster's free slots to its waiting nodes, longest waiter first; the
-    slot is taken here, in place, and the run's next steps are queued. A waiting
-    node has no task of its own (control.slot ends when the cluster is full): it
-    goes on when a release calls this, or when the reconciler does, should a
-    release have been lost. Returns how many waiters went on."""
-    held = {h.node for h in cluster_slots().holders(cluster.name)}
-    waiting = UpdateStep.objects.in_line().filter(run__node__cluster=cluster).order_by("started_at")
-    # A waiter whose node holds a slot already (its slot step was cut short after
-    # taking one) goes first: it counts against the cap, and no release would wake it.
-    holding = list(waiting.filter(run__node__hostname__in=held).values_list("run_id", flat=True))
-    free = max(cluster.max_parallel_updates - len(held), 0)
-    first = list(waiting.exclude(run__node__hostname__in=held).values_list("run_id", flat=True)[:free])
+    """Offer the cluster's free places and slots to its waiting nodes, longest waiter
+    first; each is taken here, in place, and the run's next steps are queued. A
+    waiting node has no task of its own (control.leave and control.slot end when all
+    are taken): it goes on when a release calls this, or when the reconciler does,
+    should a release have been lost. Returns how many waiters went on."""
+    # One query for both lines, longest waiter first (a line is a cluster's nodes at most).
+    line = UpdateStep.objects.in_line().filter(run__node__cluster=cluster).order_by("started_at")
+    waiters = list(line.values_list("name", "run_id", "run__node__hostname"))
     woken = 0
-    for run_id in holding + first:
-        try:
-            take_slot(run_id)
-        except SlotWait:  # another hand-off was faster: this one keeps its place in line
+    for step in ("leave", "slot"):
+        waiting = [(run_id, host) for name, run_id, host in waiters if name == step]
+        if not waiting:
             continue
-        woken += 1
+        semaphore, bound, _ = _semaphore(step, cluster)
+        held = {h.node for h in semaphore.holders(cluster.name)}
+        # A waiter whose node holds one already (its step was cut short after taking
+        # it) goes first: it counts against the bound, and no release would wake it.
+        holding = [run_id for run_id, host in waiting if host in held]
+        free = max(bound - len(held), 0)
+        first = [run_id for run_id, host in waiting if host not in held][:free]
+        for run_id in holding + first:
+            try:
+                take_slot(run_id, step)
+            except SlotWait:  # another hand-off was faster: this one keeps its place in line
+                continue
+            woken += 1
     return woken

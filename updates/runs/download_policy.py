@@ -1,7 +1,10 @@
 """The manual's download policy for scheduled runs: a failed round of attempts
 sets the node's warning flag and leaves the download for a second round right
-before the update; the second failed round fails the run and switches the
-schedule's time control off. Only a complete, verified download clears the flag."""
+before the node's own update phase (a cluster node's: before it leaves the load
+balancer); the second failed round fails the run (an update lock) and switches
+time control off: a single system's schedule, or for a cluster node its own place
+in the schedule (LeftSchedule), while the rest of the cluster goes on. Only a
+complete, verified download clears the flag."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from nodes.models import Node
-from updates.models import UpdateRun
+from updates.models import LeftSchedule, UpdateRun
 from updates.runs import lifecycle
 from updates.runs.chains import start_update_phase
 
@@ -47,7 +50,12 @@ def retry_download_later(run_id: int, detail: str) -> bool:
         start_update_phase(run_id)  # the update time may have come already: then the second round starts now
         return True
     if run.schedule is not None:
-        from updates.schedules import disable_time_control
+        reason = f"download for {run.node} failed twice (run {run_id})"
+        if run.node.cluster_id:
+            # The node leaves the schedule; the rest of the cluster goes on within its cap.
+            LeftSchedule.objects.get_or_create(schedule=run.schedule, node=run.node, defaults={"reason": reason})
+        else:
+            from updates.schedules import disable_time_control
 
-        disable_time_control(run.schedule, f"download for {run.node} failed twice (run {run_id})")
+            disable_time_control(run.schedule, reason)
     return False

@@ -56,3 +56,19 @@ def fail_run(run_id: int, reason: str) -> bool:
         set_lock(run.node, f"Update to run {run_id} failed: {reason}", run=run)
     log.error("run %s failed: %s", run_id, reason)
     return True
+
+
+def cancel_run(run_id: int, reason: str) -> bool:
+    """Call a scheduled run off before its update phase (an operator left its node out
+    of the plan): no lock; maintenance mode ends, on the appliance too. False if the
+    run has ended or its update phase has begun."""
+    from nodes.services import end_maintenance  # the operator's own action, with the agent's command
+
+    with transaction.atomic():
+        if not lifecycle.cancel_run(run_id, reason, timezone.now()):
+            return False
+        run = UpdateRun.objects.select_related("node").get(pk=run_id)
+        lifecycle.cancel_steps(run_id)
+        end_maintenance(run.node)
+    log.info("run %s cancelled: %s", run_id, reason)
+    return True

@@ -9,6 +9,8 @@ way round. A run is created running, its steps pending (updates.runs.start).
 
     run    succeed_run     running -> succeeded        control.complete
            fail_run        running -> failed           any failure, the reaper, verify's timeout
+           cancel_run      running -> cancelled        an operator leaves the node out of a plan
+                                                       (only before its update phase)
     step   start_step      pending, running -> running                       a node step's start (again)
            wait_step       pending -> running                                slot, verify: their first attempt
            claim_step      running -> succeeded                              slot held, node back: who carries on
@@ -18,6 +20,7 @@ way round. A run is created running, its steps pending (updates.runs.start).
            abort_steps     running -> failed                                 the run failed
            complete_steps  pending, running -> succeeded                     the run completed
            retry_step_later pending, running -> pending                      a scheduled download's first failed round
+           cancel_steps    pending, running -> skipped                       the run was cancelled
 """
 
 from __future__ import annotations
@@ -54,6 +57,16 @@ def fail_run(run_id: int, reason: str, at: datetime) -> bool:
             state=RunState.FAILED, error=reason[:4000], finished_at=at
         )
     )
+
+
+CANCEL_RUN_FROM = frozenset({RunState.RUNNING})
+
+
+def cancel_run(run_id: int, reason: str, at: datetime) -> bool:
+    """The run is called off before anything disruptive: only while its update phase
+    has not begun (a scheduled run that downloaded, or is downloading)."""
+    runs = UpdateRun.objects.filter(pk=run_id, state__in=CANCEL_RUN_FROM, update_phase_started=False)
+    return bool(runs.update(state=RunState.CANCELLED, error=reason[:4000], finished_at=at))
 
 
 def touch(run_id: int, at: datetime | None = None) -> bool:
@@ -139,6 +152,14 @@ def complete_steps(run_id: int, at: datetime) -> int:
     return UpdateStep.objects.filter(run_id=run_id, state__in=COMPLETE_FROM).update(
         state=StepState.SUCCEEDED, finished_at=at
     )
+
+
+CANCEL_STEPS_FROM = frozenset({StepState.PENDING, StepState.RUNNING})
+
+
+def cancel_steps(run_id: int) -> int:
+    """The run was cancelled: what it had not done, it never will."""
+    return UpdateStep.objects.filter(run_id=run_id, state__in=CANCEL_STEPS_FROM).update(state=StepState.SKIPPED)
 
 
 def retry_step_later(run_id: int, name: str, detail: str) -> bool:

@@ -68,10 +68,12 @@ def reconcile() -> int:
 
 
 def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
+    if run.trigger == UpdateRun.Trigger.SCHEDULED and not run.update_phase_started:
+        # Now if its time has come; a cluster node's timer again if not (a lost timer
+        # message delays nothing; single systems all start at the update entry).
+        return start_update_phase(run.pk, arm=run.node.cluster_id is not None)
     if waiting(run):
         return False
-    if run.trigger == UpdateRun.Trigger.SCHEDULED and not run.update_phase_started:
-        return start_update_phase(run.pk)
     pending = first_unfinished(run)
     if pending is None:
         return complete_run(run.pk)

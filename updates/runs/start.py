@@ -99,11 +99,11 @@ def check_can_start(
 def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
     """The steps of a run, in order. A scheduled run downloads ahead of its update
     time. A cluster node downloads, then takes an update slot before anything
-    disruptive; on the scheduled path it then leaves the load balancer and holds
-    for the cluster's lead time before its users are logged off, so at most `cap`
-    nodes are ever out of the load balancer. A release that needs no reboot
-    (`reboot=False`) gets no reboot step: one hand-off less while the node is out
-    of service."""
+    disruptive. On the scheduled path (its plan entry's times) it first takes a place
+    out of the load balancer at its own time less the lead, leaves the load balancer,
+    and holds its users until its planned time; only then does it take an update
+    slot and log them off. A release that needs no reboot (`reboot=False`) gets no
+    reboot step: one hand-off less while the node is out of service."""
     if node.cluster_id is None:
         if trigger == UpdateRun.Trigger.SCHEDULED:
             steps = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
@@ -112,7 +112,9 @@ def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
     # A cluster node downloads while it waits for its slot: its users keep working
     # meanwhile, and the slot (a node out of service) is held only for the update itself.
     elif trigger == UpdateRun.Trigger.SCHEDULED:
-        steps = ["notify", "download", "slot", "exclude", "hold", "drain", "install", "reboot", "verify", "resume"]
+        steps = [
+            "notify", "download", "leave", "exclude", "hold", "slot", "drain", "install", "reboot", "verify", "resume"
+        ]  # fmt: skip
     else:
         steps = ["notify", "download", "slot", "drain", "install", "reboot", "verify", "resume"]
     return steps if reboot else [name for name in steps if name != "reboot"]

@@ -1,0 +1,329 @@
+"""The rolling plan of a cluster schedule's occurrence: each node's own update time.
+
+Made (stored as UpdatePlan and PlanEntry rows) when the occurrence's first beat
+entry fires, or earlier when an operator moves or excludes a node; shown as a
+preview before that. Runs read their node's entry: it leaves the load balancer at
+`out_at`, its users are logged off at `planned_at`. When a node overruns, the
+nodes after it are moved later (never earlier: their users were told a time) and
+told the new time (replan).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from celery import signature
+from django.db import IntegrityError, transaction
+from django.db.models import OuterRef, Subquery
+from django.utils import timezone
+
+from agent.shared.protocol import ANNOUNCE, NoticeCommand
+from nodes.models import Cluster, Node, NodeKey
+from updates import trust
+from updates.models import (
+    LeftSchedule,
+    PlanEntry,
+    Release,
+    UpdateLock,
+    UpdatePlan,
+    UpdateRun,
+    UpdateSchedule,
+    UpdateStep,
+)
+from updates.placement import Bounds, Slot, Todo, place, problem
+
+log = logging.getLogger(__name__)
+DELAY_NOTICE = "The update of this server is delayed: you will be logged off {when}. Please save your work."
+
+
+class PlanRefused(Exception):
+    """An operator's change to a plan that would break it; the message says why."""
+
+
+# --- who is in a plan, and for how long ---------------------------------------------------
+
+
+def expected_durations(nodes: list[Node], default: timedelta) -> dict[int, timedelta]:
+    """From logging users off to back in service: the median of each node's last three
+    successful updates, else the cluster's setting. Two queries however many nodes."""
+    steps = UpdateStep.objects.filter(run=OuterRef("pk"))
+    runs = (
+        UpdateRun.objects.filter(node__in=nodes, state=UpdateRun.State.SUCCEEDED)
+        .annotate(
+            off=Subquery(steps.filter(name="drain").values("started_at")[:1]),
+            back=Subquery(steps.filter(name="resume").values("finished_at")[:1]),
+        )
+        .filter(off__isnull=False, back__isnull=False)
+        .order_by("node_id", "-finished_at")
+        .values_list("node_id", "off", "back")
+    )
+    seen: dict[int, list[timedelta]] = defaultdict(list)
+    for node_id, off, back in runs:
+        if len(seen[node_id]) < 3:
+            seen[node_id].append(back - off)
+    return {node.pk: _median(seen[node.pk]) if seen[node.pk] else default for node in nodes}
+
+
+def _median(durations: list[timedelta]) -> timedelta:
+    return timedelta(seconds=statistics.median(d.total_seconds() for d in durations))
+
+
+@dataclass
+class Candidates:
+    nodes: list[Node]
+    left_out: dict[str, str] = field(default_factory=dict)  # hostname -> why
+
+
+def candidates(schedule: UpdateSchedule) -> Candidates:
+    """The nodes of the schedule that would update, and why the others would not."""
+    nodes = list(schedule.target_nodes().select_related("cluster").order_by("hostname"))
+    ids = [node.pk for node in nodes]
+    left = dict(LeftSchedule.objects.filter(schedule=schedule).values_list("node_id", "reason"))
+    locks = dict(UpdateLock.objects.active().filter(node_id__in=ids).values_list("node_id", "reason"))
+    trusted = set(NodeKey.objects.accepted().filter(node_id__in=ids).values_list("node_id", flat=True))
+    newest = {channel: Release.newest(channel) for channel in {node.channel for node in nodes}}
+    found = Candidates([])
+    for node in nodes:
+        release = newest.get(node.channel)
+        why = (
+            f"left the schedule: {left[node.pk]}" if node.pk in left
+            else f"update lock: {locks[node.pk]}" if node.pk in locks
+            else "no accepted key" if node.pk not in trusted
+            else "up to date" if release is None or release.version == node.installed_version
+            else ""
+        )  # fmt: skip
+        if why:
+            found.left_out[node.hostname] = why
+        else:
+            found.nodes.append(node)
+    return found
+
+
+def bounds_of(cluster: Cluster, occurrence: datetime) -> Bounds:
+    return Bounds(occurrence, cluster.lb_lead_time, cluster.max_parallel_updates, cluster.out_of_lb_bound)
+
+
+def _bounds(plan: UpdatePlan) -> Bounds:
+    return Bounds(plan.occurrence, plan.lead, plan.cap, plan.out_bound)
+
+
+# --- making a plan --------------------------------------------------------------------------
+
+
+@dataclass
+class Preview:
+    """A plan as the schedule's page shows it: stored, or computed on the fly."""
+
+    schedule: UpdateSchedule
+    occurrence: datetime
+    bounds: Bounds
+    entries: list[PlanEntry]
+    left_out: dict[str, str]
+    stored: bool
+
+
+def _entries(schedule: UpdateSchedule, occurrence: datetime) -> tuple[list[PlanEntry], Bounds, dict[str, str]]:
+    cluster = schedule.cluster
+    assert cluster is not None
+    bounds = bounds_of(cluster, occurrence)
+    found = candidates(schedule)
+    expected = expected_durations(found.nodes, cluster.expected_update)
+    todo = [Todo(node.hostname, expected[node.pk], occurrence) for node in found.nodes]
+    slots = {slot.node: slot for slot in place(bounds, todo)}
+    entries = [
+        PlanEntry(node=node, planned_at=slots[node.hostname].at, expected=expected[node.pk]) for node in found.nodes
+    ]
+    return entries, bounds, found.left_out
+
+
+def preview(schedule: UpdateSchedule, occurrence: datetime) -> Preview:
+    plan = UpdatePlan.objects.filter(schedule=schedule, occurrence=occurrence).first()
+    if plan is not None:
+        entries = list(plan.entries.select_related("node", "plan"))
+        left = candidates(schedule).left_out
+        return Preview(schedule, occurrence, _bounds(plan), entries, left, stored=True)
+    entries, bounds, left = _entries(schedule, occurrence)
+    assert schedule.cluster is not None
+    unsaved = UpdatePlan(schedule=schedule, cluster=schedule.cluster, occurrence=occurrence, lead=bounds.lead,
+                         cap=bounds.cap, out_bound=bounds.out_bound)  # fmt: skip
+    for entry in entries:
+        entry.plan = unsaved
+    return Preview(schedule, occurrence, bounds, entries, left, stored=False)
+
+
+def ensure_plan(schedule: UpdateSchedule, occurrence: datetime) -> UpdatePlan:
+    """The occurrence's plan, made now if it does not exist yet (two firings may race:
+    the unique constraint keeps one)."""
+    plan = UpdatePlan.objects.filter(schedule=schedule, occurrence=occurrence).first()
+    if plan is not None:
+        return plan
+    entries, bounds, _ = _entries(schedule, occurrence)
+    assert schedule.cluster is not None
+    try:
+        with transaction.atomic():
+            plan = UpdatePlan.objects.create(
+                schedule=schedule, cluster=schedule.cluster, occurrence=occurrence, lead=bounds.lead,
+                cap=bounds.cap, out_bound=bounds.out_bound,
+            )  # fmt: skip
+            for entry in entries:
+                entry.plan = plan
+            PlanEntry.objects.bulk_create(entries)
+    except IntegrityError:
+        return UpdatePlan.objects.get(schedule=schedule, occurrence=occurrence)
+    log.info("%s: %s", plan, ", ".join(f"{e.node} {timezone.localtime(e.planned_at):%H:%M:%S}" for e in entries))
+    return plan
+
+
+def entry_for(run: UpdateRun) -> PlanEntry | None:
+    """The plan entry of a scheduled cluster node's run."""
+    if run.schedule_id is None or run.scheduled_for is None:
+        return None
+    return (
+        PlanEntry.objects.select_related("plan")
+        .filter(plan__schedule_id=run.schedule_id, plan__occurrence=run.scheduled_for, node_id=run.node_id)
+        .first()
+    )
+
+
+# --- an operator's changes ------------------------------------------------------------------
+
+
+def _started(entry: PlanEntry, now: datetime) -> bool:
+    """The node's update has begun: it left (or is leaving) the load balancer."""
+    run = UpdateRun.objects.filter(
+        node_id=entry.node_id, schedule_id=entry.plan.schedule_id, scheduled_for=entry.plan.occurrence
+    ).first()
+    return entry.out_at <= now or bool(run and run.update_phase_started)
+
+
+def move(entry: PlanEntry, planned_at: datetime, user: Any, now: datetime | None = None) -> None:
+    """Move a node's update time, within the plan's bounds and before its update begins."""
+    now = now or timezone.now()
+    if entry.excluded:
+        raise PlanRefused(f"{entry.node} is left out of this occurrence: put it back first.")
+    if _started(entry, now) or planned_at - entry.plan.lead <= now:
+        raise PlanRefused(f"{entry.node}'s update has begun, or would begin in the past: its time stays.")
+    others = [_slot_of(e) for e in entry.plan.entries.select_related("plan").exclude(pk=entry.pk) if not e.excluded]
+    slot = Slot(entry.node.hostname, planned_at, planned_at + entry.expected, planned_at - entry.plan.lead)
+    why = problem(_bounds(entry.plan), others, slot)
+    if why:
+        raise PlanRefused(f"{entry.node} cannot update at {timezone.localtime(planned_at):%Y-%m-%d %H:%M}: {why}.")
+    entry.planned_at, entry.changed_by = planned_at, user if getattr(user, "pk", None) else None
+    entry.note = f"moved by {user}"
+    entry.save(update_fields=["planned_at", "changed_by", "note"])
+
+
+def set_excluded(entry: PlanEntry, excluded: bool, user: Any, now: datetime | None = None) -> None:
+    """Leave a node out of this occurrence (its run, if it has one, is called off) or put it back."""
+    from updates.runs.end import cancel_run  # runs build on plans: imported when used
+
+    now = now or timezone.now()
+    if _started(entry, now):
+        raise PlanRefused(f"{entry.node}'s update has begun: it can no longer be left out or put back.")
+    if not excluded:
+        others = [_slot_of(e) for e in entry.plan.entries.select_related("plan").exclude(pk=entry.pk) if not e.excluded]
+        why = problem(_bounds(entry.plan), others, _slot_of(entry))
+        if why:
+            raise PlanRefused(f"{entry.node} does not fit back at its time: {why}. Move it first.")
+    entry.excluded, entry.changed_by = excluded, user if getattr(user, "pk", None) else None
+    entry.note = f"{'left out' if excluded else 'put back'} by {user}"
+    with transaction.atomic():
+        entry.save(update_fields=["excluded", "changed_by", "note"])
+        if excluded:
+            run = (
+                UpdateRun.objects.running()
+                .filter(node_id=entry.node_id, schedule_id=entry.plan.schedule_id, scheduled_for=entry.plan.occurrence)
+                .first()
+            )
+            if run is not None:
+                cancel_run(run.pk, f"left out of {entry.plan} by {user}")
+
+
+def _slot_of(entry: PlanEntry) -> Slot:
+    return Slot(entry.node.hostname, entry.planned_at, entry.back_at, entry.out_at)
+
+
+# --- an overrun moves the nodes after it ----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Progress:
+    out: datetime | None  # left the load balancer
+    off: datetime | None  # users logged off
+    back: datetime | None  # back in service (or the run ended)
+
+
+def _progress(plan: UpdatePlan) -> dict[int, _Progress]:
+    steps = UpdateStep.objects.filter(run=OuterRef("pk"))
+    runs = UpdateRun.objects.filter(schedule_id=plan.schedule_id, scheduled_for=plan.occurrence).annotate(
+        out=Subquery(steps.filter(name="exclude").values("started_at")[:1]),
+        off=Subquery(steps.filter(name="drain").values("started_at")[:1]),
+    )
+    return {
+        node_id: _Progress(out, off, finished)
+        for node_id, out, off, finished in runs.values_list("node_id", "out", "off", "finished_at")
+    }
+
+
+def expected_back(off: datetime, expected: timedelta, now: datetime) -> datetime:
+    """When a node logged off at `off` is expected back: as expected, and once past
+    that, in steps of half its expected duration. Steps, not "now plus a bit": the
+    nodes after it move (and their users hear of it) once per step, not at every look."""
+    back = off + expected
+    if now < back:
+        return back
+    step = expected / 2
+    return back + step * ((now - back) // step + 1)
+
+
+def replan(plan: UpdatePlan, now: datetime | None = None) -> list[PlanEntry]:
+    """Move the nodes that would otherwise break the bounds later, from what has really
+    happened: a node updating past its expected end is expected back half its expected
+    duration from now. Nobody moves earlier. Each moved node's users are told the new
+    time. Returns the moved entries."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        # One replan of a plan at a time: two holds may ask at once.
+        plan = UpdatePlan.objects.select_for_update().get(pk=plan.pk)
+        entries = list(plan.entries.select_related("node", "plan").filter(excluded=False).order_by("planned_at", "pk"))
+        progress = _progress(plan)
+        fixed, todo = [], []
+        for entry in entries:
+            seen = progress.get(entry.node_id, _Progress(None, None, None))
+            if seen.back is not None:
+                continue  # back (or ended): it holds no place any more
+            if seen.off is not None:
+                back = expected_back(seen.off, entry.expected, now)
+                fixed.append(Slot(entry.node.hostname, seen.off, back, seen.out or seen.off - plan.lead))
+            else:
+                not_before = entry.planned_at if seen.out else max(entry.planned_at, now + plan.lead)
+                todo.append((entry, Todo(entry.node.hostname, entry.expected, not_before, seen.out)))
+        slots = {s.node: s for s in place(_bounds(plan), [t for _, t in todo], fixed)}
+        moved = []
+        for entry, _ in todo:
+            new = slots[entry.node.hostname].at
+            if new > entry.planned_at:
+                entry.note = f"delayed from {timezone.localtime(entry.planned_at):%H:%M:%S}: a node before it overran"
+                entry.planned_at = new
+                entry.save(update_fields=["planned_at", "note"])
+                moved.append(entry)
+        for entry in moved:
+            _tell_new_time(entry)
+    if moved:
+        log.warning("%s: delayed %s", plan, ", ".join(f"{e.node} to {e.planned_at:%H:%M:%S}" for e in moved))
+    return moved
+
+
+def _tell_new_time(entry: PlanEntry) -> None:
+    """The node's users learn the new time (a notice; the agent writes it in its zone)."""
+    node = entry.node
+    stamp = int(entry.planned_at.timestamp())
+    notice = NoticeCommand(node=node.hostname, notice_id=f"plan-{entry.pk}-{stamp}", message=DELAY_NOTICE,
+                           at=entry.planned_at.timestamp())  # fmt: skip
+    sig = signature(ANNOUNCE, args=(trust.command("notice", notice.to_wire()),)).set(queue=node.queue)
+    transaction.on_commit(sig.apply_async)
