@@ -212,6 +212,9 @@ TGP_REPO_DIR = Path(env_str("TGP_REPO_DIR", str(VAR_DIR / "repo")))
 # Where the demo's simulated appliances keep their state (the agents read the same variable).
 TGP_NODE_STATE_DIR = Path(env_str("TGP_NODE_STATE_DIR", str(VAR_DIR / "nodes")))
 # How long a node may be silent (no progress, no heartbeat) during a run before it fails.
+# A cluster node holding out of the load balancer looks at its plan at least this often:
+# a node before it that overruns moves its time, and its users hear of it, within this.
+TGP_PLAN_LOOK = env_float("TGP_PLAN_LOOK", 30.0, minimum=0.1)
 TGP_RUN_STALL_TIMEOUT = env_float("TGP_RUN_STALL_TIMEOUT", 1800.0, minimum=1.0)
 # How long the control plane waits for a node to come back after the reboot step.
 TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)

@@ -301,8 +301,7 @@ def replan(plan: UpdatePlan, now: datetime | None = None) -> list[PlanEntry]:
                 back = expected_back(seen.off, entry.expected, now)
                 fixed.append(Slot(entry.node.hostname, seen.off, back, seen.out or seen.off - plan.lead))
             else:
-                not_before = entry.planned_at if seen.out else max(entry.planned_at, now + plan.lead)
-                todo.append((entry, Todo(entry.node.hostname, entry.expected, not_before, seen.out)))
+                todo.append((entry, Todo(entry.node.hostname, entry.expected, entry.planned_at, seen.out)))
         slots = {s.node: s for s in place(_bounds(plan), [t for _, t in todo], fixed)}
         moved = []
         for entry, _ in todo:

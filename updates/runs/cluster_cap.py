@@ -34,9 +34,6 @@ class HoldOn(Exception):
 # Redis key prefix of the places out of the load balancer (the update slots keep the
 # default, which the agents' fencing check reads).
 OUT_PREFIX = "tgp:out"
-# The longest a holding node waits between two looks at its plan (an overrun before
-# it moves its time, and its users hear of it within this).
-HOLD_LOOK = 30.0
 
 
 def cluster_slots() -> ClusterSlots:
@@ -99,7 +96,7 @@ def take_slot(run_id: int, step: str = "slot") -> None:
 def hold(run_id: int) -> None:
     """Out of the load balancer, a cluster node keeps its users until its planned time
     (its plan entry, which an overrun before it may move: looked at again at least
-    every HOLD_LOOK seconds). HoldOn until then."""
+    every TGP_PLAN_LOOK seconds). HoldOn until then."""
     from updates import plans  # plans build on runs: imported when used
 
     run = UpdateRun.objects.select_related("node").get(pk=run_id)
@@ -108,14 +105,15 @@ def hold(run_id: int) -> None:
     now = timezone.now()
     lifecycle.touch(run_id, now)
     entry = plans.entry_for(run)
-    if entry is not None and now < entry.planned_at:
+    if entry is not None:
+        # A node before it that overruns moves its time (and its users hear of it) first.
         plans.replan(entry.plan, now)
         entry.refresh_from_db(fields=["planned_at"])
     if entry is not None and now < entry.planned_at:
         detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
         lifecycle.start_step(run_id, "hold", now, detail=detail)
         wait = (entry.planned_at - now).total_seconds()
-        raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, HOLD_LOOK))
+        raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, settings.TGP_PLAN_LOOK))
     lifecycle.finish_step(run_id, "hold", "succeeded", now, began=None)
 
 
