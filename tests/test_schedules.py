@@ -199,3 +199,13 @@ def test_a_firing_imports_the_index_only_when_its_serial_is_new(tmp_path, settin
         assert scheduled.refresh_releases() == "index serial 2; "
     assert Package.objects.filter(release__version="2.2.0").exists()
     assert set(Release.objects.values_list("index_serial", flat=True)) == {2}
+
+
+def test_the_schedule_page_shows_the_next_download_and_update_instants_with_their_offsets(admin_client, make_node):
+    schedule = UpdateSchedule.objects.create(
+        name="s", node=make_node("gw"), cron="30 2 * * *", timezone="Europe/Berlin"
+    )
+    page = admin_client.get(reverse("admin:updates_updateschedule_change", args=[schedule.pk]))
+    assert page.status_code == 200
+    assert page.text.count("download ") >= 6 and "→ update" in page.text
+    assert "02:30 CE" in page.text and "01:30 CE" in page.text and "(UTC+0" in page.text
