@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from agent.shared.env import ConfigError, env_float, env_int, env_list, env_redis_url, env_str
+from agent.shared.env import ConfigError, env_float, env_int, env_list, env_redis_url, env_str, env_zone
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE
 from agent.shared.repository import pinned_public_key
 
@@ -73,7 +72,7 @@ class AgentConfig:
             sim_step_seconds=env_str("TGP_SIM_STEP_SECONDS", ""),
             served=served,
             instance=env_str("TGP_AGENT_INSTANCE", ""),
-            time_zone=_time_zone(env_str("TGP_TIME_ZONE", "Europe/Berlin")),
+            time_zone=env_zone("TGP_TIME_ZONE", "Europe/Berlin"),
         )
 
     def repo_public_key(self) -> str:
@@ -82,14 +81,6 @@ class AgentConfig:
 
     def node_dir(self, hostname: str) -> Path:
         return self.state_dir / hostname
-
-
-def _time_zone(name: str) -> str:
-    try:
-        ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(f"TGP_TIME_ZONE={name!r} is not a time zone (e.g. Europe/Berlin)") from None
-    return name
 
 
 _current: AgentConfig | None = None

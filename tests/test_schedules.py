@@ -4,7 +4,9 @@ nothing twice."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 from django.urls import reverse
@@ -32,9 +34,12 @@ def entries(schedule):
     return schedule.download_task, schedule.update_task
 
 
-def crontab_of(task):
-    c = task.crontab
-    return f"{c.minute} {c.hour} {c.day_of_month} {c.month_of_year} {c.day_of_week}", str(c.timezone)
+def local_firing(task, tz="Europe/Berlin"):
+    """(weekday, "HH:MM") of when a one-off entry fires, in the schedule's zone."""
+    assert task.one_off and task.enabled and task.crontab is None
+    at = task.clocked.clocked_time.astimezone(ZoneInfo(tz))
+    assert json.loads(task.kwargs)["at"] == task.clocked.clocked_time.isoformat(), "the firing is in its kwargs"
+    return at.strftime("%a"), at.strftime("%H:%M")
 
 
 def test_a_cluster_schedule_owns_exactly_one_pair_of_beat_entries(cluster):
@@ -43,9 +48,10 @@ def test_a_cluster_schedule_owns_exactly_one_pair_of_beat_entries(cluster):
     download, update = entries(schedule)
     assert (download.task, update.task) == ("control.scheduled_download", "control.scheduled_update")
     assert download.queue == update.queue == "control"
-    assert crontab_of(download) == ("0 2 * * 0", "Europe/Berlin"), "the download starts 1 hour before the update"
+    assert local_firing(download) == ("Sun", "02:00"), "the download starts 1 hour before the update"
     # The cluster's nodes leave the load balancer (one slot at a time) its lead time before the update.
-    assert crontab_of(update) == ("0 2 * * 0", "Europe/Berlin")
+    assert local_firing(update) == ("Sun", "02:00")
+    assert update.clocked.clocked_time - timezone.now() <= timedelta(days=7), "armed for the next one"
 
 
 def test_a_single_system_updates_at_the_window_and_downloads_ahead(make_node):
@@ -54,18 +60,17 @@ def test_a_single_system_updates_at_the_window_and_downloads_ahead(make_node):
         name="night", node=node, cron="30 1 * * 1-5", download_lead=timedelta(hours=3)
     )
     download, update = entries(schedule)
-    assert crontab_of(update)[0] == "30 1 * * 1-5"
-    assert crontab_of(download)[0] == "30 22 * * 0,1,2,3,4", "3 hours earlier is the evening before"
+    assert local_firing(update)[0] in {"Mon", "Tue", "Wed", "Thu", "Fri"}
+    assert local_firing(update)[1] == "01:30"
+    assert update.clocked.clocked_time - download.clocked.clocked_time == timedelta(hours=3)
+    assert local_firing(download)[1] == "22:30", "3 hours earlier is the evening before"
 
 
-def test_changing_a_schedule_updates_its_entries_instead_of_adding_more(make_node):
+def test_changing_a_schedule_arms_its_entries_again_instead_of_adding_more(make_node):
     schedule = UpdateSchedule.objects.create(name="s", node=make_node("gw"), cron="0 3 * * 0")
-    before = entries(schedule)
     schedule.cron = "0 4 * * 6"
     schedule.save()
-    after = entries(schedule)
-    assert [t.pk for t in after] == [t.pk for t in before]
-    assert crontab_of(after[1])[0] == "0 4 * * 6"
+    assert local_firing(entries(schedule)[1]) == ("Sat", "04:00")
     assert PeriodicTask.objects.filter(task__startswith="control.scheduled_").count() == 2
 
 
@@ -105,9 +110,17 @@ def _post(admin_client, **fields):
         ({"cron": "0 25 * * *"}, "not a valid cron expression"),
         ({"cron": "every sunday"}, "is not a cron expression"),
         ({"cron": "0 3 * * 0", "timezone": "Mars/Olympus"}, "is not a time zone"),
+        ({"cron": "0 3 * * 0", "timezone": "posixrules"}, "is not a time zone"),
+        ({"cron": "0 3 * * 0", "timezone": "Factory"}, "is not the time zone of a place"),
+        ({"cron": "0 3 * * 0", "timezone": "localtime"}, "is not the time zone of a place"),
+        ({"cron": "0 3 * * 0", "timezone": "right/UTC"}, "is not a time zone"),
+        ({"cron": "0 3 * * 0", "timezone": "US/Eastern"}, "is an old name of America/New_York"),
+        ({"cron": "0 3 30 2 *"}, "never fires"),
+        ({"cron": "0 3 * * *", "download_cron": "30 2 * * *"}, "has no download of its own"),
+        ({"cron": "0 3 1 * *", "download_only": "on", "download_cron": "0 2 * * *"}, "leave this empty"),
         ({"run_at_0": "2020-01-01", "run_at_1": "03:00:00"}, "This date lies in the past"),
         ({"cron": "0 3 * * 0", "download_lead": "-01:00:00"}, "The download must start before its update"),
-        ({"cron": "0 3 * * 0", "download_cron": "0 4 * * 0"}, "the download must come first"),
+        ({"cron": "0 3 * * *", "download_cron": "0 4 * * 0"}, "the download must come first"),
         ({"cron": "0 3 * * 0", "run_at_0": "2099-01-01", "run_at_1": "03:00:00"}, "not both"),
     ],
 )
@@ -186,3 +199,13 @@ def test_a_firing_imports_the_index_only_when_its_serial_is_new(tmp_path, settin
         assert scheduled.refresh_releases() == "index serial 2; "
     assert Package.objects.filter(release__version="2.2.0").exists()
     assert set(Release.objects.values_list("index_serial", flat=True)) == {2}
+
+
+def test_the_schedule_page_shows_the_next_download_and_update_instants_with_their_offsets(admin_client, make_node):
+    schedule = UpdateSchedule.objects.create(
+        name="s", node=make_node("gw"), cron="30 2 * * *", timezone="Europe/Berlin"
+    )
+    page = admin_client.get(reverse("admin:updates_updateschedule_change", args=[schedule.pk]))
+    assert page.status_code == 200
+    assert page.text.count("download ") >= 6 and "→ update" in page.text
+    assert "02:30 CE" in page.text and "01:30 CE" in page.text and "(UTC+0" in page.text

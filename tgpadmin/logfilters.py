@@ -7,7 +7,9 @@ import logging
 # Tasks that run all the time whether or not anything happens: every node's heartbeat
 # (every TGP_HEARTBEAT_INTERVAL) and beat's housekeeping. What they change is logged
 # by their own code; Celery's "received"/"succeeded" lines for them are noise.
-ROUTINE_TASKS = frozenset({"control.node_report", "control.reconcile", "control.reap_stale_runs"})
+ROUTINE_TASKS = frozenset(
+    {"control.node_report", "control.reconcile", "control.reap_stale_runs", "control.rearm_schedules"}
+)
 
 
 class RoutineTasks(logging.Filter):

@@ -14,7 +14,7 @@ from urllib.parse import parse_qsl, urlsplit
 import dj_database_url
 
 from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY
-from tgpadmin.env import env_bool, env_float, env_int, env_list, env_redis_url, env_str
+from tgpadmin.env import env_bool, env_float, env_int, env_list, env_redis_url, env_str, env_zone
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("TGP_VAR_DIR", str(BASE_DIR / "var")))
@@ -119,7 +119,7 @@ AUTH_PASSWORD_VALIDATORS = [
 ]
 
 LANGUAGE_CODE = "en-us"
-TIME_ZONE = env_str("TGP_TIME_ZONE", "Europe/Berlin")
+TIME_ZONE = env_zone("TGP_TIME_ZONE", "Europe/Berlin")
 USE_I18N = True
 USE_TZ = True
 
@@ -173,6 +173,8 @@ CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
 # Static entries; django-celery-beat copies them into its tables at start.
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-runs": {"task": "control.reap_stale_runs", "schedule": 60.0, "options": {"queue": CONTROL_QUEUE}},
+    # A schedule's entry whose firing was lost is armed again (updates.schedules.rearm_overdue).
+    "rearm-schedules": {"task": "control.rearm_schedules", "schedule": 60.0, "options": {"queue": CONTROL_QUEUE}},
     "reconcile-runs": {
         "task": "control.reconcile",
         "schedule": env_float("TGP_RECONCILE_INTERVAL", 30.0, minimum=1.0),

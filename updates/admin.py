@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any, cast
 
 from django.contrib import admin, messages
@@ -20,7 +21,7 @@ from updates.models import (
     UpdateStep,
 )
 from updates.runs.locks import remove_lock
-from updates.schedules import next_update_at, set_time_control
+from updates.schedules import set_time_control, upcoming, zone
 
 
 class PackageInline(admin.TabularInline):
@@ -129,10 +130,10 @@ class UpdateScheduleAdmin(admin.ModelAdmin):
     list_display = ["name", "target", "window", "next_update", "time_control", "last_checked_at", "last_result"]
     list_filter = ["time_control"]
     list_select_related = ["node", "cluster"]
-    readonly_fields = ["disabled_reason", "last_checked_at", "last_result", "next_update"]
+    readonly_fields = ["disabled_reason", "last_checked_at", "last_result", "next_update", "next_occurrences"]
     fields = [
-        "name", "node", "cluster", "cron", "run_at", "timezone", "download_lead", "download_cron", "time_control",
-        "disabled_reason", "next_update", "last_checked_at", "last_result",
+        "name", "node", "cluster", "cron", "run_at", "timezone", "download_lead", "download_cron", "download_only",
+        "time_control", "disabled_reason", "next_update", "next_occurrences", "last_checked_at", "last_result",
     ]  # fmt: skip
     actions = ["switch_on", "switch_off"]
 
@@ -148,8 +149,25 @@ class UpdateScheduleAdmin(admin.ModelAdmin):
     def next_update(self, obj: UpdateSchedule) -> str:
         if not obj.pk or not obj.time_control:
             return "-"
-        upcoming = next_update_at(obj, timezone.now())
-        return f"{timezone.localtime(upcoming):%Y-%m-%d %H:%M}" if upcoming else "-"
+        pairs = upcoming(obj, timezone.now(), 1)
+        moment = pairs[0][1] or pairs[0][0] if pairs else None
+        return f"{timezone.localtime(moment):%Y-%m-%d %H:%M}" if moment else "-"
+
+    @admin.display(description="next occurrences")
+    def next_occurrences(self, obj: UpdateSchedule) -> str:
+        """The instants it fires at, in its own zone with the offset: what daylight saving does shows here."""
+        if not obj.pk:
+            return "-"
+        tz = zone(obj.timezone)
+
+        def local(moment: datetime | None) -> str:
+            return f"{moment.astimezone(tz):%Y-%m-%d %H:%M %Z (UTC%z)}" if moment else "none"
+
+        rows = [
+            f"download {local(download)}" + (f" \u2192 update {local(update)}" if update else "")
+            for download, update in upcoming(obj, timezone.now(), 6)
+        ]
+        return "\n".join(rows) or "-"
 
     def save_model(self, request: HttpRequest, obj: UpdateSchedule, form: Any, change: bool) -> None:
         super().save_model(request, obj, form, change)

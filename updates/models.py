@@ -89,6 +89,9 @@ class UpdateRun(models.Model):
         SCHEDULED = "scheduled", "Scheduled"
         CATCHUP_FULL = "catchup_full", "Full update from Oldstable"
         CATCHUP_PARTIAL = "catchup_partial", "Partial update from Oldstable"
+        # A scheduled download ahead of its update (or of a download-only schedule):
+        # the download step only, no maintenance mode, no notice.
+        DOWNLOAD = "download", "Download only"
 
     class State(models.TextChoices):
         RUNNING = "running", "Running"
@@ -297,8 +300,9 @@ class MaintenanceNotice(models.Model):
 class UpdateSchedule(models.Model):
     """Time-controlled download and update of a single system or a whole cluster.
 
-    Owns two django-celery-beat entries (download and update); saving keeps them
-    in step. Either a recurring window (cron) or a one-off date.
+    Owns two django-celery-beat entries (download and update), each armed for its
+    next firing (updates/schedules.py); saving arms them again. Either a recurring
+    window (cron) or a one-off date.
     """
 
     name = models.CharField(max_length=100)
@@ -323,6 +327,11 @@ class UpdateSchedule(models.Model):
         "download window", max_length=100, blank=True,
         help_text="Optional: a cron expression of its own for the download, instead of the lead.",
     )  # fmt: skip
+    download_only = models.BooleanField(
+        default=False,
+        help_text="Only download the newest release at the window's times (no update, no maintenance mode, no "
+        "notice): the next update or Auto-Update uses the verified files on the node.",
+    )
     time_control = models.BooleanField(default=True, help_text="Off: nothing fires until it is switched on again.")
     disabled_reason = models.TextField(blank=True, editable=False)
     download_task = models.OneToOneField(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from datetime import datetime
 from typing import Any
 
 from celery import shared_task
@@ -170,14 +171,23 @@ def reap_stale_runs() -> int:
 
 
 @shared_task(name="control.scheduled_download")
-def scheduled_download(schedule_id: int) -> str:
+def scheduled_download(schedule_id: int, at: str | None = None) -> str:
     from updates.scheduled import fire
 
-    return fire(schedule_id, "download")
+    return fire(schedule_id, "download", datetime.fromisoformat(at) if at else None)
 
 
 @shared_task(name="control.scheduled_update")
-def scheduled_update(schedule_id: int) -> str:
+def scheduled_update(schedule_id: int, at: str | None = None) -> str:
     from updates.scheduled import fire
 
-    return fire(schedule_id, "update")
+    return fire(schedule_id, "update", datetime.fromisoformat(at) if at else None)
+
+
+@shared_task(name="control.rearm_schedules")
+def rearm_schedules() -> int:
+    from django.utils import timezone
+
+    from updates.schedules import rearm_overdue
+
+    return rearm_overdue(timezone.now())

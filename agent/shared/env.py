@@ -65,6 +65,18 @@ def env_float(name: str, default: float, minimum: float | None = None) -> float:
     return value
 
 
+def env_zone(name: str, default: str) -> str:
+    """A canonical IANA time zone name (agent/shared/zones.py)."""
+    from agent.shared.zones import canonical_zone
+
+    value = env_str(name, default)
+    try:
+        canonical_zone(value)
+    except ValueError as exc:
+        raise ConfigError(f"{name}: {exc}") from None
+    return value
+
+
 def env_list(name: str, default: str = "") -> list[str]:
     raw = os.environ.get(name, default)
     return [item.strip() for item in raw.split(",") if item.strip()]

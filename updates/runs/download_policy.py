@@ -9,6 +9,7 @@ complete, verified download clears the flag."""
 from __future__ import annotations
 
 import logging
+from datetime import datetime
 
 from django.conf import settings
 from django.utils import timezone
@@ -22,10 +23,32 @@ log = logging.getLogger(__name__)
 
 
 def clear_download_warning(run_id: int) -> None:
-    """Only a complete, verified download clears the warning flag (the manual)."""
-    Node.objects.filter(runs__pk=run_id, download_warning=True).update(
+    """Only a complete, verified download of the update files clears the warning flag
+    (the manual): the whole release of an update, an Auto-Update or a download-only
+    run. A partial catch-up downloads a few packages of an old release: not those."""
+    run = UpdateRun.objects.filter(pk=run_id).values("node_id", "packages").first()
+    if run is None or run["packages"]:
+        return
+    Node.objects.filter(pk=run["node_id"], download_warning=True).update(
         download_warning=False, download_warning_since=None
     )
+
+
+def download_only_failed(run_id: int, detail: str, at: datetime) -> bool:
+    """A download-only run whose attempts all failed sets the warning flag and ends
+    failed, with no update lock: nothing was installed, and the next update tries
+    the download again (the manual: the flag "does not hinder further updates").
+    False if the run is not a running download-only run."""
+    if not UpdateRun.objects.filter(pk=run_id, trigger=UpdateRun.Trigger.DOWNLOAD).running().exists():
+        return False
+    Node.objects.filter(runs__pk=run_id, download_warning=False).update(
+        download_warning=True, download_warning_since=at
+    )
+    lifecycle.abort_steps(run_id, at)
+    lifecycle.fail_step(run_id, "download", at, began=None, detail=detail[:2000])
+    lifecycle.fail_run(run_id, f"download: {detail or 'failed'}; warning flag set", at)
+    log.warning("run %s: download only failed, warning flag set: %s", run_id, detail)
+    return True
 
 
 def retry_download_later(run_id: int, detail: str) -> bool:

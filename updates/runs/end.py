@@ -37,6 +37,9 @@ def complete_run(run_id: int, snapshot: dict[str, Any] | None = None, seq: int =
         lifecycle.complete_steps(run_id, now)
         if snapshot:  # the node's row last, as everywhere (run, steps, node): no deadlock
             store_snapshot(run.node.hostname, snapshot, seq)
+        if run.trigger == UpdateRun.Trigger.DOWNLOAD:  # it never touched maintenance mode or a slot
+            log.info("run %s (download only) succeeded", run_id)
+            return True
         Node.objects.filter(pk=run.node_id).update(maintenance_mode=False, maintenance_reason="")
     release_slot(run.node, run.slot_token)
     log.info("run %s succeeded", run_id)

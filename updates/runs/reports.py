@@ -13,7 +13,7 @@ from django.utils import timezone
 from updates.models import UpdateStep
 from updates.runs import lifecycle
 from updates.runs.chains import start_update_phase
-from updates.runs.download_policy import clear_download_warning, retry_download_later
+from updates.runs.download_policy import clear_download_warning, download_only_failed, retry_download_later
 from updates.runs.end import fail_run
 from updates.runs.snapshots import store_snapshot
 
@@ -79,10 +79,11 @@ def _record_event(
     elif event in lifecycle.OUTCOMES:
         lifecycle.finish_step(run_id, step, event, when, began=began, **changes)
         if step == "download":
-            clear_download_warning(run_id)
+            if event == "succeeded":
+                clear_download_warning(run_id)
             start_update_phase(run_id)
     elif event == "failed":
-        if step == "download" and retry_download_later(run_id, reason):
+        if step == "download" and (download_only_failed(run_id, reason, when) or retry_download_later(run_id, reason)):
             return
         lifecycle.fail_step(run_id, step, when, began=began, **changes)
         fail_run(run_id, f"{step}: {reason or 'failed'}")

@@ -38,6 +38,7 @@ class StartChecks:
 
     locks: dict[int, str]  # node id -> the reason of its active update lock
     busy: frozenset[int]  # ids of nodes with a running run
+    downloading: dict[int, int]  # node id -> its running download-only run
     newest: dict[str, Release | None]  # channel -> its newest release
     trusted: frozenset[int]  # ids of nodes with an accepted key (updates.trust)
 
@@ -46,10 +47,11 @@ class StartChecks:
         nodes = list(nodes)
         ids = [node.pk for node in nodes]
         locks = UpdateLock.objects.active().filter(node_id__in=ids)
-        running = UpdateRun.objects.running().filter(node_id__in=ids)
+        running = list(UpdateRun.objects.running().filter(node_id__in=ids).values_list("node_id", "pk", "trigger"))
         return cls(
             locks=dict(locks.values_list("node_id", "reason")),
-            busy=frozenset(running.values_list("node_id", flat=True)),
+            busy=frozenset(node_id for node_id, _, _ in running),
+            downloading={node_id: pk for node_id, pk, trigger in running if trigger == UpdateRun.Trigger.DOWNLOAD},
             newest={channel: Release.newest(channel) for channel in {node.channel for node in nodes}},
             trusted=frozenset(NodeKey.objects.accepted().filter(node_id__in=ids).values_list("node_id", flat=True)),
         )
@@ -77,6 +79,11 @@ def check_can_start(
         raise UpdateRefused(f"{node} has no accepted key: accept the key its agent offers on the node's page first.")
     if node.pk in checks.locks:
         raise UpdateRefused(f"{node} has an update lock ({checks.locks[node.pk]}); remove it first.")
+    if node.pk in checks.downloading:
+        raise UpdateRefused(
+            f"{node} is downloading the update files (scheduled download, run {checks.downloading[node.pk]}): "
+            "try again when it has finished, in a few minutes."
+        )
     if node.pk in checks.busy:
         raise UpdateRefused(f"{node} is already updating.")
     catchup = trigger in (UpdateRun.Trigger.CATCHUP_FULL, UpdateRun.Trigger.CATCHUP_PARTIAL)
@@ -103,7 +110,10 @@ def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
     out of the load balancer at its own time less the lead, leaves the load balancer,
     and holds its users until its planned time; only then does it take an update
     slot and log them off. A release that needs no reboot (`reboot=False`) gets no
-    reboot step: one hand-off less while the node is out of service."""
+    reboot step: one hand-off less while the node is out of service. A download-only
+    run (trigger `download`) only downloads."""
+    if trigger == UpdateRun.Trigger.DOWNLOAD:
+        return ["download"]
     if node.cluster_id is None:
         if trigger == UpdateRun.Trigger.SCHEDULED:
             steps = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
@@ -199,8 +209,9 @@ def _start(
 
 def _create(runs: list[UpdateRun]) -> None:
     """Save new runs (of locked nodes; they start running) with their steps (pending),
-    switch their nodes into maintenance, and queue their chains once the transaction
-    has committed."""
+    switch their nodes into maintenance (not for a download only: users keep working,
+    the manual's download "during productive operation"), and queue their chains once
+    the transaction has committed."""
     if not runs:
         return
     for run in runs:
@@ -211,9 +222,11 @@ def _create(runs: list[UpdateRun]) -> None:
     UpdateStep.objects.bulk_create(
         UpdateStep(run=run, name=name, position=i) for run in runs for i, name in enumerate(names[run.pk])
     )
-    for run in runs:
+    updating = [run for run in runs if run.trigger != UpdateRun.Trigger.DOWNLOAD]
+    for run in updating:
         run.node.maintenance_mode = True
         run.node.maintenance_reason = f"Update to {run.release.version} (run {run.pk})"
+    for run in runs:
         log.info("run %s started: %s -> %s (%s)", run.pk, run.node, run.release.version, run.trigger)
-    Node.objects.bulk_update([run.node for run in runs], ["maintenance_mode", "maintenance_reason"])
+    Node.objects.bulk_update([run.node for run in updating], ["maintenance_mode", "maintenance_reason"])
     queue_started(runs, names)
