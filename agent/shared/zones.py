@@ -5,7 +5,8 @@ no place's time: "posixrules", "Factory", "localtime" (the machine's own, whatev
 it is), the "right/" zones (clocks that count leap seconds, off by half a minute
 from everyone else's) and the "posix/" copies. Old names ("US/Eastern", "UTC")
 are links to a canonical zone: they are refused with the name to use instead, so
-one zone has one spelling in schedules and configuration.
+one zone has one spelling in schedules and configuration ("UTC" excepted: it is
+how most machines are configured).
 
 The agent (TGP_TIME_ZONE) and the control side (schedules) both use canonical_zone.
 """
@@ -20,6 +21,9 @@ from zoneinfo import TZPATH, ZoneInfo, ZoneInfoNotFoundError, available_timezone
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_+-]*(/[A-Za-z0-9_+-]+)*\Z")
 _NOT_PLACES = frozenset({"posixrules", "Factory", "localtime"})
 _NOT_PLACE_DIRS = frozenset({"posix", "right"})
+# Links that are everybody's spelling of their zone: refusing them would stop
+# deployments configured the usual way for no clock's sake.
+_USUAL_LINKS = frozenset({"UTC"})
 
 
 @cache
@@ -47,7 +51,7 @@ def canonical_zone(name: str) -> ZoneInfo:
     if name in _NOT_PLACES or name.split("/", 1)[0] in _NOT_PLACE_DIRS:
         raise ValueError(f"{name!r} is not the time zone of a place (use a name such as Europe/Berlin)")
     target = _links().get(name)
-    if target:
+    if target and name not in _USUAL_LINKS:
         raise ValueError(f"{name!r} is an old name of {target}: use {target}")
     try:
         return ZoneInfo(name)
