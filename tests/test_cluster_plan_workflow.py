@@ -178,3 +178,40 @@ def test_a_node_whose_second_download_round_fails_right_before_its_own_time_leav
     schedule.refresh_from_db()
     assert schedule.time_control, "the rest of the cluster keeps its time control"
     broken.__exit__()
+
+
+MINUTE = 0.4  # seconds of this test for a minute of the issue's cluster
+
+
+def test_the_issues_cluster_of_three_is_logged_off_node_by_node_at_the_planned_times(
+    demo_repo, make_node, agent_for, state_dir, capsys
+):
+    # The issue's setup, a minute scaled to MINUTE seconds: 3 nodes, cap 1, a lead of
+    # 60 minutes, 13-minute updates (drain, install and reboot about 1.1 s each plus
+    # the agent's restart), downloads ahead of time; the schedule at T.
+    demo_repo[0].import_releases()
+    cluster, nodes = make_cluster(make_node, agent_for, 3, cap=1, lead=60 * MINUTE, expected=13 * MINUTE,
+                                  agent_env={i: {"TGP_SIM_STEP_SECONDS": "1.1"} for i in range(3)})  # fmt: skip
+    schedule = schedule_in(cluster, 70 * MINUTE, download_lead=65 * MINUTE)
+    runs = run_schedule(schedule, nodes, timeout=300)
+
+    T = schedule.run_at
+    entries = {e.node.hostname: e for e in PlanEntry.objects.filter(plan__schedule=schedule).select_related("node")}
+
+    def minutes(moment):
+        return f"T{(moment - T).total_seconds() / MINUTE:+.0f} min"
+
+    def off_by(actual, planned):  # in real seconds: the machinery's latency, not scaled
+        return f"{(actual - planned).total_seconds():+.2f} s"
+
+    rows = ["| node | leaves load balancer (plan / off by) | users logged off (plan / off by) | back (plan / actual) |",
+            "|---|---|---|---|"]  # fmt: skip
+    for node in nodes:
+        e, seen = entries[node.hostname], moments(runs[node.hostname])
+        on_time(seen["out"], e.out_at, f"{node} leaves the load balancer")
+        on_time(seen["off"], e.planned_at, f"{node} logged off")
+        rows.append(f"| {node} | {minutes(e.out_at)} / {off_by(seen['out'], e.out_at)} | {minutes(e.planned_at)} / "
+                    f"{off_by(seen['off'], e.planned_at)} | {minutes(e.back_at)} / {minutes(seen['back'])} |")  # fmt: skip
+    with capsys.disabled():
+        print("\n" + "\n".join(rows))
+    assert {run.state for run in runs.values()} == {"succeeded"}
