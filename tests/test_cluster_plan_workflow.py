@@ -210,8 +210,9 @@ def test_the_issues_cluster_of_three_is_logged_off_node_by_node_at_the_planned_t
         e, seen = entries[node.hostname], moments(runs[node.hostname])
         on_time(seen["out"], e.out_at, f"{node} leaves the load balancer")
         on_time(seen["off"], e.planned_at, f"{node} logged off")
-        rows.append(f"| {node} | {minutes(e.out_at)} / {off_by(seen['out'], e.out_at)} | {minutes(e.planned_at)} / "
-                    f"{off_by(seen['off'], e.planned_at)} | {minutes(e.back_at)} / {minutes(seen['back'])} |")  # fmt: skip
+        out, off = off_by(seen["out"], e.out_at), off_by(seen["off"], e.planned_at)
+        rows.append(f"| {node} | {minutes(e.out_at)} / {out} | {minutes(e.planned_at)} / {off} | "
+                    f"{minutes(e.back_at)} / {minutes(seen['back'])} |")  # fmt: skip
     with capsys.disabled():
         print("\n" + "\n".join(rows))
     assert {run.state for run in runs.values()} == {"succeeded"}
