@@ -97,7 +97,13 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
     repo_dir, pubkey = build_noreboot_repo(work / "repo")
     release = Release.objects.get(version=NEW)
     tag = uuid.uuid4().hex[:6]
-    cluster = Cluster.objects.create(name=f"bench-{tag}", max_parallel_updates=CAP, lb_lead_time=timedelta(0))
+    # A scheduled rollout follows its plan: each node at its own time, from the expected
+    # duration (the draws' mean here: nodes that draw long delay the ones after them),
+    # with no bound out of the load balancer beyond the cap (the lead time is 0).
+    cluster = Cluster.objects.create(
+        name=f"bench-{tag}", max_parallel_updates=CAP, lb_lead_time=timedelta(0),
+        expected_update=timedelta(seconds=2 * scale), max_out_of_lb=max(count, CAP),
+    )  # fmt: skip
     hostnames = [f"r{tag}-{i:03d}" for i in range(1, count + 1)]
     nodes = seed_nodes(hostnames, work / "nodes", cluster=cluster, durations=durations)
     procs: list[Any] = []
