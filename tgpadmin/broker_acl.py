@@ -209,9 +209,9 @@ def control_user(*, db: int = 0) -> BrokerUser:
                 channels=("celery-task-meta-*",),
             ),
             Grant(
-                "cluster update slots (acquire, release, holders: scripts)",
+                "cluster update slots and places out of the load balancer (acquire, release, holders: scripts)",
                 ("evalsha", "hget", "hgetall", "hlen", "hset", "hdel", "incr"),
-                keys=("~tgp:slots:*",),
+                keys=("~tgp:slots:*", "~tgp:out:*"),
             ),
         ),
     )
@@ -242,9 +242,9 @@ def web_user(*, db: int = 0) -> BrokerUser:
                 channels=("celery-task-meta-*",),
             ),
             Grant(
-                "cluster update slots: holders, force-release, release and hand on (scripts)",
+                "cluster update slots and places out of the load balancer: holders, release, hand on (scripts)",
                 ("evalsha", "hget", "hgetall", "hlen", "hset", "hdel", "incr"),
-                keys=("~tgp:slots:*",),
+                keys=("~tgp:slots:*", "~tgp:out:*"),
             ),
         ),
     )
