@@ -36,7 +36,15 @@ from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 
-from agent.shared.protocol import CONTROL_QUEUE, HOSTNAME_RE, HOSTNAME_RULE, node_queue, slot_keys
+from agent.shared.protocol import (
+    CONTROL_QUEUE,
+    HOSTNAME_RE,
+    HOSTNAME_RULE,
+    OUT_PREFIX,
+    SLOT_PREFIX,
+    node_queue,
+    slot_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +219,7 @@ def control_user(*, db: int = 0) -> BrokerUser:
             Grant(
                 "cluster update slots and places out of the load balancer (acquire, release, holders: scripts)",
                 ("evalsha", "hget", "hgetall", "hlen", "hset", "hdel", "incr"),
-                keys=("~tgp:slots:*", "~tgp:out:*"),
+                keys=(f"~{SLOT_PREFIX}:*", f"~{OUT_PREFIX}:*"),
             ),
         ),
     )
@@ -244,7 +252,7 @@ def web_user(*, db: int = 0) -> BrokerUser:
             Grant(
                 "cluster update slots and places out of the load balancer: holders, release, hand on (scripts)",
                 ("evalsha", "hget", "hgetall", "hlen", "hset", "hdel", "incr"),
-                keys=("~tgp:slots:*", "~tgp:out:*"),
+                keys=(f"~{SLOT_PREFIX}:*", f"~{OUT_PREFIX}:*"),
             ),
         ),
     )

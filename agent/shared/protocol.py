@@ -99,6 +99,8 @@ def version_sort_key(version: str) -> str:
 # --- the cluster cap's keys, which the agent's fencing check reads -----------------
 
 SLOT_PREFIX = "tgp:slots"
+# The places out of the load balancer (a second semaphore, control plane only: no fencing check reads it).
+OUT_PREFIX = "tgp:out"
 
 
 def slot_keys(cluster: str, prefix: str = SLOT_PREFIX) -> tuple[str, str]:

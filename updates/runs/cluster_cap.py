@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from agent.shared.protocol import OUT_PREFIX
 from nodes.models import Cluster, Node
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import lifecycle
@@ -29,11 +30,6 @@ class HoldOn(Exception):
     def __init__(self, message: str, seconds: float) -> None:
         super().__init__(message)
         self.seconds = seconds
-
-
-# Redis key prefix of the places out of the load balancer (the update slots keep the
-# default, which the agents' fencing check reads).
-OUT_PREFIX = "tgp:out"
 
 
 def cluster_slots() -> ClusterSlots:
