@@ -45,7 +45,7 @@ def default_message(release: Release) -> str:
 
 
 def withdrawal_message() -> str:
-    return f"The maintenance announced for {WHEN} is off: you will not be logged off then."
+    return f"The maintenance planned {WHEN} is off: you will not be logged off then."
 
 
 def check_update_time(starts_at: datetime, now: datetime | None = None) -> None:
