@@ -85,6 +85,9 @@ def test_a_user_who_logs_on_before_an_announced_maintenance_gets_it_and_not_afte
     assert [n["message"] for n in driver.log_on("carol")] == ["Maintenance at 03:00"]
     driver.deliver_notice("notice-2", "Maintenance at 02:00", at=time.time() - 1)
     assert driver.log_on("dave") == [], "a plain announcement whose time has passed is history"
+    driver.deliver_notice("notice-3", "Maintenance at 04:00", at=time.time() + 3600)
+    driver.resume()  # maintenance ended (node.end_maintenance): the appliance forgets the notice
+    assert driver.log_on("erin") == []
 
 
 @workflow
