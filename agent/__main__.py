@@ -5,6 +5,7 @@
     python -m agent enroll gw1               make the node's key pair, print its public key
     python -m agent simulate gw1 --version 2.1.0 --packages '{"tgpro-base": "2.1.0"}'
                                              create a simulated appliance (demo, tests)
+    python -m agent simulate-logon gw1 carol  a user logs on to it (prints the session's inbox)
 
 Configuration comes from the environment (agent/config.py; README, "Configuration").
 """
@@ -84,6 +85,35 @@ def simulate(argv: list[str]) -> int:
     return 0
 
 
+def logon_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent simulate-logon",
+        description="A user logs on to a simulated appliance: a new session, which starts with the current "
+        "maintenance notice while maintenance mode is on or a maintenance is announced. Prints the session's "
+        "inbox (JSON); exit 1 while logon is off.",
+    )
+    parser.add_argument("hostname", type=_hostname)
+    parser.add_argument("user")
+    return parser
+
+
+def simulate_logon(argv: list[str]) -> int:
+    args = logon_parser().parse_args(argv)
+    from agent.drivers.simulated import LogonRefused, SimulatedDriver
+    from agent.tasks import driver_for
+
+    driver = driver_for(args.hostname)
+    if not isinstance(driver, SimulatedDriver) or not driver.exists():
+        raise ConfigError(f"simulate-logon needs TGP_NODE_DRIVER=simulated and a simulated {args.hostname}")
+    try:
+        inbox = driver.log_on(args.user)
+    except LogonRefused as exc:
+        print(f"agent: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(inbox))
+    return 0
+
+
 def enroll_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m agent enroll",
@@ -128,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["simulate"]:
             return simulate(argv[1:])
+        if argv[:1] == ["simulate-logon"]:
+            return simulate_logon(argv[1:])
         if argv[:1] == ["enroll"]:
             return enroll(argv[1:])
         return run(argv)

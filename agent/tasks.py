@@ -340,10 +340,15 @@ def _notice(envelope: Any, kind: str) -> tuple[NoticeCommand, Driver]:
 
 @app.task(name="node.announce", acks_late=False)
 def announce(envelope: Any) -> None:
-    """Deliver a maintenance notice ahead of time (no run involved)."""
+    """Deliver a maintenance notice ahead of time (no run involved), or take one back
+    (`withdraws`). The appliance remembers the notice: users who log on before its
+    time get it too."""
     notice, driver = _notice(envelope, "notice")
     text = render_notice(notice.message, notice.at, config().time_zone, missing="Maintenance begins {when}.")
-    driver.deliver_notice(notice.notice_id, text)
+    if notice.withdraws:
+        driver.withdraw_notice(notice.withdraws, notice.notice_id, text)
+    else:
+        driver.deliver_notice(notice.notice_id, text, notice.at)
     report_node(notice.node, snapshot_of(driver))
 
 

@@ -22,7 +22,8 @@ from django.utils.html import format_html
 
 from nodes import keys, services
 from nodes.models import Cluster, Node, NodeKey, NodeQuerySet
-from updates.models import Release, UpdateLock
+from updates import announced
+from updates.models import MaintenanceNotice, Release, UpdateLock
 from updates.runs.cluster_cap import cluster_slots, wake_waiters
 from updates.runs.start import UpdateRefused
 
@@ -100,6 +101,26 @@ class AnnounceForm(forms.Form):
         value = self.cleaned_data["starts_at"]
         if value < timezone.now():
             raise forms.ValidationError("The start lies in the past.")
+        return value
+
+
+class UpdateAtForm(forms.Form):
+    """The Auto-Update's "announce now, update at": the manual's step 1, about 2 hours ahead."""
+
+    update_at = forms.DateTimeField(
+        label="Update at", help_text="Users are told now; the update starts then (default: in 2 hours)."
+    )
+    message = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3, "cols": 80}), max_length=2000, required=False,
+        help_text="Optional; {when} is replaced by the time in each appliance's zone. Default: names the version.",
+    )  # fmt: skip
+
+    def clean_update_at(self) -> Any:
+        value = self.cleaned_data["update_at"]
+        try:
+            announced.check_update_time(value)
+        except UpdateRefused as exc:
+            raise forms.ValidationError(str(exc)) from None
         return value
 
 
@@ -217,6 +238,9 @@ class NodeAdmin(admin.ModelAdmin):
             )[:10],
             "recent_runs": services.recent_runs(object_id),
             "can_update": request.user.has_perm("nodes.start_update"),
+            "announcements": MaintenanceNotice.objects.pending()
+            .filter(node_id=object_id)
+            .select_related("release", "created_by"),
             "can_unlock": request.user.has_perm("nodes.remove_update_lock"),
             "can_end_maintenance": request.user.has_perm("nodes.end_maintenance"),
             "node_keys": NodeKey.objects.filter(node_id=object_id).select_related("decided_by")[:20],
@@ -275,6 +299,8 @@ class NodeAdmin(admin.ModelAdmin):
             self.message_user(request, "Select at least one node.", messages.WARNING)
             return HttpResponseRedirect(reverse("admin:nodes_node_changelist"))
         if request.method == "POST" and request.POST.get("confirm") == "yes":
+            if request.POST.get("when") == "at":
+                return self._announce_update(request, nodes)
             runs, refused = services.start_planned(services.plan_updates(nodes), request.user)
             for msg in refused:
                 self.message_user(request, msg, messages.ERROR)
@@ -285,9 +311,31 @@ class NodeAdmin(admin.ModelAdmin):
             return HttpResponseRedirect(reverse("admin:updates_updaterun_changelist"))
         return self._autoupdate_page(request, nodes)
 
-    def _autoupdate_page(self, request: HttpRequest, nodes: list[Node]) -> HttpResponse:
+    def _announce_update(self, request: HttpRequest, nodes: list[Node]) -> HttpResponse:
+        """Announce now, update at: a bad time shows the page again with the reason, nothing announced."""
+        form = UpdateAtForm(request.POST)
+        if not form.is_valid():
+            return self._autoupdate_page(request, nodes, form)
+        update_at, message = form.cleaned_data["update_at"], form.cleaned_data["message"]
+        notices, refused = services.announce_planned(services.plan_updates(nodes), update_at, request.user, message)
+        for msg in refused:
+            self.message_user(request, msg, messages.ERROR)
+        if notices:
+            when = f"{timezone.localtime(update_at):%Y-%m-%d %H:%M %Z}"
+            self.message_user(
+                request, f"Update announced on {len(notices)} node(s); it starts at {when}.", messages.SUCCESS
+            )
+        return HttpResponseRedirect(
+            reverse("admin:updates_maintenancenotice_changelist") + f"?state__exact={MaintenanceNotice.State.PENDING}"
+        )
+
+    def _autoupdate_page(
+        self, request: HttpRequest, nodes: list[Node], form: UpdateAtForm | None = None
+    ) -> HttpResponse:
         require(request, "nodes.start_update")
         plans = services.plan_updates(nodes)
+        lead = timedelta(seconds=services.notice_lead())
+        at = timezone.localtime().replace(second=0, microsecond=0) + lead
         context = {
             **self.admin_site.each_context(request),
             "title": "Auto-Update: confirm",
@@ -295,6 +343,7 @@ class NodeAdmin(admin.ModelAdmin):
             "ids": ",".join(str(n.pk) for n in nodes),
             "opts": self.model._meta,
             "startable": any(p.release and not p.refusal for p in plans),
+            "update_at_form": form or UpdateAtForm(initial={"update_at": at}),
         }
         return TemplateResponse(request, "admin/nodes/node/autoupdate_confirm.html", context)
 

@@ -12,9 +12,9 @@ from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
 
-from agent.shared.protocol import ANNOUNCE, END_MAINTENANCE, NoticeCommand
+from agent.shared.protocol import END_MAINTENANCE, NoticeCommand
 from nodes.models import Node
-from updates import trust
+from updates import announced, trust
 from updates.models import MaintenanceNotice, Release, UpdateRun
 from updates.runs.cluster_cap import release_slot
 from updates.runs.locks import remove_lock as remove_update_lock
@@ -106,13 +106,20 @@ def announce(nodes: list[Node], message: str, starts_at: datetime, user: Any) ->
                 node=node, message=message, starts_at=starts_at, created_by=user if getattr(user, "pk", None) else None
             )
             # The agent writes the time in the appliance's own zone (render_notice).
-            notice_command = NoticeCommand(
-                node=node.hostname, notice_id=f"notice-{notice.pk}", message=message, at=starts_at.timestamp()
-            )
-            command = trust.command("notice", notice_command.to_wire())
-            sig = signature(ANNOUNCE, args=(command,)).set(queue=node.queue)
-            transaction.on_commit(sig.apply_async)
+            announced.send_notice(node, f"notice-{notice.pk}", message, starts_at)
     return len(nodes)
+
+
+def announce_planned(
+    plans: list[UpdatePlan], starts_at: datetime, user: Any, message: str = ""
+) -> tuple[list[MaintenanceNotice], list[str]]:
+    """Announce now the confirmed plans' updates for `starts_at` ("announce now, update at"):
+    UpdateRefused for a bad time, else the notices and the refusals."""
+    announced.check_update_time(starts_at)
+    refused = [plan.refusal for plan in plans if plan.release is None]
+    targets = [(plan.node, plan.release) for plan in plans if plan.release is not None]
+    notices, more = announced.announce_updates(targets, starts_at, user, message)
+    return notices, refused + more
 
 
 def recent_runs(node_id: Any) -> QuerySet[UpdateRun]:

@@ -147,6 +147,7 @@ def process_env(redis_url: str, **extra: str) -> dict[str, str]:
         "TGP_RECONCILE_AFTER": "2",
         "TGP_RECONCILE_INTERVAL": "1",
         "TGP_PLAN_LOOK": "0.5",
+        "TGP_ANNOUNCED_UPDATE_INTERVAL": "1",
         "PYTHONUNBUFFERED": "1",
         "TGP_CONTROL_SIGNING_KEY_FILE": str(CONTROL_KEY.path),
         "TGP_CONTROL_PUBKEY": CONTROL_KEY.public,

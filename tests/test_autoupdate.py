@@ -13,6 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from agent.shared.protocol import WHEN
 from nodes.models import Node
 from tests.conftest import Repo, wait_for
 from tests.servers import RepoServer
@@ -44,9 +45,10 @@ def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
 
     state = appliance(state_dir, node)
     assert {entry["user"] for entry in state["logged_off"]} == {"alice", "bob"}
+    told = run.message.replace(WHEN, "shortly")  # an Auto-Update logs users off right away
+    assert WHEN in run.message and told != run.message
     for entry in state["logged_off"]:
-        told = [n["message"] for n in entry["inbox"]]
-        assert told == [run.message.replace("{when}", "shortly")], f"{entry['user']} got the notice first"
+        assert [n["message"] for n in entry["inbox"]] == [told], f"{entry['user']} got the notice first"
     assert state["sessions"] == {}
     assert state["installed_version"] == "2.2.0"
     assert state["logon_enabled"] is True and state["maintenance"] is False

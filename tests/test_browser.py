@@ -124,3 +124,31 @@ def test_download_warning_shows_in_the_title_bar_of_every_page(page, login, live
     for path in ("/admin/", "/admin/nodes/node/", f"/admin/nodes/node/{node.pk}/change/", "/admin/updates/updaterun/"):
         page.goto(f"{live_server.url}{path}")
         expect(page.locator("#header")).to_contain_text("Update download error")
+
+
+def test_autoupdate_page_announces_now_and_updates_at_the_time_it_offers(
+    page, login, live_server, staff, make_node, releases
+):
+    from django.utils import timezone
+
+    from updates.models import MaintenanceNotice, UpdateRun
+
+    node = make_node("gw", users=("alice",))
+    Node.objects.filter(pk=node.pk).update(installed_version="2.1.0", logged_in_users=["alice"])
+    staff("op", "update")
+
+    login("op")
+    page.goto(f"{live_server.url}/admin/nodes/node/")
+    page.check(f"input.action-select[value='{node.pk}']")
+    page.select_option("select[name=action]", label="Auto-Update (asks for confirmation)")
+    page.click("button[name=index]")
+
+    announce = page.locator("#announce-update")
+    offered = announce.locator("input[name=update_at]").input_value()  # the manual's advice: in about 2 hours
+    announce.get_by_role("button", name="Announce now, update at this time").click()
+
+    expect(page.locator("ul.messagelist li.success")).to_contain_text("Update announced on 1 node(s)")
+    expect(page.locator("#result_list")).to_contain_text(node.hostname)
+    notice = MaintenanceNotice.objects.get(node=node)
+    assert notice.state == "pending" and offered.startswith(f"{timezone.localtime(notice.starts_at):%Y-%m-%d %H:%M}")
+    assert not UpdateRun.objects.filter(node=node).exists()

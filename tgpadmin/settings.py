@@ -180,6 +180,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_float("TGP_RECONCILE_INTERVAL", 30.0, minimum=1.0),
         "options": {"queue": CONTROL_QUEUE},
     },
+    # Announced updates ("announce now, update at"): start those whose time has come.
+    "start-announced-updates": {
+        "task": "control.start_announced_updates",
+        "schedule": env_float("TGP_ANNOUNCED_UPDATE_INTERVAL", 10.0, minimum=0.5),
+        "options": {"queue": CONTROL_QUEUE},
+    },
 }
 # Publishing (a chain's first task, a hand-off) survives a broker restart of up to
 # about a minute instead of failing; the agents publish with the same policy.
@@ -228,6 +234,9 @@ TGP_RECONCILE_AFTER = env_float("TGP_RECONCILE_AFTER", 60.0, minimum=0.1)
 TGP_DOWNLOAD_ATTEMPTS = env_int("TGP_DOWNLOAD_ATTEMPTS", 10, minimum=1)
 # Default advance notice for "Announce maintenance" (the manual says about 2 hours).
 TGP_MAINTENANCE_NOTICE_LEAD = env_float("TGP_MAINTENANCE_NOTICE_LEAD", 2 * 3600.0, minimum=0)
+# An announced update that could not start within this many seconds of its time (beat or
+# the control worker down) is refused, not started late: users who logged on since were not told.
+TGP_ANNOUNCED_UPDATE_GRACE = env_float("TGP_ANNOUNCED_UPDATE_GRACE", 900.0, minimum=1.0)
 
 # --- E-mail (hotfix notices) -------------------------------------------------------
 EMAIL_HOST = env_str("TGP_EMAIL_HOST", "localhost")

@@ -9,6 +9,7 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
+from updates import announced
 from updates.models import (
     MaintenanceNotice,
     Package,
@@ -120,9 +121,40 @@ class UpdateLockAdmin(ReadOnlyAdmin):
 
 @admin.register(MaintenanceNotice)
 class MaintenanceNoticeAdmin(ReadOnlyAdmin):
-    list_display = ["created_at", "node", "cluster", "starts_at", "message", "created_by"]
-    list_select_related = ["node", "cluster", "created_by"]
-    readonly_fields = ["node", "cluster", "message", "starts_at", "created_at", "created_by"]
+    """Notices and announced updates ("announce now, update at"): pending ones start at
+    their time (updates.announced); a member of group update may cancel them before."""
+
+    list_display = ["created_at", "node", "cluster", "starts_at", "release", "state", "run", "outcome", "created_by"]
+    list_filter = ["state", "node__cluster"]
+    list_select_related = ["node", "cluster", "created_by", "release", "run"]
+    search_fields = ["node__hostname", "message"]
+    readonly_fields = [
+        "node", "cluster", "message", "starts_at", "release", "state", "run", "outcome", "decided_at", "created_at",
+        "created_by",
+    ]  # fmt: skip
+    actions = ["cancel"]
+
+    @admin.action(description="Cancel (users are told that it is off)")
+    def cancel(self, request: HttpRequest, queryset: QuerySet[MaintenanceNotice]) -> None:
+        require(request, "nodes.start_update")
+        chosen = list(queryset.select_related("node", "cluster"))
+        done = announced.cancel(chosen, request.user)
+        self.message_user(request, f"Cancelled {done} of {len(chosen)} announcement(s).", messages.SUCCESS)
+        if done < len(chosen):
+            self.message_user(
+                request, "Started, refused or cancelled ones, and notices whose time has passed, stay as they are.",
+                messages.WARNING,
+            )  # fmt: skip
+
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        if not request.user.has_perm("nodes.start_update"):
+            actions.pop("cancel", None)
+        return actions
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict[str, Any] | None = None) -> HttpResponse:
+        refuse_hidden_action(request, {"cancel": "nodes.start_update"})
+        return super().changelist_view(request, extra_context)
 
 
 @admin.register(UpdateSchedule)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import datetime, timedelta
 
 from django.core.management.base import CommandError, OutputWrapper
+from django.utils import timezone
 
 from updates.models import UpdateRun
 
@@ -39,3 +42,24 @@ def wait_for_runs(run_ids: list[int], timeout: float, stdout: OutputWrapper) -> 
     failed += [f"run {pk} still running after {timeout:.0f} s" for pk in sorted(pending)]
     if failed:
         raise CommandError("; ".join(failed))
+
+
+_DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?\Z")
+
+
+def parse_update_time(at: str | None, in_: str | None, now: datetime | None = None) -> datetime:
+    """--at ISO-TIME (naive: the control plane's time zone) or --in DURATION (2h, 90m,
+    1h30m, 45s, 1d) as an aware datetime; CommandError for anything else. Whether it
+    lies ahead is updates.announced.check_update_time's question."""
+    now = now or timezone.now()
+    if in_ is not None:
+        match = _DURATION_RE.match(in_.strip())
+        if not in_.strip() or match is None:
+            raise CommandError(f"--in {in_!r} is not a duration such as 2h, 90m or 1h30m")
+        days, hours, minutes, seconds = (int(part or 0) for part in match.groups())
+        return now + timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        value = datetime.fromisoformat(at or "")
+    except ValueError:
+        raise CommandError(f"--at {at!r} is not an ISO date and time such as 2026-12-06T03:00") from None
+    return timezone.make_aware(value) if timezone.is_naive(value) else value

@@ -266,8 +266,28 @@ class UpdateLock(models.Model):
         return f"lock on {self.node}" + (" (removed)" if self.removed_at else "")
 
 
+class MaintenanceNoticeQuerySet(models.QuerySet["MaintenanceNotice"]):
+    def pending(self) -> MaintenanceNoticeQuerySet:
+        """Announced updates that have not started yet (nor been refused or cancelled)."""
+        return self.filter(state=MaintenanceNotice.State.PENDING)
+
+    def due(self, now: datetime) -> MaintenanceNoticeQuerySet:
+        return self.pending().filter(starts_at__lte=now)
+
+
 class MaintenanceNotice(models.Model):
-    """A notice of upcoming maintenance, delivered to the users logged in on a node or cluster."""
+    """A notice of upcoming maintenance, delivered to the users logged in on a node or cluster.
+
+    An announced update ("announce now, update at") is a notice with a release: its
+    update starts at `starts_at` (updates.announced.start_due, claimed by a conditional
+    UPDATE of `state`), started by the operator who announced it."""
+
+    class State(models.TextChoices):
+        NOTICE = "notice", "Notice only"
+        PENDING = "pending", "Update announced"
+        STARTED = "started", "Update started"
+        REFUSED = "refused", "Refused at its time"
+        CANCELLED = "cancelled", "Cancelled"
 
     node = models.ForeignKey(Node, null=True, blank=True, on_delete=models.CASCADE, related_name="notices")
     cluster = models.ForeignKey(Cluster, null=True, blank=True, on_delete=models.CASCADE, related_name="notices")
@@ -278,15 +298,31 @@ class MaintenanceNotice(models.Model):
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     delivered_to = models.PositiveIntegerField(default=0, validators=[MinValueValidator(0)], editable=False)
+    # An announced update: the release it starts at starts_at, and what became of it.
+    release = models.ForeignKey(
+        Release, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+        help_text="The update this notice announces; it starts at the notice's time.",
+    )  # fmt: skip
+    state = models.CharField(max_length=16, choices=State.choices, default=State.NOTICE)
+    run = models.ForeignKey(UpdateRun, null=True, blank=True, on_delete=models.SET_NULL, related_name="+")
+    outcome = models.TextField(blank=True, help_text="Why the update did not start, or who cancelled it.")
+    decided_at = models.DateTimeField(null=True, blank=True, help_text="When it started, was refused or cancelled.")
+
+    objects = MaintenanceNoticeQuerySet.as_manager()
 
     class Meta:
         ordering = ["-created_at"]
+        indexes = [models.Index(fields=["state", "starts_at"])]  # the due announcements, every few seconds
         constraints = [
             models.CheckConstraint(
                 condition=(Q(node__isnull=False) & Q(cluster__isnull=True))
                 | (Q(node__isnull=True) & Q(cluster__isnull=False)),
                 name="notice_for_node_or_cluster",
-            )
+            ),
+            models.CheckConstraint(
+                condition=Q(state="notice") | (Q(release__isnull=False) & Q(node__isnull=False)),
+                name="announced_update_of_a_node",
+            ),
         ]
 
     def __str__(self) -> str:

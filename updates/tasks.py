@@ -170,6 +170,14 @@ def reap_stale_runs() -> int:
     return recovery.reap_stale_runs()
 
 
+@shared_task(name="control.start_announced_updates")
+def start_announced_updates() -> list[str]:
+    """(beat, every TGP_ANNOUNCED_UPDATE_INTERVAL s) start the announced updates whose time has come."""
+    from updates.announced import start_due
+
+    return start_due()
+
+
 @shared_task(name="control.scheduled_download")
 def scheduled_download(schedule_id: int, at: str | None = None) -> str:
     from updates.scheduled import fire

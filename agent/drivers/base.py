@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,54 @@ class Driver(ABC):
     def resume(self) -> None:
         """Maintenance off, logon on, back into the load balancer."""
 
-    def deliver_notice(self, notice_id: str, message: str) -> int:
-        return self.notify(notice_id, message)
+    def deliver_notice(self, notice_id: str, message: str, at: float | None = None) -> int:
+        """A maintenance notice ahead of time (maintenance begins `at`, epoch seconds);
+        returns how many logged-in users got it. Users who log on before `at` get it too."""
+        count = self.notify(notice_id, message)
+        self.remember_notice(notice_id, message, at)
+        return count
+
+    def withdraw_notice(self, withdrawn_id: str, notice_id: str, message: str) -> int:
+        """Take back an announced maintenance: `message` to every logged-in user, and
+        users who log on later no longer get the announcement."""
+        self.forget_notice(withdrawn_id)
+        return 0
+
+    # --- the current notice, which a user who logs on gets (see notice_at_logon) ---
+    # Kept in the state directory (notice.json), where the appliance's logon can read it.
+
+    @property
+    def notice_file(self) -> Path:
+        return self.state_dir / "notice.json"
+
+    def current_notice(self) -> dict[str, Any] | None:
+        """{id, message (as users read it), at (epoch seconds or None), maintenance}."""
+        notice = read_json(self.notice_file, None)
+        return notice if isinstance(notice, dict) else None
+
+    def remember_notice(self, notice_id: str, message: str, at: float | None, *, maintenance: bool = False) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        notice = {"id": notice_id, "message": message, "at": at, "maintenance": maintenance}
+        atomic_write(self.notice_file, json.dumps(notice).encode())
+
+    def forget_notice(self, notice_id: str | None = None) -> None:
+        """Forget the current notice (only if it is `notice_id`, when given)."""
+        notice = self.current_notice()
+        if notice is not None and (notice_id is None or notice.get("id") == notice_id):
+            self.notice_file.unlink(missing_ok=True)
+
+
+def notice_at_logon(
+    notice: dict[str, Any] | None, maintenance: bool, now: float | None = None
+) -> dict[str, Any] | None:
+    """The notice a user who logs on now gets: the current one while the node is in
+    maintenance mode, or an announcement whose time still lies ahead; else none (a
+    plain announcement whose time has passed is history)."""
+    if not notice:
+        return None
+    at = notice.get("at")
+    ahead = isinstance(at, int | float) and (time.time() if now is None else now) < at
+    return notice if maintenance or ahead else None
 
 
 def read_json(path: Path, default: Any) -> Any:

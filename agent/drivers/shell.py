@@ -1,9 +1,16 @@
 """Driver for real hosts: each step runs a command the operator configures.
 
 Commands come from the agent's environment (TGP_SHELL_STATUS, _NOTIFY, _EXCLUDE, _DRAIN,
-_INSTALL, _REBOOT, _RESUME) and get TGP_NODE, TGP_RUN, TGP_VERSION,
-TGP_PACKAGE_DIR, TGP_PACKAGES and TGP_MESSAGE in their environment. STATUS
+_INSTALL, _REBOOT, _RESUME, and optionally _MESSAGE) and get TGP_NODE, TGP_RUN, TGP_VERSION,
+TGP_PACKAGE_DIR, TGP_PACKAGES, TGP_MESSAGE and TGP_NOTICE_FILE in their environment. STATUS
 prints the node's snapshot as JSON. A command that exits non-zero fails the step.
+
+TGP_NOTICE_FILE names the current maintenance notice (JSON: id, message as users read
+it, at, maintenance), written at notify and at an announcement, removed at resume and
+when an announcement is withdrawn: the appliance's logon shows it to a user who logs on
+while maintenance mode is on, or before an announced maintenance (see
+agent.drivers.base.notice_at_logon). MESSAGE, if set, tells logged-in users that an
+announcement is withdrawn (without it they are not told; users who log on are not).
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ class ShellDriver(Driver):
         command = os.environ.get(f"TGP_SHELL_{step.upper()}", "")
         if not command:
             raise ShellCommandError(f"TGP_SHELL_{step.upper()} is not set on the agent of {self.hostname}")
-        full_env = {**os.environ, "TGP_NODE": self.hostname, **env}
+        full_env = {**os.environ, "TGP_NODE": self.hostname, "TGP_NOTICE_FILE": str(self.notice_file), **env}
         proc = subprocess.run(
             shlex.split(command), env=full_env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT
         )
@@ -46,7 +53,20 @@ class ShellDriver(Driver):
         return data
 
     def notify(self, notice_id: str, message: str) -> int:
+        self.remember_notice(notice_id, message, None, maintenance=True)
         self._run("notify", TGP_MESSAGE=message, TGP_NOTICE=notice_id)
+        return len(self.snapshot().get("users", []))
+
+    def deliver_notice(self, notice_id: str, message: str, at: float | None = None) -> int:
+        self._run("notify", TGP_MESSAGE=message, TGP_NOTICE=notice_id)
+        self.remember_notice(notice_id, message, at)
+        return len(self.snapshot().get("users", []))
+
+    def withdraw_notice(self, withdrawn_id: str, notice_id: str, message: str) -> int:
+        self.forget_notice(withdrawn_id)
+        if not os.environ.get("TGP_SHELL_MESSAGE"):
+            return 0
+        self._run("message", TGP_MESSAGE=message, TGP_NOTICE=notice_id)
         return len(self.snapshot().get("users", []))
 
     def exclude(self) -> None:
@@ -86,3 +106,4 @@ class ShellDriver(Driver):
 
     def resume(self) -> None:
         self._run("resume")
+        self.forget_notice()

@@ -23,11 +23,15 @@ from pathlib import Path
 from typing import Any
 
 from agent.config import config
-from agent.drivers.base import Driver
+from agent.drivers.base import Driver, notice_at_logon
 from agent.shared.files import atomic_write
 from agent.shared.repository import PackageEntry
 
 REBOOT_EXIT_CODE = 75
+
+
+class LogonRefused(RuntimeError):
+    """Logon is off on the appliance (drained for an update): nobody may log on."""
 
 
 def _now() -> str:
@@ -105,20 +109,63 @@ class SimulatedDriver(Driver):
     def notify(self, notice_id: str, message: str) -> int:
         with self.state() as data:
             data["maintenance"] = True
-            delivered = 0
-            for session in data.setdefault("sessions", {}).values():
-                if all(n["id"] != notice_id for n in session["inbox"]):
-                    session["inbox"].append({"id": notice_id, "message": message, "at": _now()})
-                delivered += 1
-            return delivered
+            # Users who log on while maintenance mode is on get it too (log_on).
+            data["notice"] = {"id": notice_id, "message": message, "at": None, "maintenance": True}
+            return self._deliver(data, notice_id, message)
 
-    def deliver_notice(self, notice_id: str, message: str) -> int:
-        # An announcement ahead of time: users are told, nothing else changes.
+    def deliver_notice(self, notice_id: str, message: str, at: float | None = None) -> int:
+        # An announcement ahead of time: users are told, nothing else changes. Users who
+        # log on before its time get it too; once maintenance mode is on, its own notice.
         with self.state() as data:
-            for session in data.setdefault("sessions", {}).values():
-                if all(n["id"] != notice_id for n in session["inbox"]):
-                    session["inbox"].append({"id": notice_id, "message": message, "at": _now()})
-            return len(data["sessions"])
+            current = data.get("notice") or {}
+            if not (data.get("maintenance") and current.get("maintenance")):
+                data["notice"] = {"id": notice_id, "message": message, "at": at, "maintenance": False}
+            return self._deliver(data, notice_id, message)
+
+    def withdraw_notice(self, withdrawn_id: str, notice_id: str, message: str) -> int:
+        with self.state() as data:
+            if (data.get("notice") or {}).get("id") == withdrawn_id:
+                data.pop("notice")
+            return self._deliver(data, notice_id, message)
+
+    @staticmethod
+    def _deliver(data: dict[str, Any], notice_id: str, message: str) -> int:
+        """Into every session's inbox, once per notice id; returns how many sessions there are."""
+        sessions = data.setdefault("sessions", {})
+        for session in sessions.values():
+            if all(n["id"] != notice_id for n in session["inbox"]):
+                session["inbox"].append({"id": notice_id, "message": message, "at": _now()})
+        return len(sessions)
+
+    # The current notice lives in state.json, changed under the same lock as the sessions:
+    # a user who logs on while a notice goes out gets it exactly once.
+    def current_notice(self) -> dict[str, Any] | None:
+        notice = self.read().get("notice")
+        return notice if isinstance(notice, dict) else None
+
+    def remember_notice(self, notice_id: str, message: str, at: float | None, *, maintenance: bool = False) -> None:
+        with self.state() as data:
+            data["notice"] = {"id": notice_id, "message": message, "at": at, "maintenance": maintenance}
+
+    def forget_notice(self, notice_id: str | None = None) -> None:
+        with self.state() as data:
+            if data.get("notice") and (notice_id is None or data["notice"].get("id") == notice_id):
+                data.pop("notice")
+
+    def log_on(self, user: str) -> list[dict[str, Any]]:
+        """A user logs on (a new session); returns the session's inbox. While the node is
+        in maintenance mode, or a maintenance is announced, the session starts with the
+        current notice. Refused (LogonRefused) while logon is off, as on the appliance."""
+        with self.state() as data:
+            if not data.get("logon_enabled", True):
+                raise LogonRefused(f"logon is off on {self.hostname} (maintenance): {user} cannot log on")
+            sessions = data.setdefault("sessions", {})
+            if user in sessions:
+                return list(sessions[user]["inbox"])
+            notice = notice_at_logon(data.get("notice"), bool(data.get("maintenance")))
+            inbox = [] if notice is None else [{"id": notice["id"], "message": notice["message"], "at": _now()}]
+            sessions[user] = {"since": _now(), "inbox": inbox}
+            return list(inbox)
 
     def exclude(self) -> None:
         with self.state() as data:
@@ -208,5 +255,6 @@ class SimulatedDriver(Driver):
     def resume(self) -> None:
         with self.state() as data:
             data["maintenance"] = False
+            data.pop("notice", None)  # maintenance is over: nobody who logs on now is told of it
             data["logon_enabled"] = True
             data["in_load_balancer"] = bool(data.get("cluster"))

@@ -125,6 +125,7 @@ MAX_TEXT = 4000
 MAX_ITEMS = 10_000
 _ID_RE = re.compile(r"^[A-Za-z0-9-]{0,64}\Z")
 _USER_RE = re.compile(r"^[^\x00-\x1f]{1,256}\Z")
+_NOTICE_ID_RE = re.compile(r"^[A-Za-z0-9_.:-]{0,100}\Z")
 
 
 class ProtocolError(ValueError):
@@ -353,13 +354,16 @@ class NodeReport:
 
 @dataclass(frozen=True)
 class NoticeCommand:
-    """A maintenance notice ahead of time, or the end of maintenance mode (no run involved)."""
+    """A maintenance notice ahead of time, or the end of maintenance mode (no run involved).
+    With `withdraws`, the notice takes back an earlier one (its notice id): users are
+    told, and users who log on later no longer get the earlier one."""
 
     node: str
     notice_id: str = ""
     message: str = ""
     # When the maintenance (or the update) begins, epoch seconds; see render_notice.
     at: float | None = None
+    withdraws: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         return asdict(self)
@@ -369,9 +373,10 @@ class NoticeCommand:
         f = _Fields(data, "notice", _known(cls))
         return cls(
             node=f.text("node", HOSTNAME_RE, HOSTNAME_RULE),
-            notice_id=f.text("notice_id", re.compile(r"^[A-Za-z0-9_.:-]{0,100}$"), "a notice id"),
+            notice_id=f.text("notice_id", _NOTICE_ID_RE, "a notice id"),
             message=f.text("message"),
             at=f.number("at", optional=True),
+            withdraws=f.text("withdraws", _NOTICE_ID_RE, "a notice id", optional=True) or "",
         )
 
 
