@@ -171,7 +171,9 @@ def test_the_plan_page_works_without_javascript(page_without_js, live_server, st
     later = occurrence + timedelta(hours=2)
     row.locator("input[name=planned_at]").fill(f"{later:%Y-%m-%dT%H:%M:%S}")
     row.get_by_role("button", name="Move").click()
-    expect(page.locator("ul.messagelist li.success")).to_contain_text(re.compile(f"{nodes[2].hostname} now updates at", re.I))
+    expect(page.locator("ul.messagelist li.success")).to_contain_text(
+        re.compile(f"{nodes[2].hostname} now updates at", re.I)
+    )
     row = page.locator(f"tr[data-node='{nodes[2].hostname}']")
     expect(row.locator("td.planned-at")).to_have_text(f"{later:%Y-%m-%d %H:%M:%S}")
     assert PlanEntry.objects.get(node=nodes[2]).planned_at == later

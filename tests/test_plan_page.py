@@ -294,7 +294,9 @@ def _queries(client, path):
 def test_the_pages_queries_do_not_grow_with_the_nodes(
     operator, cluster, schedule, occurrence, make_node, releases, django_assert_max_num_queries, stored
 ):
-    def add_nodes(count):
+    def add_nodes(count, left=1):
+        for _ in range(left):  # nodes that left the schedule are listed too
+            LeftSchedule.objects.create(schedule=schedule, node=make_node("gw", cluster=cluster), reason="failed twice")
         for _ in range(count):
             node = make_node("gw", cluster=cluster)
             run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], schedule=schedule,
@@ -307,8 +309,20 @@ def test_the_pages_queries_do_not_grow_with_the_nodes(
     pages = [page_url(schedule), reverse("admin:nodes_cluster_change", args=[cluster.pk])]
     add_nodes(0)
     few = [_queries(operator, path) for path in pages]
-    add_nodes(12)
+    add_nodes(12, left=3)
     for path, count in zip(pages, few, strict=True):
         with django_assert_max_num_queries(count):
             page = operator.get(path)
         assert page.text.count('class="plan-entry') >= 16
+
+
+def test_a_plan_under_way_is_shown_until_its_nodes_are_expected_back(operator, cluster, nodes):
+    schedule = UpdateSchedule.objects.create(name="daily", cluster=cluster, cron="0 3 * * *")
+    began = timezone.localtime().replace(second=0, microsecond=0) - 10 * MIN
+    plans.ensure_plan(schedule, began)  # nodes at began and began + 30 min, back 30 min later
+    text = operator.get(page_url(schedule)).text
+    assert f"Plan of daily for {began:%Y-%m-%d %H:%M}" in text and "Stored plan." in text
+    PlanEntry.objects.filter(plan__schedule=schedule).update(planned_at=began - 2 * timedelta(hours=1))
+    text = operator.get(page_url(schedule)).text
+    assert f"Plan of daily for {began:%Y-%m-%d %H:%M}" not in text, "all back: the next occurrence"
+    assert "Preview:" in text
