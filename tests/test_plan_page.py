@@ -326,3 +326,13 @@ def test_a_plan_under_way_is_shown_until_its_nodes_are_expected_back(operator, c
     text = operator.get(page_url(schedule)).text
     assert f"Plan of daily for {began:%Y-%m-%d %H:%M}" not in text, "all back: the next occurrence"
     assert "Preview:" in text
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [({"time_control": False}, "Time control is off."), ({"download_only": True}, "Download only: no update")],
+)
+def test_no_plan_without_an_update_and_the_page_says_why(operator, schedule, change, why):
+    UpdateSchedule.objects.filter(pk=schedule.pk).update(**change)
+    text = operator.get(page_url(schedule)).text
+    assert why in text and 'class="plan-timeline"' not in text

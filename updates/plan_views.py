@@ -85,7 +85,11 @@ def plan_for(schedule: UpdateSchedule, now: datetime | None = None) -> PlanView:
     view = PlanView(schedule, occurrence)
     view.left_schedule = list(LeftSchedule.objects.filter(schedule=schedule).select_related("node"))
     if occurrence is None:
-        view.why_none = "Time control is off." if not schedule.time_control else "No upcoming occurrence."
+        view.why_none = (
+            "Time control is off." if not schedule.time_control
+            else "Download only: no update, so no plan." if schedule.download_only
+            else "No upcoming occurrence."
+        )  # fmt: skip
         return view
     preview = plans.preview(schedule, occurrence)
     actual = actual_times(schedule.pk, occurrence)
