@@ -61,10 +61,15 @@ class ClusterAdmin(admin.ModelAdmin):
         return [path("<int:pk>/release-slot/", view, name="nodes_cluster_release_slot"), *super().get_urls()]
 
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
-        cluster = Cluster.objects.filter(pk=object_id).first()
+        from updates import plan_views  # the updates app builds on this one: imported when used
+
+        cluster = Cluster.objects.filter(pk=object_id).first() if object_id.isdigit() else None
+        schedules = cluster.schedules.select_related("cluster").order_by("name") if cluster else []
         extra = {
             "slot_holders": cluster_slots().holders(cluster.name) if cluster else [],
             "can_release": request.user.has_perm("nodes.start_update"),
+            "plans": [plan_views.plan_for(schedule) for schedule in schedules],
+            "can_plan": request.user.has_perm(plan_views.PERM),
             **(extra_context or {}),
         }
         return super().change_view(request, object_id, form_url, extra)

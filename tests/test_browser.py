@@ -55,6 +55,22 @@ def page(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 @pytest.fixture
+def page_without_js(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """As `page`, with JavaScript switched off in the browser."""
+    monkeypatch.setenv("DJANGO_ALLOW_ASYNC_UNSAFE", "true")
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        context = browser.new_context(java_script_enabled=False)
+        context.set_default_timeout(15_000)
+        yield context.new_page()
+        context.close()
+        browser.close()
+        from django.db import connections
+
+        connections.close_all()
+
+
+@pytest.fixture
 def login(page: Any, live_server: Any) -> Callable[[str], None]:
     def log_in(username: str) -> None:
         page.goto(f"{live_server.url}/admin/")
@@ -152,3 +168,40 @@ def test_autoupdate_page_announces_now_and_updates_at_the_time_it_offers(
     notice = MaintenanceNotice.objects.get(node=node)
     assert notice.state == "pending" and offered.startswith(f"{timezone.localtime(notice.starts_at):%Y-%m-%d %H:%M}")
     assert not UpdateRun.objects.filter(node=node).exists()
+
+
+def test_the_plan_page_works_without_javascript(page_without_js, live_server, staff, make_node, releases):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from nodes.models import Cluster
+    from updates.models import PlanEntry, UpdateSchedule
+
+    page = page_without_js
+    cluster = Cluster.objects.create(name="web", max_parallel_updates=2, expected_update=timedelta(minutes=30))
+    nodes = sorted((make_node("gw", cluster=cluster) for _ in range(4)), key=lambda n: n.hostname)
+    occurrence = (timezone.localtime() + timedelta(days=2)).replace(hour=3, minute=0, second=0, microsecond=0)
+    schedule = UpdateSchedule.objects.create(name="nightly", cluster=cluster, run_at=occurrence)
+    staff("op", "update")
+
+    page.goto(f"{live_server.url}/admin/")
+    page.fill("#id_username", "op")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.goto(f"{live_server.url}/admin/updates/updateschedule/{schedule.pk}/change/")
+    picture = page.locator("svg.plan-timeline")
+    expect(picture).to_be_visible()
+    expect(picture.locator("rect.planned-off")).to_have_count(4)
+    row = page.locator(f"tr[data-node='{nodes[2].hostname}']")
+    expect(row.locator("td.planned-at")).to_have_text(f"{occurrence + timedelta(minutes=30):%Y-%m-%d %H:%M:%S}")
+
+    later = occurrence + timedelta(hours=2)
+    row.locator("input[name=planned_at]").fill(f"{later:%Y-%m-%dT%H:%M:%S}")
+    row.get_by_role("button", name="Move").click()
+    expect(page.locator("ul.messagelist li.success")).to_contain_text(
+        re.compile(f"{nodes[2].hostname} now updates at", re.I)
+    )
+    row = page.locator(f"tr[data-node='{nodes[2].hostname}']")
+    expect(row.locator("td.planned-at")).to_have_text(f"{later:%Y-%m-%d %H:%M:%S}")
+    assert PlanEntry.objects.get(node=nodes[2]).planned_at == later

@@ -1,15 +1,17 @@
 from __future__ import annotations
 
 from datetime import datetime
+from functools import partial
 from typing import Any, cast
 
 from django.contrib import admin, messages
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.urls import path
 from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
-from updates import announced
+from updates import announced, plan_views
 from updates.models import (
     MaintenanceNotice,
     Package,
@@ -168,6 +170,27 @@ class UpdateScheduleAdmin(admin.ModelAdmin):
         "time_control", "disabled_reason", "next_update", "next_occurrences", "last_checked_at", "last_result",
     ]  # fmt: skip
     actions = ["switch_on", "switch_off"]
+    change_form_template = "admin/updates/updateschedule/change_form.html"
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        views = [("move", plan_views.move_view), ("exclude", plan_views.exclude_view),
+                 ("put-back", plan_views.put_back_view)]  # fmt: skip
+        return [
+            *(path(f"<int:pk>/plan/{name}/", wrap(partial(view, self)), name=f"updates_updateschedule_plan_{name}")
+              for name, view in views),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
+        found = UpdateSchedule.objects.select_related("cluster").filter(pk=object_id) if object_id.isdigit() else None
+        schedule = found.first() if found is not None else None
+        extra = {
+            "plan": plan_views.plan_for(schedule) if schedule and schedule.cluster_id else None,
+            "can_plan": request.user.has_perm(plan_views.PERM),
+            **(extra_context or {}),
+        }
+        return super().change_view(request, object_id, form_url, extra)
 
     @admin.display(description="for")
     def target(self, obj: UpdateSchedule) -> str:
