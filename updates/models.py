@@ -12,6 +12,7 @@ from django.db import models, transaction
 from django.db.models import Case, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.urls import reverse
+from django.utils import timezone
 from django.utils.functional import cached_property
 
 from agent.shared.protocol import (
@@ -462,7 +463,7 @@ class UpdatePlan(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"plan of {self.schedule} for {self.occurrence:%Y-%m-%d %H:%M}"
+        return f"plan of {self.schedule} for {timezone.localtime(self.occurrence):%Y-%m-%d %H:%M}"
 
 
 class PlanEntry(models.Model):
@@ -484,7 +485,7 @@ class PlanEntry(models.Model):
         constraints = [models.UniqueConstraint(fields=["plan", "node"], name="a_node_once_per_plan")]
 
     def __str__(self) -> str:
-        return f"{self.node} at {self.planned_at:%H:%M}"
+        return f"{self.node} at {timezone.localtime(self.planned_at):%H:%M}"
 
     @property
     def out_at(self) -> datetime:

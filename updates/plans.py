@@ -314,7 +314,8 @@ def replan(plan: UpdatePlan, now: datetime | None = None) -> list[PlanEntry]:
         for entry in moved:
             _tell_new_time(entry)
     if moved:
-        log.warning("%s: delayed %s", plan, ", ".join(f"{e.node} to {e.planned_at:%H:%M:%S}" for e in moved))
+        moves = ", ".join(f"{e.node} to {timezone.localtime(e.planned_at):%H:%M:%S}" for e in moved)
+        log.warning("%s: delayed %s", plan, moves)
     return moved
 
 
