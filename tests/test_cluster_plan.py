@@ -174,3 +174,16 @@ def test_the_cluster_refuses_a_bound_out_of_the_load_balancer_below_its_cap(clus
         cluster.full_clean()
     cluster.max_out_of_lb = None
     assert cluster.out_of_lb_bound == 4, "the default: twice the cap"
+
+
+def test_a_node_that_may_update_later_joins_the_plan_after_the_others(schedule, cluster):
+    first = cluster.nodes.order_by("hostname").first()
+    lock = UpdateLock.objects.create(node=first, reason="failed")
+    plan = plans.ensure_plan(schedule, schedule.run_at)
+    assert not plan.entries.filter(node=first).exists()
+    lock.removed_at = timezone.now()
+    lock.save()
+    plans.ensure_plan(schedule, schedule.run_at)  # the next firing
+    joined = plan.entries.get(node=first)
+    others = plan.entries.exclude(node=first)
+    assert joined.planned_at >= max(e.planned_at for e in others) and joined.note == "joined the plan late"

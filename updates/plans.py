@@ -158,9 +158,11 @@ def preview(schedule: UpdateSchedule, occurrence: datetime) -> Preview:
 
 def ensure_plan(schedule: UpdateSchedule, occurrence: datetime) -> UpdatePlan:
     """The occurrence's plan, made now if it does not exist yet (two firings may race:
-    the unique constraint keeps one)."""
+    the unique constraint keeps one). A node that may update now but was not in the
+    plan (its lock removed, a new release, a new node) joins it after the others."""
     plan = UpdatePlan.objects.filter(schedule=schedule, occurrence=occurrence).first()
     if plan is not None:
+        _add_late_comers(plan, schedule)
         return plan
     entries, bounds, _ = _entries(schedule, occurrence)
     assert schedule.cluster is not None
@@ -177,6 +179,32 @@ def ensure_plan(schedule: UpdateSchedule, occurrence: datetime) -> UpdatePlan:
         return UpdatePlan.objects.get(schedule=schedule, occurrence=occurrence)
     log.info("%s: %s", plan, ", ".join(f"{e.node} {timezone.localtime(e.planned_at):%H:%M:%S}" for e in entries))
     return plan
+
+
+def _add_late_comers(plan: UpdatePlan, schedule: UpdateSchedule) -> None:
+    entries = list(plan.entries.select_related("node", "plan"))
+    planned = {entry.node_id for entry in entries}
+    new = [node for node in candidates(schedule).nodes if node.pk not in planned]
+    if not new:
+        return
+    assert schedule.cluster is not None
+    expected = expected_durations(new, schedule.cluster.expected_update)
+    fixed = [_slot_of(entry) for entry in entries if not entry.excluded]
+    todo = [Todo(node.hostname, expected[node.pk], max(plan.occurrence, timezone.now() + plan.lead)) for node in new]
+    slots = {slot.node: slot for slot in place(_bounds(plan), todo, fixed)}
+    PlanEntry.objects.bulk_create(
+        [
+            PlanEntry(
+                plan=plan,
+                node=node,
+                planned_at=slots[node.hostname].at,
+                expected=expected[node.pk],
+                note="joined the plan late",
+            )
+            for node in new
+        ],  # fmt: skip
+        ignore_conflicts=True,  # two firings at once: the first one's entry stays
+    )
 
 
 def entry_for(run: UpdateRun) -> PlanEntry | None:
