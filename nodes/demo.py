@@ -59,7 +59,17 @@ def seed_nodes() -> list[Node]:
         # state and accepted at once (its history says by whom).
         keys.enroll_accepted(node, agent_cli("enroll", hostname, "--json")["public_key"], "accepted by demo_fleet")
         nodes.append(node)
+    seed_schedule(cluster)
     return nodes
+
+
+def seed_schedule(cluster: Cluster) -> None:
+    """The demo cluster's weekly time-controlled update, so that its plan shows on the
+    cluster's and the schedule's pages from the start (Sundays 03:00)."""
+    from updates.models import UpdateSchedule  # the updates app builds on this one
+
+    if not UpdateSchedule.objects.filter(cluster=cluster).exists():
+        UpdateSchedule.objects.create(name=f"{cluster} weekly", cluster=cluster, cron="0 3 * * 0")
 
 
 def agent_cli(*args: str) -> Any:

@@ -12,7 +12,7 @@ from django.core.management import CommandError, call_command
 
 from nodes.models import Cluster, Node
 from tests.conftest import ROOT, process_env, test_database_url
-from updates.models import Release, UpdateLock, UpdateRun
+from updates.models import Release, UpdateLock, UpdateRun, UpdateSchedule
 from updates.runs import locks
 
 _trios = count(1)
@@ -130,6 +130,7 @@ def test_demo_fleet_is_idempotent(settings, tmp_path):
     run_cli("demo_fleet")
     assert sorted(Node.objects.values_list("hostname", flat=True)) == ["c1n1", "c1n2", "c1n3", "gw1"]
     assert Cluster.objects.get(name="cluster1").max_parallel_updates == 1
+    assert UpdateSchedule.objects.filter(cluster__name="cluster1").count() == 1, "its plan shows from the start"
     assert Node.objects.get(hostname="gw1").cluster is None
     assert Release.objects.filter(channel="stable").count() >= 2
     assert Release.objects.filter(channel="oldstable").count() >= 1
