@@ -147,6 +147,8 @@ def process_env(redis_url: str, **extra: str) -> dict[str, str]:
         "TGP_RECONCILE_AFTER": "2",
         "TGP_RECONCILE_INTERVAL": "1",
         "TGP_PLAN_LOOK": "0.5",
+        # Plans move by seconds here: a delayed node's users hear of every second.
+        "TGP_PLAN_NOTICE_STEP": "1",
         "TGP_ANNOUNCED_UPDATE_INTERVAL": "1",
         "PYTHONUNBUFFERED": "1",
         "TGP_CONTROL_SIGNING_KEY_FILE": str(CONTROL_KEY.path),

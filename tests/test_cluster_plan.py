@@ -187,3 +187,39 @@ def test_a_node_that_may_update_later_joins_the_plan_after_the_others(schedule, 
     joined = plan.entries.get(node=first)
     others = plan.entries.exclude(node=first)
     assert joined.planned_at >= max(e.planned_at for e in others) and joined.note == "joined the plan late"
+
+
+def _in_progress(entry, releases, off):
+    run = UpdateRun.objects.create(node=entry.node, release=releases["2.2.0"], trigger="scheduled",
+                                   schedule=entry.plan.schedule, scheduled_for=entry.plan.occurrence,
+                                   update_phase_started=True)  # fmt: skip
+    run.steps.create(name="exclude", position=0, state="succeeded", started_at=entry.out_at)
+    run.steps.create(name="drain", position=1, state="succeeded", started_at=off)
+    return run
+
+
+def test_a_node_logged_off_a_moment_late_moves_nobody_an_overrun_moves_the_next_and_tells_its_users(
+    cluster, make_node, releases, django_capture_on_commit_callbacks
+):
+    Cluster.objects.filter(pk=cluster.pk).update(max_parallel_updates=1)
+    cluster.refresh_from_db()
+    for _ in range(2):
+        make_node("p", cluster=cluster)
+    occurrence = timezone.now() + timedelta(hours=1)
+    schedule = UpdateSchedule.objects.create(name="plan", cluster=cluster, run_at=occurrence)
+    plan = plans.ensure_plan(schedule, occurrence)
+    first, second = plan.entries.select_related("node", "plan").order_by("planned_at")
+    _in_progress(first, releases, off=first.planned_at + timedelta(seconds=2))
+
+    with django_capture_on_commit_callbacks(execute=False) as told:
+        assert plans.replan(plan, now=first.planned_at + timedelta(seconds=3)) == []
+    assert not told, "2 s late is on time: nobody moves, nobody is told"
+
+    overrun = first.back_at + timedelta(seconds=1)
+    with django_capture_on_commit_callbacks(execute=False) as told:
+        (moved,) = plans.replan(plan, now=overrun)
+    assert moved.node == second.node and moved.planned_at == first.back_at + first.expected / 2
+    (notice,) = told
+    command = notice.__self__.args[0]["body"]["command"]
+    assert command["node"] == second.node.hostname and command["at"] == moved.planned_at.timestamp()
+    assert "delayed" in command["message"]

@@ -223,6 +223,9 @@ TGP_NODE_STATE_DIR = Path(env_str("TGP_NODE_STATE_DIR", str(VAR_DIR / "nodes")))
 # A cluster node holding out of the load balancer looks at its plan at least this often:
 # a node before it that overruns moves its time, and its users hear of it, within this.
 TGP_PLAN_LOOK = env_float("TGP_PLAN_LOOK", 30.0, minimum=0.1)
+# A delayed node's users are told the new time when it falls in another step of this
+# many seconds than the time they were told (a minute: what their notice shows).
+TGP_PLAN_NOTICE_STEP = env_float("TGP_PLAN_NOTICE_STEP", 60.0, minimum=0.001)
 TGP_RUN_STALL_TIMEOUT = env_float("TGP_RUN_STALL_TIMEOUT", 1800.0, minimum=1.0)
 # How long the control plane waits for a node to come back after the reboot step.
 TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)

@@ -18,6 +18,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from celery import signature
+from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
@@ -38,6 +39,8 @@ from updates.models import (
 from updates.placement import Bounds, Slot, Todo, place, problem
 
 log = logging.getLogger(__name__)
+# How late a node may be logged off and still count as on time for the nodes after it.
+LATE_OFF = timedelta(seconds=5)
 DELAY_NOTICE = "The update of this server is delayed: you will be logged off {when}. Please save your work."
 
 
@@ -326,25 +329,36 @@ def replan(plan: UpdatePlan, now: datetime | None = None) -> list[PlanEntry]:
             if seen.back is not None:
                 continue  # back (or ended): it holds no place any more
             if seen.off is not None:
-                back = expected_back(seen.off, entry.expected, now)
+                # Logged off a moment late (a worker's round trip) is on time: only a real
+                # delay, or an overrun, moves the others.
+                late = seen.off - entry.planned_at > LATE_OFF
+                back = expected_back(seen.off if late else entry.planned_at, entry.expected, now)
                 fixed.append(Slot(entry.node.hostname, seen.off, back, seen.out or seen.off - plan.lead))
             else:
                 todo.append((entry, Todo(entry.node.hostname, entry.expected, entry.planned_at, seen.out)))
         slots = {s.node: s for s in place(_bounds(plan), [t for _, t in todo], fixed)}
         moved = []
+        told = []
         for entry, _ in todo:
             new = slots[entry.node.hostname].at
             if new > entry.planned_at:
+                if _step(new) != _step(entry.planned_at):
+                    told.append(entry)  # its users read minutes: a move within one is not news
                 entry.note = f"delayed from {timezone.localtime(entry.planned_at):%H:%M:%S}: a node before it overran"
                 entry.planned_at = new
                 entry.save(update_fields=["planned_at", "note"])
                 moved.append(entry)
-        for entry in moved:
+        for entry in told:
             _tell_new_time(entry)
     if moved:
         moves = ", ".join(f"{e.node} to {timezone.localtime(e.planned_at):%H:%M:%S}" for e in moved)
         log.warning("%s: delayed %s", plan, moves)
     return moved
+
+
+def _step(moment: datetime) -> int:
+    """The notice step (TGP_PLAN_NOTICE_STEP, a minute: what a notice shows) a time falls in."""
+    return int(moment.timestamp() // settings.TGP_PLAN_NOTICE_STEP)
 
 
 def _tell_new_time(entry: PlanEntry) -> None:
