@@ -98,11 +98,11 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
     release = Release.objects.get(version=NEW)
     tag = uuid.uuid4().hex[:6]
     # A scheduled rollout follows its plan: each node at its own time, from the expected
-    # duration (the draws' mean here: nodes that draw long delay the ones after them),
-    # with no bound out of the load balancer beyond the cap (the lead time is 0).
+    # duration (the draws' mean here: nodes that draw long delay the ones after them).
+    # With a lead time of 0, out of the load balancer is out of service: bound by the cap.
     cluster = Cluster.objects.create(
         name=f"bench-{tag}", max_parallel_updates=CAP, lb_lead_time=timedelta(0),
-        expected_update=timedelta(seconds=2 * scale), max_out_of_lb=max(count, CAP),
+        expected_update=timedelta(seconds=2 * scale), max_out_of_lb=CAP,
     )  # fmt: skip
     hostnames = [f"r{tag}-{i:03d}" for i in range(1, count + 1)]
     nodes = seed_nodes(hostnames, work / "nodes", cluster=cluster, durations=durations)

@@ -223,3 +223,17 @@ def test_a_node_logged_off_a_moment_late_moves_nobody_an_overrun_moves_the_next_
     command = notice.__self__.args[0]["body"]["command"]
     assert command["node"] == second.node.hostname and command["at"] == moved.planned_at.timestamp()
     assert "delayed" in command["message"]
+
+
+def test_a_replan_places_the_nodes_out_already_before_those_still_in_line():
+    # Lead 0, the bound out of the load balancer equal to the cap: one node still in line
+    # placed before the ones out already left them no instant at all ("fits nowhere").
+    bounds = Bounds(T, timedelta(0), cap=2, out_bound=2)
+    out_since = T - MIN
+    fixed = [Slot("busy", T, T + 10 * MIN, T)]
+    in_line = Todo("waiting", 2 * MIN, T)
+    out = Todo("out", 2 * MIN, T, out_since=out_since)
+    with pytest.raises(ValueError, match="fits nowhere"):
+        place(bounds, [in_line, out], fixed)
+    slots = {s.node: s for s in place(bounds, [out, in_line], fixed)}
+    assert slots["out"].at == T and slots["waiting"].at == T + 2 * MIN

@@ -335,8 +335,18 @@ def replan(plan: UpdatePlan, now: datetime | None = None) -> list[PlanEntry]:
                 back = expected_back(seen.off if late else entry.planned_at, entry.expected, now)
                 fixed.append(Slot(entry.node.hostname, seen.off, back, seen.out or seen.off - plan.lead))
             else:
-                todo.append((entry, Todo(entry.node.hostname, entry.expected, entry.planned_at, seen.out)))
-        slots = {s.node: s for s in place(_bounds(plan), [t for _, t in todo], fixed)}
+                # Out already: out from now on, as far as the future is concerned (the
+                # past is history, and the semaphore kept it within the bound).
+                out = now if seen.out else None
+                todo.append((entry, Todo(entry.node.hostname, entry.expected, entry.planned_at, out)))
+        # The nodes out already go first: they hold their places, and one placed after
+        # a node that is still in line could find every future instant taken.
+        todo.sort(key=lambda pair: (pair[1].out_since is None, pair[0].planned_at, pair[0].pk))
+        try:
+            slots = {s.node: s for s in place(_bounds(plan), [t for _, t in todo], fixed)}
+        except ValueError as exc:  # the bounds changed under the plan: the semaphores still decide
+            log.warning("%s: not replanned: %s", plan, exc)
+            return []
         moved = []
         told = []
         for entry, _ in todo:
