@@ -82,6 +82,14 @@ def login(page: Any, live_server: Any) -> Callable[[str], None]:
     return log_in
 
 
+def ask_for_autoupdate(page, live_server, node) -> None:
+    """The node list's Auto-Update action for one node: its confirmation page opens."""
+    page.goto(f"{live_server.url}/admin/nodes/node/")
+    page.check(f"input.action-select[value='{node.pk}']")
+    page.select_option("select[name=action]", label="Auto-Update (asks for confirmation)")
+    page.click("button[name=index]")
+
+
 def test_autoupdate_from_the_node_list_until_succeeded(
     page, login, live_server, staff, demo_repo, make_node, agent_for, tmp_path
 ):
@@ -92,10 +100,7 @@ def test_autoupdate_from_the_node_list_until_succeeded(
     staff("op", "update")
 
     login("op")
-    page.goto(f"{live_server.url}/admin/nodes/node/")
-    page.check(f"input.action-select[value='{node.pk}']")
-    page.select_option("select[name=action]", label="Auto-Update (asks for confirmation)")
-    page.click("button[name=index]")
+    ask_for_autoupdate(page, live_server, node)
 
     plan = page.locator("#autoupdate-plan")
     expect(plan).to_contain_text(node.hostname)
@@ -154,10 +159,7 @@ def test_autoupdate_page_announces_now_and_updates_at_the_time_it_offers(
     staff("op", "update")
 
     login("op")
-    page.goto(f"{live_server.url}/admin/nodes/node/")
-    page.check(f"input.action-select[value='{node.pk}']")
-    page.select_option("select[name=action]", label="Auto-Update (asks for confirmation)")
-    page.click("button[name=index]")
+    ask_for_autoupdate(page, live_server, node)
 
     announce = page.locator("#announce-update")
     offered = announce.locator("input[name=update_at]").input_value()  # the manual's advice: in about 2 hours
