@@ -73,6 +73,8 @@ def check_can_start(
     """UpdateRefused with the reason for the operator, if the update may not start.
     `checks`: read for many nodes at once (StartChecks.read); by default for this one."""
     packages = packages or []
+    if release.withdrawn_at is not None:
+        raise UpdateRefused(f"The {release.withdrawn_reason}: it is never installed.")
     _check_packages(release, trigger, packages)
     checks = checks or StartChecks.read([node])
     if node.pk not in checks.trusted:
