@@ -29,6 +29,8 @@ from agent.shared.protocol import (
 )
 from agent.shared.repository import (
     PackageEntry,
+    ReleaseEntry,
+    RepositoryError,
     RepositoryIndex,
     fetch_index,
     package_url,
@@ -106,15 +108,39 @@ class _Throttle:
             self.report("progress", bytes_done=self.base + done, bytes_total=self.total)
 
 
+class ReleaseWithdrawn(RepositoryError):
+    """The signed index does not list the release (any more): it is not installed."""
+
+
+def listed(index: RepositoryIndex, version: str) -> ReleaseEntry:
+    for entry in index.releases:
+        if entry.version == version:
+            return entry
+    raise ReleaseWithdrawn(
+        f"release {version} was withdrawn from the repository: its signed index (serial {index.serial}) "
+        "does not list it"
+    )
+
+
 def download(driver: Driver, command: StepCommand, report: Report) -> None:
     with repo_client(config().download_timeout) as client:
         index, raw, sig = fetch_index(
             config().repo_url, config().repo_public_key(), min_serial=driver.last_serial(), client=client
         )
-        release = index.release(command.version)
+        release = listed(index, command.version)
         packages = selected(release.packages, command.packages)
         total = sum(p.size for p in packages)
         fetch_packages(client, driver, release.version, packages, _Throttle(report, total))
+        # The index once more, before anyone is logged off: a release withdrawn while its
+        # files came is not installed, and one published again is checked against the new index.
+        latest, raw_latest, sig_latest = fetch_index(
+            config().repo_url, config().repo_public_key(), min_serial=index.serial, client=client
+        )
+        if latest.serial != index.serial:
+            index, raw, sig = latest, raw_latest, sig_latest
+            release = listed(index, command.version)
+            packages = selected(release.packages, command.packages)
+            fetch_packages(client, driver, release.version, packages)  # a file that matches costs no request
     # The install step checks the packages against this copy again instead of trusting the disk.
     target = driver.download_dir(release.version)
     # Small, and what every later check trusts: unlike the packages, synced to disk.

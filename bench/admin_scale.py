@@ -33,7 +33,7 @@ RUNS_PER_NODE = 20
 REQUESTS = 5
 TARGET_MS = 250.0
 SELECTED = 200  # nodes selected for an Auto-Update (a large cluster); all of them on the 10-node fleet
-STEPS = ["notify", "drain", "download", "install", "reboot", "verify", "resume"]
+STEPS = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
 
 
 def run(nodes: int = 10_000) -> dict[str, Any]:

@@ -87,7 +87,7 @@ def test_a_release_that_needs_no_reboot_is_installed_without_one(tmp_path, make_
 
     # The run page lists what happened: no reboot step at all, verify right after install.
     names = list(run.steps.order_by("position").values_list("name", flat=True))
-    assert names == ["notify", "drain", "download", "install", "verify", "resume"]
+    assert names == ["notify", "download", "drain", "install", "verify", "resume"]
     assert all(state == "succeeded" for state in run.steps.values_list("state", flat=True))
     state = appliance(state_dir, node)
     assert state["installed_version"] == "2.3.0" and state["boot_id"] == boot_before

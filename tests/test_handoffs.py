@@ -42,7 +42,7 @@ def test_a_cluster_node_downloads_before_it_takes_a_slot(make_node, cluster):
     steps = start.plan_steps(node, UpdateRun.Trigger.MANUAL)
     assert steps.index("download") < steps.index("slot") < steps.index("drain")
     single = start.plan_steps(make_node("gw"), UpdateRun.Trigger.MANUAL)
-    assert single[:3] == ["notify", "drain", "download"], "a single system keeps the manual's order"
+    assert single[:3] == ["notify", "download", "drain"], "a single system too downloads before it logs anyone off"
 
 
 def test_a_freed_slot_goes_to_the_longest_waiter_at_once(

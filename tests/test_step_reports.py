@@ -84,7 +84,7 @@ def test_a_quick_step_is_one_report_that_says_when_it_began_and_ended(run, inbox
     assert (step.state, step.attempts) == ("succeeded", 1)
     assert step.started_at == datetime.fromtimestamp(kwargs["started"], tz=UTC)
     assert step.finished_at >= step.started_at
-    assert UpdateRun.objects.with_current_step().get(pk=run.pk).current_step == "drain", "the run is past notify"
+    assert UpdateRun.objects.with_current_step().get(pk=run.pk).current_step == "download", "the run is past notify"
 
 
 def test_a_slow_step_shows_as_running_before_it_ends(run, inbox):

@@ -78,15 +78,15 @@ def test_a_second_start_on_the_same_node_is_refused(run, releases):
 
 def test_agent_restart_mid_step_requeues_the_run_from_that_step(run, django_capture_on_commit_callbacks):
     reports.record_step(run.pk, "notify", "succeeded")
-    reports.record_step(run.pk, "drain", "succeeded")
-    reports.record_step(run.pk, "download", "started")
+    reports.record_step(run.pk, "download", "succeeded")
+    reports.record_step(run.pk, "drain", "started")
     with django_capture_on_commit_callbacks(execute=False) as queued:
         recovery.node_reported(run.node.hostname, {"boot_id": "boot-1", "agent_instance": "agent-2"})
-    assert queued == [QueueChain(run.pk, "download")], "this run, again from the step its agent was in"
+    assert queued == [QueueChain(run.pk, "drain")], "this run, again from the step its agent was in"
 
 
 def test_a_crash_after_the_reboot_requeues_the_interrupted_step(run, django_capture_on_commit_callbacks):
-    for name in ["notify", "drain", "download", "install", "reboot", "verify"]:
+    for name in ["notify", "download", "drain", "install", "reboot", "verify"]:
         reports.record_step(run.pk, name, "succeeded")
     recovery.node_reported(run.node.hostname, {"boot_id": "boot-2", "agent_instance": "agent-2"})  # the reboot
     reports.record_step(run.pk, "resume", "started")
@@ -96,7 +96,7 @@ def test_a_crash_after_the_reboot_requeues_the_interrupted_step(run, django_capt
 
 
 def test_the_reboot_itself_does_not_requeue_the_reboot(run, django_capture_on_commit_callbacks):
-    for name in ["notify", "drain", "download", "install"]:
+    for name in ["notify", "download", "drain", "install"]:
         reports.record_step(run.pk, name, "succeeded")
     reports.record_step(run.pk, "reboot", "started")
     with django_capture_on_commit_callbacks(execute=False) as queued:
@@ -144,7 +144,7 @@ def test_a_reboot_whose_report_and_verify_were_lost_is_carried_on_at_verify(
 ):
     # Redis went down while the control worker held the reboot step's report and the
     # chain's verify: the node came back, and nothing would move the run on.
-    for name in ["notify", "drain", "download", "install"]:
+    for name in ["notify", "download", "drain", "install"]:
         reports.record_step(run.pk, name, "succeeded")
     reports.record_step(run.pk, "reboot", "started")
     Node.objects.filter(pk=run.node_id).update(boot_id="boot-2")

@@ -33,12 +33,33 @@ class PackageInline(admin.TabularInline):
     fields = ["name", "version", "file", "size", "sha256"]
 
 
+class WithdrawnFilter(admin.SimpleListFilter):
+    title = "in the repository"
+    parameter_name = "withdrawn"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("no", "listed"), ("yes", "withdrawn")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        if self.value() == "yes":
+            return queryset.exclude(withdrawn_at=None)
+        if self.value() == "no":
+            return queryset.filter(withdrawn_at=None)
+        return queryset
+
+
 @admin.register(Release)
 class ReleaseAdmin(admin.ModelAdmin):
-    list_display = ["version", "channel", "needs_reboot", "hotfix", "index_serial", "created_at"]
-    list_filter = ["channel", "hotfix"]
+    list_display = ["version", "channel", "needs_reboot", "hotfix", "index_serial", "withdrawn", "created_at"]
+    list_filter = ["channel", "hotfix", WithdrawnFilter]
     search_fields = ["version", "notes"]
-    readonly_fields = ["index_serial", "created_at"]
+    readonly_fields = ["index_serial", "withdrawn_at", "created_at"]
+
+    @admin.display(description="withdrawn", ordering="withdrawn_at")
+    def withdrawn(self, obj: Release) -> str:
+        """A release the repository no longer lists: never the newest, never installed."""
+        return f"withdrawn {timezone.localtime(obj.withdrawn_at):%Y-%m-%d %H:%M}" if obj.withdrawn_at else ""
+
     inlines = [PackageInline]
 
 

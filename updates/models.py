@@ -39,6 +39,11 @@ class Release(models.Model):
     needs_reboot = models.BooleanField(default=True)
     hotfix = models.BooleanField(default=False)
     index_serial = models.PositiveIntegerField(default=0, editable=False, help_text="Serial of the index it came from.")
+    # Set when an imported index no longer lists it (updates.releases.import_index),
+    # cleared when one lists it again: never the newest, never installed.
+    withdrawn_at = models.DateTimeField(
+        null=True, blank=True, editable=False, help_text="When the repository's index stopped listing it."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -51,9 +56,14 @@ class Release(models.Model):
         self.version_sort = version_sort_key(self.version)
         super().save(*args, **kwargs)
 
+    @property
+    def withdrawn_reason(self) -> str:
+        return f"release {self.version} was withdrawn from the repository"
+
     @classmethod
     def newest(cls, channel: str) -> Release | None:
-        return cls.objects.filter(channel=channel).order_by("-version_sort").first()
+        """The newest release of the channel that the repository still lists."""
+        return cls.objects.filter(channel=channel, withdrawn_at=None).order_by("-version_sort").first()
 
 
 class Package(models.Model):

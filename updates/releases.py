@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import transaction
+from django.utils import timezone
 
 from agent.shared.repository import RepositoryIndex, fetch_index, parse_and_verify, pinned_public_key
 from updates.models import Package, Release
@@ -20,8 +21,13 @@ def last_serial() -> int:
 
 @transaction.atomic
 def import_index(index: RepositoryIndex) -> tuple[int, int]:
-    """Upsert every release of a verified index; returns (created, updated)."""
+    """Upsert every release of a verified index; returns (created, updated). A known
+    release the index no longer lists is marked withdrawn (never the newest, never
+    installed); one it lists again is withdrawn no longer."""
     created = updated = 0
+    listed = [entry.version for entry in index.releases]
+    withdrawn = Release.objects.exclude(version__in=listed).filter(withdrawn_at=None)
+    withdrawn.update(withdrawn_at=timezone.now())
     for entry in index.releases:
         release, was_created = Release.objects.update_or_create(
             version=entry.version,
@@ -31,6 +37,7 @@ def import_index(index: RepositoryIndex) -> tuple[int, int]:
                 "needs_reboot": entry.needs_reboot,
                 "hotfix": entry.hotfix,
                 "index_serial": index.serial,
+                "withdrawn_at": None,
             },
         )
         created += was_created

@@ -116,7 +116,7 @@ def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
     time. Before it: with `arm`, a timer (control.update_phase) comes back then; the
     update entry, the timer itself and the reconciler arm it. A download still under
     way continues the run itself when it succeeds."""
-    run = UpdateRun.objects.select_related("node__cluster").get(pk=run_id)
+    run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
     if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING:
         return False
     at = update_phase_at(run)
@@ -127,6 +127,11 @@ def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
         return False
     pending = first_unfinished(run)
     if pending is None or (pending.name == "download" and pending.state == UpdateStep.State.RUNNING):
+        return False
+    if run.release.withdrawn_at is not None:
+        from updates.runs.end import fail_run  # end builds on chains: imported when used
+
+        fail_run(run_id, run.release.withdrawn_reason)  # before anything disruptive is queued
         return False
     # Claimed: the update entry, a late download success and the second download round may all get here.
     if not UpdateRun.objects.filter(pk=run_id, update_phase_started=False).update(update_phase_started=True):

@@ -59,6 +59,11 @@ def take_slot(run_id: int, step: str = "slot") -> None:
     state = states[names.index(step)]
     if run.state != UpdateRun.State.RUNNING or state == UpdateStep.State.SUCCEEDED:
         return  # ended, or a duplicate of a step that already went on
+    if run.release.withdrawn_at is not None:
+        from updates.runs.end import fail_run  # end builds on this module: imported when used
+
+        fail_run(run_id, run.release.withdrawn_reason)  # before it leaves the load balancer or logs anyone off
+        return
     if state == UpdateStep.State.PENDING:
         lifecycle.wait_step(run_id, step, timezone.now())
     cluster, node = run.node.cluster, run.node

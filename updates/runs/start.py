@@ -73,6 +73,8 @@ def check_can_start(
     """UpdateRefused with the reason for the operator, if the update may not start.
     `checks`: read for many nodes at once (StartChecks.read); by default for this one."""
     packages = packages or []
+    if release.withdrawn_at is not None:
+        raise UpdateRefused(f"The {release.withdrawn_reason}: it is never installed.")
     _check_packages(release, trigger, packages)
     checks = checks or StartChecks.read([node])
     if node.pk not in checks.trusted:
@@ -104,8 +106,11 @@ def check_can_start(
 
 
 def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
-    """The steps of a run, in order. A scheduled run downloads ahead of its update
-    time. A cluster node downloads, then takes an update slot before anything
+    """The steps of a run, in order. Every run downloads (and verifies) its files
+    before anything disruptive: a download that fails (a bad index signature, a
+    package that does not match, the repository down) fails the run before any
+    user is logged off. A scheduled run downloads ahead of its update time. A
+    cluster node downloads, then takes an update slot before anything
     disruptive. On the scheduled path (its plan entry's times) it first takes a place
     out of the load balancer at its own time less the lead, leaves the load balancer,
     and holds its users until its planned time; only then does it take an update
@@ -115,10 +120,8 @@ def plan_steps(node: Node, trigger: str, *, reboot: bool = True) -> list[str]:
     if trigger == UpdateRun.Trigger.DOWNLOAD:
         return ["download"]
     if node.cluster_id is None:
-        if trigger == UpdateRun.Trigger.SCHEDULED:
-            steps = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
-        else:
-            steps = ["notify", "drain", "download", "install", "reboot", "verify", "resume"]
+        # Auto-Update, catch-up and scheduled alike: users keep working while it downloads.
+        steps = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
     # A cluster node downloads while it waits for its slot: its users keep working
     # meanwhile, and the slot (a node out of service) is held only for the update itself.
     elif trigger == UpdateRun.Trigger.SCHEDULED:
