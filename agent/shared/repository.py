@@ -25,6 +25,10 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from agent.shared.env import ConfigError
+from agent.shared.errors import DownloadError as DownloadError
+from agent.shared.errors import RepositoryError as RepositoryError
+from agent.shared.fetch import FetchError as FetchError
+from agent.shared.fetch import fetch_bounded
 from agent.shared.protocol import CHANNELS, PACKAGE_NAME_RE, SHA256_RE, VERSION_RE, version_key
 from agent.shared.signing import pinned_key
 
@@ -34,12 +38,10 @@ SIGNATURE_NAME = "index.json.sig"
 POOL_DIR = "pool"
 RELEASE_META = "release.json"
 PACKAGE_SUFFIX = ".tar.gz"
-# A hostile or broken server must not make a node buffer an unbounded index.
+# A hostile or broken server must not make a node buffer an unbounded index, nor keep
+# it waiting for one: each of index.json and its signature within these (agent/shared/fetch.py).
 MAX_INDEX_BYTES = 16 * 1024 * 1024
-
-
-class RepositoryError(Exception):
-    """Base class; the message is meant for operators."""
+INDEX_DEADLINE = 120.0
 
 
 class IndexFormatError(RepositoryError):
@@ -60,10 +62,6 @@ class SerialRollbackError(RepositoryError):
 
 class PackageVerificationError(RepositoryError):
     """Size or sha256 mismatch: permanent, retrying the same bytes will not help."""
-
-
-class DownloadError(RepositoryError):
-    """Transient: network error, 5xx, cut connection."""
 
 
 # --------------------------------------------------------------------------- model
@@ -350,7 +348,8 @@ def _tls_context() -> ssl.SSLContext:
 
 def repo_client(timeout: float) -> httpx.Client:
     """An HTTP client for the repository. Redirects are not followed: the index
-    names the only place a package may come from."""
+    names the only place a package may come from. TLS is always verified against
+    the system CA bundle: there is deliberately no option to turn that off."""
     return httpx.Client(timeout=timeout, follow_redirects=False, verify=_tls_context())
 
 
@@ -361,30 +360,18 @@ def fetch_index(
     min_serial: int = 0,
     client: httpx.Client | None = None,
     timeout: float = 30.0,
+    deadline: float = INDEX_DEADLINE,
 ) -> tuple[RepositoryIndex, bytes, bytes]:
+    """Fetch and verify the index. Fetching fails with FetchError (a DownloadError,
+    retried); what is fetched but wrong with a RepositoryError that is not."""
     own_client = client is None
     client = client or repo_client(timeout)
     try:
         base = base_url.rstrip("/")
-        index_bytes = _get_bounded(client, f"{base}/{INDEX_NAME}", timeout)
-        signature = _get_bounded(client, f"{base}/{SIGNATURE_NAME}", timeout)
+        index_bytes = fetch_bounded(client, f"{base}/{INDEX_NAME}", MAX_INDEX_BYTES, deadline=deadline)
+        signature = fetch_bounded(client, f"{base}/{SIGNATURE_NAME}", MAX_INDEX_BYTES, deadline=deadline)
     finally:
         if own_client:
             client.close()
     index = parse_and_verify(index_bytes, signature, public_key_b64, min_serial=min_serial)
     return index, index_bytes, signature
-
-
-def _get_bounded(client: httpx.Client, url: str, timeout: float) -> bytes:
-    try:
-        with client.stream("GET", url, timeout=timeout) as resp:
-            if resp.status_code != 200:
-                raise DownloadError(f"GET {url} answered HTTP {resp.status_code}")
-            body = bytearray()
-            for chunk in resp.iter_bytes():
-                body += chunk
-                if len(body) > MAX_INDEX_BYTES:
-                    raise IndexFormatError(f"{url} is larger than {MAX_INDEX_BYTES} bytes")
-            return bytes(body)
-    except httpx.HTTPError as exc:
-        raise DownloadError(f"GET {url} failed: {exc or type(exc).__name__}") from exc

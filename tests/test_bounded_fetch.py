@@ -1,0 +1,373 @@
+"""Bounded fetching (agent/shared/fetch.py) against hostile servers on loopback: gzip
+bombs, endless data, lying lengths, redirects, slow retrieval, bad TLS."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import ssl
+import struct
+import threading
+import time
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent.download import download_package  # also: httpcore reads 1 MiB at a time, as in the agent
+from agent.shared.fetch import FetchError, fetch_bounded
+from agent.shared.repository import (
+    MAX_INDEX_BYTES,
+    DownloadError,
+    RepositoryError,
+    SignatureError,
+    fetch_index,
+    repo_client,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1024 * 1024
+INDEX = b'{"format": 1}\n' * 100
+
+
+def _gzip_bomb(inflated_mib: int) -> bytes:
+    """A valid gzip stream of inflated_mib MiB of zeros, about 1/1000 of that on the wire.
+    Built from one compressed MiB repeated (a full flush resets the compressor's state)."""
+    block = b"\0" * MiB
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    first = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
+    again = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(inflated_mib):
+        crc = zlib.crc32(block, crc)
+    final_empty_block = b"\x03\x00"
+    return (
+        first + again * (inflated_mib - 1) + final_empty_block + struct.pack("<II", crc, (inflated_mib * MiB) % 2**32)
+    )
+
+
+BOMB = _gzip_bomb(1100)  # 1.1 MB on the wire, 1.1 GiB inflated
+
+
+def test_the_bomb_really_inflates_beyond_a_gib():
+    inflater, total = zlib.decompressobj(31), 0
+    for i in range(0, len(BOMB), 64 * 1024):
+        total += len(inflater.decompress(BOMB[i : i + 64 * 1024], MiB))
+        while inflater.unconsumed_tail:
+            total += len(inflater.decompress(inflater.unconsumed_tail, MiB))
+    assert inflater.eof and total > 1024 * MiB and len(BOMB) < 1.2 * MiB
+
+
+# --------------------------------------------------------------------------- server
+
+Route = Callable[["_Handler"], None]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format, *args):
+        pass
+
+    def do_GET(self) -> None:
+        server: _Server = self.server  # type: ignore[assignment]
+        server.requests.append((self.path, dict(self.headers.items())))
+        route = server.routes.get(self.path)
+        try:
+            if route is None:
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            else:
+                route(self)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def head(self, status: int = 200, **headers: str | int) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), str(value))
+        self.end_headers()
+        self.wfile.flush()
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes: dict[str, Route] = {}
+        self.requests: list[tuple[str, dict[str, str]]] = []
+        self.stop = threading.Event()  # ends the stalling routes at teardown
+        self.hung_up = threading.Event()  # the endless route saw the client go
+        self.sent = 0
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # clients hanging up on hostile answers is what these tests provoke
+
+
+@pytest.fixture
+def server() -> Iterator[_Server]:
+    httpd = _Server()
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"  # type: ignore[attr-defined]
+    yield httpd
+    httpd.stop.set()
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client() -> Iterator[httpx.Client]:
+    with httpx.Client(timeout=5, follow_redirects=False) as c:
+        yield c
+
+
+def body(data: bytes, **headers: str | int) -> Route:
+    def route(h: _Handler) -> None:
+        h.head(200, Content_Length=len(data), **headers)
+        h.wfile.write(data)
+
+    return route
+
+
+def endless(h: _Handler) -> None:
+    server: _Server = h.server  # type: ignore[assignment]
+    h.head(200, Connection="close")
+    h.close_connection = True
+    block = b"x" * (64 * 1024)
+    try:
+        for _ in range(4096):  # 256 MiB: bounded so that a broken client cannot hang the run
+            h.wfile.write(block)
+            server.sent += len(block)
+    except OSError:
+        server.hung_up.set()
+        raise
+
+
+def trickle(every: float, length: int = 60) -> Route:
+    def route(h: _Handler) -> None:
+        server: _Server = h.server  # type: ignore[assignment]
+        h.head(200, Content_Length=length)
+        for _ in range(length):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            if server.stop.wait(every):
+                return
+
+    return route
+
+
+def stall_after(first: bytes, **headers: str | int) -> Route:
+    def route(h: _Handler) -> None:
+        h.head(200, **headers)
+        h.wfile.write(first)
+        h.wfile.flush()
+        h.server.stop.wait(30)  # type: ignore[attr-defined]
+        h.close_connection = True
+
+    return route
+
+
+def measured(fn: Callable[[], object]) -> tuple[object, int]:
+    """What fn returned or raised, and the peak of Python memory while it ran (all threads)."""
+    tracemalloc.start()
+    try:
+        try:
+            result: object = fn()
+        except Exception as exc:
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# --------------------------------------------------------------------------- the fetcher
+
+
+def test_normal_file_is_fetched_asking_for_identity(server, client):
+    server.routes["/index.json"] = body(INDEX)
+    assert fetch_bounded(client, server.url + "/index.json", 4096, deadline=5) == INDEX
+    assert server.requests[0][1]["Accept-Encoding"] == "identity"
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip", "br", "deflate", "x-gzip"])
+def test_any_content_encoding_but_identity_is_refused(server, client, encoding):
+    server.routes["/index.json"] = body(INDEX, Content_Encoding=encoding)
+    with pytest.raises(FetchError, match=f"Content-Encoding {encoding} refused"):
+        fetch_bounded(client, server.url + "/index.json", 4096, deadline=5)
+
+
+def test_identity_content_encoding_is_fine(server, client):
+    server.routes["/index.json"] = body(INDEX, Content_Encoding="identity")
+    assert fetch_bounded(client, server.url + "/index.json", 4096, deadline=5) == INDEX
+
+
+def test_gzip_bomb_is_refused_without_inflating_it(server, client):
+    server.routes["/index.json"] = body(BOMB, Content_Encoding="gzip")
+    result, peak = measured(lambda: fetch_bounded(client, server.url + "/index.json", 16 * MiB, deadline=10))
+    assert peak < 6 * MiB, f"{peak / MiB:.1f} MiB"  # the first read and h11's copy of it
+    assert isinstance(result, FetchError) and "Content-Encoding gzip refused" in str(result)
+
+
+def test_gzip_bomb_as_the_index_is_a_retried_download_error_not_an_inflated_gib(server):
+    server.routes["/index.json"] = body(BOMB, Content_Encoding="gzip")
+    result, peak = measured(lambda: fetch_index(server.url, "unused", timeout=5))
+    assert peak < 6 * MiB, f"{peak / MiB:.1f} MiB"  # the first read and h11's copy of it
+    assert isinstance(result, DownloadError) and "Content-Encoding gzip refused" in str(result)
+
+
+def test_endless_data_stops_just_after_the_cap(server, client):
+    server.routes["/index.json"] = endless
+    cap = 2 * MiB
+    result, peak = measured(lambda: fetch_bounded(client, server.url + "/index.json", cap, deadline=10))
+    assert isinstance(result, FetchError) and f"more than {cap} bytes" in str(result)
+    # The cap, one network read (1 MiB) beyond it, and the last reads on their way
+    # through httpcore and h11's buffers (4.4 to 8 MiB in all, measured): a few MiB,
+    # not the 256 MiB on offer.
+    assert peak < cap + 8 * MiB, f"{peak / MiB:.1f} MiB"
+    assert server.hung_up.wait(5), "the client should hang up, not drain the rest"
+    assert server.sent < 64 * MiB
+
+
+def test_content_length_above_the_cap_is_refused_before_reading(server, client):
+    # Announces 10 GiB, sends one byte and waits: a client that reads would wait too.
+    server.routes["/index.json"] = stall_after(b"x", Content_Length=10 * 1024 * MiB)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=r"Content-Length 10737418240 is more than 4096 bytes"):
+        fetch_bounded(client, server.url + "/index.json", 4096, deadline=10)
+    assert time.monotonic() - start < 1
+
+
+def test_content_length_at_the_cap_is_fine(server, client):
+    server.routes["/index.json"] = body(INDEX)
+    assert fetch_bounded(client, server.url + "/index.json", len(INDEX), deadline=5) == INDEX
+
+
+@pytest.mark.parametrize("follow", [False, True], ids=["plain-client", "client-following-redirects"])
+def test_redirect_is_refused_naming_the_location(server, follow):
+    server.routes["/index.json"] = lambda h: h.head(302, Location="/elsewhere/index.json", Content_Length=0)
+    server.routes["/elsewhere/index.json"] = body(INDEX)
+    refused = pytest.raises(FetchError, match=r"redirects \(HTTP 302\) to /elsewhere/index.json")
+    with httpx.Client(timeout=5, follow_redirects=follow) as c, refused:
+        fetch_bounded(c, server.url + "/index.json", 4096, deadline=5)
+    assert [path for path, _ in server.requests] == ["/index.json"]
+
+
+def test_slow_retrieval_fails_within_the_deadline(server, client):
+    # One byte every 0.5 s: no read ever waits the client's 5 s read timeout.
+    server.routes["/index.json"] = trickle(0.5)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="not complete within the deadline of 2 s"):
+        fetch_bounded(client, server.url + "/index.json", 4096, deadline=2)
+    assert time.monotonic() - start < 3
+
+
+def test_a_stalled_server_fails_at_the_deadline_not_after_the_read_timeout(server):
+    server.routes["/index.json"] = stall_after(b"x", Content_Length=100)
+    start = time.monotonic()
+    with httpx.Client(timeout=30) as c, pytest.raises(FetchError, match="deadline of 2 s"):
+        fetch_bounded(c, server.url + "/index.json", 4096, deadline=2)
+    assert time.monotonic() - start < 3
+
+
+def test_http_errors_and_unreachable_servers_are_fetch_errors(server, client):
+    with pytest.raises(FetchError, match="HTTP 404"):
+        fetch_bounded(client, server.url + "/missing", 4096, deadline=5)
+    with pytest.raises(FetchError, match="failed"):
+        fetch_bounded(client, "http://127.0.0.1:1/index.json", 4096, deadline=5)
+
+
+def test_fetch_errors_are_retried_like_network_errors_and_bad_signatures_are_not():
+    # The agent's download task retries DownloadError (autoretry_for); the control side
+    # catches RepositoryError and keeps the releases it knows.
+    assert issubclass(FetchError, DownloadError) and issubclass(FetchError, RepositoryError)
+    assert not issubclass(SignatureError, DownloadError)
+
+
+def test_fetch_index_uses_the_caps_and_asks_for_identity(server):
+    server.routes["/index.json"] = stall_after(b"x", Content_Length=MAX_INDEX_BYTES + 1)
+    with pytest.raises(DownloadError, match=f"more than {MAX_INDEX_BYTES} bytes"):
+        fetch_index(server.url, "unused", timeout=5)
+    server.routes["/index.json"] = body(INDEX)
+    server.routes["/index.json.sig"] = stall_after(b"x", Content_Length=MAX_INDEX_BYTES + 1)
+    with pytest.raises(DownloadError, match=f"index.json.sig: Content-Length {MAX_INDEX_BYTES + 1}"):
+        fetch_index(server.url, "unused", timeout=5)
+    assert all(headers["Accept-Encoding"] == "identity" for _, headers in server.requests)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]), False
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return cert_file, key_file
+
+
+def test_tls_is_verified_a_self_signed_repository_is_refused(server, tmp_path):
+    cert_file, key_file = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.routes["/index.json"] = body(INDEX)
+    url = f"https://127.0.0.1:{server.server_address[1]}/index.json"
+    with repo_client(5) as c, pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
+        fetch_bounded(c, url, 4096, deadline=5)
+    # The same server, its certificate trusted: the refusal was the verification.
+    with httpx.Client(verify=ssl.create_default_context(cafile=str(cert_file))) as c:
+        assert fetch_bounded(c, url, 4096, deadline=5) == INDEX
+
+
+# --------------------------------------------------------------------------- the package downloader
+
+
+def test_package_downloader_asks_for_identity_and_never_inflates(server, client, tmp_path):
+    # A server that labels a .tar.gz Content-Encoding: gzip (Apache's AddEncoding) still
+    # serves the file's bytes: they are stored and hashed as they came, never inflated.
+    server.routes["/pool/x_1.0.tar.gz"] = body(BOMB, Content_Encoding="gzip")
+    dest = tmp_path / "x_1.0.tar.gz"
+    result, peak = measured(
+        lambda: download_package(
+            client,
+            server.url + "/pool/x_1.0.tar.gz",
+            dest,
+            size=len(BOMB),
+            sha256=hashlib.sha256(BOMB).hexdigest(),
+            chunk_size=256 * 1024,
+        )
+    )
+    assert result == dest and dest.read_bytes() == BOMB
+    assert peak < 8 * MiB, f"{peak / MiB:.1f} MiB"
+    assert server.requests[0][1]["Accept-Encoding"] == "identity"
