@@ -49,7 +49,7 @@ def rearm_after(schedule: UpdateSchedule, firing: Firing, now: datetime) -> None
     """Arm the entry for the firing after this one, unless it is armed for a later one
     already (a duplicate or late firing moves nothing back)."""
     with transaction.atomic():
-        locked = UpdateSchedule.objects.select_for_update().select_related("cluster").get(pk=schedule.pk)
+        locked = UpdateSchedule.objects.select_for_update(of=("self",)).select_related("cluster").get(pk=schedule.pk)
         current = armed_at(getattr(locked, f"{firing.kind}_task"))
         if current is None or current <= firing.at:
             arm(locked, firing.kind, max(firing.at, now - LATE_FIRE))
