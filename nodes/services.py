@@ -16,6 +16,7 @@ from agent.shared.protocol import END_MAINTENANCE, NoticeCommand
 from nodes.models import Node
 from updates import announced, trust
 from updates.models import MaintenanceNotice, Release, UpdateRun
+from updates.notices import send_notice
 from updates.runs.cluster_cap import release_slot
 from updates.runs.locks import remove_lock as remove_update_lock
 from updates.runs.start import StartChecks, UpdateRefused, check_can_start, start_update, start_updates
@@ -106,7 +107,7 @@ def announce(nodes: list[Node], message: str, starts_at: datetime, user: Any) ->
                 node=node, message=message, starts_at=starts_at, created_by=user if getattr(user, "pk", None) else None
             )
             # The agent writes the time in the appliance's own zone (render_notice).
-            announced.send_notice(node, f"notice-{notice.pk}", message, starts_at)
+            send_notice(node, f"notice-{notice.pk}", message, starts_at)
     return len(nodes)
 
 

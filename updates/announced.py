@@ -19,15 +19,14 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import signature
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agent.shared.protocol import ANNOUNCE, WHEN, NoticeCommand
+from agent.shared.protocol import WHEN
 from nodes.models import Node
-from updates import trust
 from updates.models import MaintenanceNotice, Release, UpdateRun
+from updates.notices import send_notice
 from updates.runs.start import StartChecks, UpdateRefused, check_can_start, start_update
 
 log = logging.getLogger(__name__)
@@ -59,15 +58,6 @@ def check_update_time(starts_at: datetime, now: datetime | None = None) -> None:
             f"The update time {shown} is more than {MAX_AHEAD.days} days ahead: announce it nearer the time, "
             "or plan it as a schedule."
         )
-
-
-def send_notice(node: Node, notice_id: str, message: str, at: datetime, withdraws: str = "") -> None:
-    """Queue a signed notice to the node's agent once the transaction commits."""
-    notice = NoticeCommand(
-        node=node.hostname, notice_id=notice_id, message=message, at=at.timestamp(), withdraws=withdraws
-    )
-    command = trust.command("notice", notice.to_wire())
-    transaction.on_commit(signature(ANNOUNCE, args=(command,)).set(queue=node.queue).apply_async)
 
 
 def announce_updates(

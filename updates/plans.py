@@ -17,15 +17,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from celery import signature
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
-from agent.shared.protocol import ANNOUNCE, NoticeCommand
 from nodes.models import Cluster, Node, NodeKey
-from updates import trust
 from updates.models import (
     LeftSchedule,
     PlanEntry,
@@ -36,6 +33,7 @@ from updates.models import (
     UpdateSchedule,
     UpdateStep,
 )
+from updates.notices import send_notice
 from updates.placement import Bounds, Slot, Todo, place, problem
 
 log = logging.getLogger(__name__)
@@ -373,9 +371,5 @@ def _step(moment: datetime) -> int:
 
 def _tell_new_time(entry: PlanEntry) -> None:
     """The node's users learn the new time (a notice; the agent writes it in its zone)."""
-    node = entry.node
     stamp = int(entry.planned_at.timestamp())
-    notice = NoticeCommand(node=node.hostname, notice_id=f"plan-{entry.pk}-{stamp}", message=DELAY_NOTICE,
-                           at=entry.planned_at.timestamp())  # fmt: skip
-    sig = signature(ANNOUNCE, args=(trust.command("notice", notice.to_wire()),)).set(queue=node.queue)
-    transaction.on_commit(sig.apply_async)
+    send_notice(entry.node, f"plan-{entry.pk}-{stamp}", DELAY_NOTICE, entry.planned_at)
