@@ -348,3 +348,32 @@ def test_raising_the_cap_lets_the_longest_waiter_go_on_at_once(
         for callback in saved:
             callback()
     assert UpdateStep.objects.get(run=second, name="slot").state == "succeeded"
+
+
+def test_a_node_waits_for_a_place_out_of_the_load_balancer_and_gets_the_first_one_freed(
+    make_node, releases, django_capture_on_commit_callbacks
+):
+    # Two update slots, but one place out of the load balancer: the second node may not
+    # leave it while the first is out, and goes on as soon as the first is back.
+    # (Below the cap, which the admin refuses: here only the semaphore is tested.)
+    cluster = Cluster.objects.create(name=f"out-{uuid.uuid4().hex[:8]}", max_parallel_updates=2, max_out_of_lb=1)
+    runs = []
+    for _ in range(2):
+        node = make_node("c", cluster=cluster)
+        run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], trigger="scheduled")
+        names = start.plan_steps(node, UpdateRun.Trigger.SCHEDULED)
+        UpdateStep.objects.bulk_create(UpdateStep(run=run, name=name, position=i) for i, name in enumerate(names))
+        runs.append(run)
+    first, second = runs
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        cluster_cap.take_slot(first.pk, "leave")
+        with pytest.raises(cluster_cap.SlotWait):
+            cluster_cap.take_slot(second.pk, "leave")
+    assert queued == [QueueChain(first.pk, "exclude")], "only the first leaves"
+    assert "places out of the load balancer" in UpdateStep.objects.get(run=second, name="leave").detail
+
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        cluster_cap.release_slot(first.node)
+    assert queued == [QueueChain(second.pk, "exclude")], "the waiter leaves as the first is back"
+    assert [h.node for h in cluster_cap.out_places().holders(cluster.name)] == [second.node.hostname]
+    cluster_cap.release_slot(second.node)
