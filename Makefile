@@ -21,7 +21,7 @@ run: $(STAMP)
 	@echo ""
 	@echo "  Admin:  http://127.0.0.1:8000/admin/   users admin / operator / maintainer, password: $$(cat var/demo-password)"
 	@echo "  Flower: http://127.0.0.1:5555/         user admin, same password"
-	@echo "  Repo:   http://127.0.0.1:8001/index.json"
+	@echo "  Repo:   http://127.0.0.1:8001/metadata/timestamp.json"
 	@echo "  Mail:   hotfix notices land in var/mail/ (a local SMTP sink on 127.0.0.1:1025)"
 	@echo "  Redis:  every process is its own broker user (var/broker/); commands by hand take the control user:"
 	@echo "          TGP_REDIS_URL_FILE=var/broker/control.url $(BIN)/python manage.py autoupdate gw1 --yes --wait"

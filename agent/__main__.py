@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 from agent.shared.env import ConfigError
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE, VERSION_RE, VERSION_RULE
@@ -122,8 +124,48 @@ def enroll_parser() -> argparse.ArgumentParser:
         "after comparing the fingerprint; until then the control plane trusts nothing the node says.",
     )
     parser.add_argument("hostname", type=_hostname)
-    parser.add_argument("--json", action="store_true", help="print {hostname, public_key, fingerprint} as JSON")
+    parser.add_argument(
+        "--repo-root",
+        type=Path,
+        help="pin this TUF root of the update repository (TGP_REPO_ROOT_FILE) unless one is pinned; "
+        "compare the sha256 printed with the one `manage.py repo_keys show` prints",
+    )
+    parser.add_argument(
+        "--json", action="store_true", help="print {hostname, public_key, fingerprint, repository_root} as JSON"
+    )
     return parser
+
+
+def pin_root(source: Path | None) -> dict[str, Any] | None:
+    """The pinned repository root (pinned from `source` first if none is): version and sha256.
+    A different root already pinned is never replaced here: the root chain rotates keys."""
+    from agent.config import config
+    from agent.shared.files import atomic_write
+    from agent.shared.repository import RepositoryError, root_summary
+
+    pinned = config().repo_root_file
+    if source is not None:
+        try:
+            offered = source.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"--repo-root {source}: {exc.strerror}") from None
+        try:
+            root_summary(offered)
+        except RepositoryError as exc:
+            raise ConfigError(f"--repo-root {source}: {exc}") from None
+        if not pinned.exists():
+            atomic_write(pinned, offered)
+        elif pinned.read_bytes() != offered:
+            raise ConfigError(
+                f"a different repository root is pinned already ({pinned}); keys rotate through the root chain, "
+                "so it stays: remove it by hand only to move the node to another repository"
+            )
+    if not pinned.exists():
+        return None
+    try:
+        return root_summary(pinned.read_bytes()) | {"file": str(pinned)}
+    except RepositoryError as exc:
+        raise ConfigError(f"TGP_REPO_ROOT_FILE {pinned}: {exc}") from None
 
 
 def enroll(argv: list[str]) -> int:
@@ -131,15 +173,21 @@ def enroll(argv: list[str]) -> int:
     from agent import identity
     from agent.shared.signing import fingerprint
 
+    root = pin_root(args.repo_root)
     public, made = identity.enroll(args.hostname)
     found = {"hostname": args.hostname, "public_key": public, "fingerprint": fingerprint(public)}
+    found["repository_root"] = root
     if args.json:
         print(json.dumps(found))
+        return 0
+    print(f"{'new key' if made else 'key'} of {args.hostname} ({identity.key_path(args.hostname)})")
+    print(f"  public key:  {public}")
+    print(f"  fingerprint: {found['fingerprint']}")
+    print("Accept it on the node's admin page (group 'update') after comparing the fingerprint.")
+    if root is None:
+        print("No repository root is pinned: the node refuses every download until one is (--repo-root FILE).")
     else:
-        print(f"{'new key' if made else 'key'} of {args.hostname} ({identity.key_path(args.hostname)})")
-        print(f"  public key:  {public}")
-        print(f"  fingerprint: {found['fingerprint']}")
-        print("Accept it on the node's admin page (group 'update') after comparing the fingerprint.")
+        print(f"Repository root pinned: version {root['version']}, sha256 {root['sha256']} ({root['file']})")
     return 0
 
 

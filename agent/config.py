@@ -3,7 +3,7 @@
 Every variable goes through the typed readers of agent/shared/env.py, so a typo
 stops the agent at start with a message that names the variable (ConfigError).
 The agent holds only what a node needs: its broker URL, where the signed
-repository is and the key it pins, where the appliance keeps its state.
+repository is and the root it pins, where the appliance keeps its state.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.shared.env import ConfigError, env_float, env_int, env_list, env_redis_url, env_str, env_zone
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE
-from agent.shared.repository import pinned_public_key
+from agent.shared.repository import RepositoryError
 
 # A checkout's var/, as the control side's default (tgpadmin/settings.py): the demo
 # and the tests run both from one tree. An appliance sets TGP_VAR_DIR or the paths.
@@ -24,8 +24,7 @@ _DEFAULT_VAR = Path(__file__).resolve().parent.parent / "var"
 class AgentConfig:
     redis_url: str
     repo_url: str
-    repo_pubkey: str
-    repo_pubkey_file: Path
+    repo_root_file: Path
     control_pubkey: str
     control_pubkey_file: Path
     state_dir: Path
@@ -33,6 +32,7 @@ class AgentConfig:
     heartbeat_interval: float
     download_chunk: int
     download_timeout: float
+    download_min_rate: int
     download_attempts: int
     download_backoff: int
     download_backoff_max: int
@@ -55,8 +55,8 @@ class AgentConfig:
             # REDIS_URL or TGP_REDIS_URL_FILE (the node's own broker user), TLS checked.
             redis_url=env_redis_url(f"redis://127.0.0.1:{env_int('TGP_EMBEDDED_REDIS_PORT', 6390)}/0"),
             repo_url=env_str("TGP_REPO_URL", "http://127.0.0.1:8001/"),
-            repo_pubkey=env_str("TGP_REPO_PUBKEY", ""),
-            repo_pubkey_file=Path(env_str("TGP_REPO_PUBKEY_FILE", str(var / "keys" / "repo.pub"))),
+            # The repository's TUF root, pinned when the appliance is installed or enrolled.
+            repo_root_file=Path(env_str("TGP_REPO_ROOT_FILE", str(var / "keys" / "repo-root.json"))),
             control_pubkey=env_str("TGP_CONTROL_PUBKEY", ""),
             control_pubkey_file=Path(env_str("TGP_CONTROL_PUBKEY_FILE", str(var / "keys" / "control.pub"))),
             state_dir=Path(env_str("TGP_NODE_STATE_DIR", str(var / "nodes"))),
@@ -64,6 +64,9 @@ class AgentConfig:
             heartbeat_interval=env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1),
             download_chunk=env_int("TGP_DOWNLOAD_CHUNK", 1024 * 1024, minimum=1024),
             download_timeout=env_float("TGP_DOWNLOAD_TIMEOUT", 30.0, minimum=0.1),
+            # Slow retrieval: a package download slower than this (bytes/s over each minute)
+            # is cut and resumed by the next attempt (agent/download.py, MinRate).
+            download_min_rate=env_int("TGP_DOWNLOAD_MIN_RATE", 1024, minimum=1),
             # The manual's policy: 10 attempts per round, with backoff between them (seconds).
             download_attempts=env_int("TGP_DOWNLOAD_ATTEMPTS", 10, minimum=1),
             download_backoff=env_int("TGP_DOWNLOAD_BACKOFF", 5, minimum=1),
@@ -75,9 +78,14 @@ class AgentConfig:
             time_zone=env_zone("TGP_TIME_ZONE", "Europe/Berlin"),
         )
 
-    def repo_public_key(self) -> str:
-        """Read when needed, not at start: the demo builds its repository (and key) as the agents start."""
-        return pinned_public_key(self.repo_pubkey, self.repo_pubkey_file)
+    def trusted_root(self) -> bytes:
+        """Read when needed, not at start: the demo builds its repository (and root) as the agents start."""
+        try:
+            return self.repo_root_file.read_bytes()
+        except OSError as exc:
+            raise RepositoryError(
+                f"no pinned repository root: TGP_REPO_ROOT_FILE {self.repo_root_file}: {exc.strerror}"
+            ) from None
 
     def node_dir(self, hostname: str) -> Path:
         return self.state_dir / hostname

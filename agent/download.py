@@ -18,7 +18,9 @@ import hashlib
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,6 +30,33 @@ import httpx
 from agent.shared.repository import DownloadError, PackageVerificationError
 
 ProgressCallback = Callable[[int, int], None]
+
+
+class TooSlow(DownloadError):
+    """Slow retrieval: less than the minimum rate came in a whole window. Retried; the
+    next attempt resumes from what came."""
+
+
+@dataclass(frozen=True)
+class MinRate:
+    """At least `bytes_per_s` on average over every `window` seconds of an attempt.
+    A server that stalls is caught by the read timeout; this catches one that trickles
+    a byte now and then and would hold a node for days (TUF's slow retrieval attack)."""
+
+    bytes_per_s: int = 1024
+    window: float = 60.0
+
+    def check(self, url: str, started: float, came: int, now: float) -> tuple[float, int]:
+        """The window's new start and count once a window has passed; TooSlow if it fell short."""
+        if now - started < self.window:
+            return started, came
+        if came < self.bytes_per_s * self.window:
+            raise TooSlow(
+                f"download of {url} too slow: {came} bytes in {now - started:.0f} s "
+                f"(at least {self.bytes_per_s} bytes/s expected); will resume"
+            )
+        return now, 0
+
 
 # httpcore reads a response 64 KiB at a time (a size chosen for responses of about
 # 1 MB: encode/httpcore#135). For a package of hundreds of MB that is 8,000 passes
@@ -48,6 +77,7 @@ def download_package(
     sha256: str,
     chunk_size: int = 1024 * 1024,
     progress: ProgressCallback | None = None,
+    min_rate: MinRate | None = None,
 ) -> Path:
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
@@ -62,7 +92,7 @@ def download_package(
     if offset >= size and part.is_file():
         digest = _hash_prefix(part, chunk_size)
         return _finish(part, dest, digest, offset, size, sha256, resumed=True)
-    return _fetch(client, url, part, dest, offset, size, sha256, chunk_size, progress)
+    return _fetch(client, url, part, dest, offset, size, sha256, chunk_size, progress, min_rate or MinRate())
 
 
 def _fetch(
@@ -75,6 +105,7 @@ def _fetch(
     sha256: str,
     chunk_size: int,
     progress: ProgressCallback | None,
+    min_rate: MinRate,
 ) -> Path:
     # identity: a Content-Encoding would make the bytes differ from the listed hash,
     # and decoding could inflate a small response into unbounded memory.
@@ -86,7 +117,7 @@ def _fetch(
             offset = _check_response(resp, url, part, offset, size)
             digest = _hash_prefix(part, chunk_size) if offset else hashlib.sha256()
             with part.open("ab" if offset else "wb") as fh:
-                done = _stream_body(resp, fh, digest, offset, size, chunk_size, progress, part, url)
+                done = _stream_body(resp, fh, digest, offset, size, chunk_size, progress, part, url, min_rate)
     except httpx.TransportError as exc:
         raise DownloadError(f"download of {url} interrupted: {exc or type(exc).__name__}") from exc
     except OSError as exc:
@@ -131,6 +162,7 @@ def _stream_body(
     progress: ProgressCallback | None,
     part: Path,
     url: str,
+    min_rate: MinRate,
 ) -> int:
     # No re-chunking: httpx's chunker drops its buffered tail when the connection is
     # cut, and every received byte kept in .part is one less to fetch on resume.
@@ -138,6 +170,7 @@ def _stream_body(
     # chunk_size, so memory stays flat whatever the file size.
     start, pending = done, 0
     batch: list[bytes] = []
+    window_start, window_bytes = time.monotonic(), 0
     with _Sink(fh, digest) as sink:
         try:
             for chunk in resp.iter_raw():
@@ -154,6 +187,8 @@ def _stream_body(
                     pending = 0
                 # What is in .part, not what came: the figure a resume would start from.
                 _report(progress, start + sink.written, size)
+                window_bytes += len(chunk)  # checked after the chunk is kept: a resume starts after it
+                window_start, window_bytes = min_rate.check(url, window_start, window_bytes, time.monotonic())
         finally:
             sink.put(batch)  # a cut connection keeps every byte that came
     _report(progress, done, size)
@@ -225,7 +260,7 @@ def _finish(part: Path, dest: Path, digest: hashlib._Hash, done: int, size: int,
             # The bytes kept from an earlier attempt may be what went wrong (a power cut):
             # start over once; fresh bytes that do not match are refused for good.
             raise DownloadError(f"{dest.name}: {what} does not match after resuming; discarded, fetching it again")
-        raise PackageVerificationError(f"{dest.name}: {what} does not match the signed index; discarded")
+        raise PackageVerificationError(f"{dest.name}: {what} does not match its signed target info; discarded")
     os.replace(part, dest)
     return dest
 

@@ -1,7 +1,8 @@
 """The node side of a run: plain functions the agent's tasks call.
 
 They never touch the database. What they need comes in the step command (run
-id, version, package names, message) and from the signed index; what they did goes
+id, version, package names, message) and from the repository's TUF metadata, which
+each node verifies itself (agent/shared/repository.py); what they did goes
 back to the control plane through ``report``.
 """
 
@@ -16,9 +17,8 @@ import httpx
 import redis
 
 from agent.config import config
-from agent.download import download_package
+from agent.download import MinRate, download_package
 from agent.drivers.base import Driver
-from agent.shared.files import atomic_write
 from agent.shared.protocol import (
     VERSION_RE,
     StepCommand,
@@ -29,13 +29,16 @@ from agent.shared.protocol import (
 )
 from agent.shared.repository import (
     PackageEntry,
+    PackageVerificationError,
     ReleaseEntry,
     RepositoryError,
     RepositoryIndex,
-    fetch_index,
+    last_verified_index,
+    metadata_dir_for,
     package_url,
-    parse_and_verify,
     repo_client,
+    trusted_index,
+    verify_package,
 )
 
 Report = Callable[..., None]
@@ -109,7 +112,7 @@ class _Throttle:
 
 
 class ReleaseWithdrawn(RepositoryError):
-    """The signed index does not list the release (any more): it is not installed."""
+    """The signed targets do not list the release (any more): it is not installed."""
 
 
 def listed(index: RepositoryIndex, version: str) -> ReleaseEntry:
@@ -117,36 +120,35 @@ def listed(index: RepositoryIndex, version: str) -> ReleaseEntry:
         if entry.version == version:
             return entry
     raise ReleaseWithdrawn(
-        f"release {version} was withdrawn from the repository: its signed index (serial {index.serial}) "
-        "does not list it"
+        f"release {version} was withdrawn from the repository: its signed targets (version {index.serial}) "
+        "do not list it"
     )
+
+
+def metadata_dir(driver: Driver) -> Path:
+    """The repository metadata this node verified: its trusted root, and the versions
+    it has seen (a rollback to lower ones is refused)."""
+    return metadata_dir_for(driver.state_dir / "tuf", config().trusted_root())
+
+
+def refreshed(client: httpx.Client, driver: Driver) -> RepositoryIndex:
+    return trusted_index(metadata_dir(driver), config().repo_url, config().trusted_root(), client=client)
 
 
 def download(driver: Driver, command: StepCommand, report: Report) -> None:
     with repo_client(config().download_timeout) as client:
-        index, raw, sig = fetch_index(
-            config().repo_url, config().repo_public_key(), min_serial=driver.last_serial(), client=client
-        )
+        index = refreshed(client, driver)
         release = listed(index, command.version)
         packages = selected(release.packages, command.packages)
         total = sum(p.size for p in packages)
         fetch_packages(client, driver, release.version, packages, _Throttle(report, total))
-        # The index once more, before anyone is logged off: a release withdrawn while its
-        # files came is not installed, and one published again is checked against the new index.
-        latest, raw_latest, sig_latest = fetch_index(
-            config().repo_url, config().repo_public_key(), min_serial=index.serial, client=client
-        )
+        # The metadata once more, before anyone is logged off: a release withdrawn while
+        # its files came is not installed, and one published again is checked anew.
+        latest = refreshed(client, driver)
         if latest.serial != index.serial:
-            index, raw, sig = latest, raw_latest, sig_latest
-            release = listed(index, command.version)
+            release = listed(latest, command.version)
             packages = selected(release.packages, command.packages)
             fetch_packages(client, driver, release.version, packages)  # a file that matches costs no request
-    # The install step checks the packages against this copy again instead of trusting the disk.
-    target = driver.download_dir(release.version)
-    # Small, and what every later check trusts: unlike the packages, synced to disk.
-    atomic_write(target / "index.json", raw)
-    atomic_write(target / "index.json.sig", sig)
-    driver.remember_serial(index.serial)
     report(
         "succeeded", bytes_done=total, bytes_total=total, detail=f"{len(packages)} package(s), {total} bytes verified"
     )
@@ -159,7 +161,7 @@ def fetch_packages(
     packages: list[PackageEntry],
     throttle: _Throttle | None = None,
 ) -> list[tuple[PackageEntry, Path]]:
-    """Each package in the download directory, checked against the signed index:
+    """Each package in the download directory, checked against its signed target info:
     a file that is there and matches costs no request; anything else is fetched."""
     files = []
     for entry in packages:
@@ -172,6 +174,7 @@ def fetch_packages(
             sha256=entry.sha256,
             chunk_size=config().download_chunk,
             progress=throttle,
+            min_rate=MinRate(config().download_min_rate),
         )
         if throttle is not None:
             throttle.base += entry.size
@@ -179,14 +182,25 @@ def fetch_packages(
     return files
 
 
-def verified_index(driver: Driver, version: str) -> RepositoryIndex:
-    target = driver.download_dir(version)
-    return parse_and_verify(
-        (target / "index.json").read_bytes(),
-        (target / "index.json.sig").read_bytes(),
-        config().repo_public_key(),
-        min_serial=driver.last_serial(),
-    )
+def verified_files(driver: Driver, version: str, packages: list[PackageEntry]) -> list[tuple[PackageEntry, Path]]:
+    """The downloaded packages, each checked by TUF against its signed target info right
+    before it is installed. One that a power cut ate (downloads are not fsynced) or that
+    does not match is fetched again: a download, not a failed run."""
+    missing = []
+    for entry in packages:
+        try:
+            verify_package(entry, driver.download_dir(version) / Path(entry.file).name)
+        except (OSError, PackageVerificationError):
+            missing.append(entry)
+    if missing:
+        with repo_client(config().download_timeout) as client:
+            fetch_packages(client, driver, version, missing)
+    return [(entry, driver.download_dir(version) / Path(entry.file).name) for entry in packages]
+
+
+def verified_index(driver: Driver) -> RepositoryIndex:
+    """The releases of the metadata this node last verified, checked again (no network)."""
+    return last_verified_index(metadata_dir(driver))
 
 
 class DowngradeRefused(RuntimeError):
@@ -207,18 +221,14 @@ def check_not_older(driver: Driver, command: StepCommand) -> None:
 def install(driver: Driver, command: StepCommand, report: Report) -> None:
     check_fence(command)
     check_not_older(driver, command)
-    release = verified_index(driver, command.version).release(command.version)
-    packages = selected(release.packages, command.packages)
-    # Every file is checked against the signed index right before it is installed.
-    # One a power cut ate (downloads are not fsynced) is fetched again, not a failed run.
-    with repo_client(config().download_timeout) as client:
-        files = fetch_packages(client, driver, release.version, packages)
+    release = listed(verified_index(driver), command.version)
+    files = verified_files(driver, release.version, selected(release.packages, command.packages))
     detail = driver.install(command.run, release.version, files, full=not command.packages)
     report("succeeded", detail=detail)
 
 
 def needs_reboot(driver: Driver, command: StepCommand) -> bool:
-    return verified_index(driver, command.version).release(command.version).needs_reboot
+    return listed(verified_index(driver), command.version).needs_reboot
 
 
 def resume(driver: Driver, command: StepCommand, report: Report) -> None:

@@ -75,7 +75,7 @@ def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:
     from tests.servers import RepoServer
     from updates.models import UpdateRun, UpdateSchedule, UpdateStep
 
-    repo_dir, pubkey = build_noreboot_repo(work / "repo")
+    repo_dir, pinned_root = build_noreboot_repo(work / "repo")
     tag = uuid.uuid4().hex[:6]
     hostnames = [f"b{tag}-{i:03d}" for i in range(1, count + 1)]
     setup_started = time.monotonic()
@@ -89,7 +89,7 @@ def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:
     due_at = min(due.values())
     procs: list[Any] = []
     with RepoServer(repo_dir) as server:
-        os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}  # the control worker's env
+        os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}  # the control worker's env
         env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
         try:
             procs.append(start_control(work, redis_url))

@@ -34,12 +34,11 @@ DRIVER = "bench.rollout_driver.TimedDriver"
 
 def build_noreboot_repo(root: Path, package_bytes: int = 1024) -> tuple[Path, str]:
     """A signed repository with two stable releases that need no reboot; imported
-    into the database. Returns (directory to serve, public key)."""
+    into the database. Returns (directory to serve, the root file to pin)."""
     from updates.demo import build_demo_package
     from updates.releases import import_index
-    from updates.repository import build_repository, generate_keypair
+    from updates.repository import build_repository, export_root
 
-    pubkey = generate_keypair(root / "repo.key", root / "repo.pub")
     for version, packages in PACKAGES.items():
         release_dir = root / "src" / "stable" / version
         release_dir.mkdir(parents=True)
@@ -48,9 +47,10 @@ def build_noreboot_repo(root: Path, package_bytes: int = 1024) -> tuple[Path, st
         for name, pkg_version in packages.items():
             data = build_demo_package(name, pkg_version, package_bytes=package_bytes)
             (release_dir / f"{name}_{pkg_version}.tar.gz").write_bytes(data)
-    index = build_repository(root / "src", root / "out", root / "repo.key")
+    index = build_repository(root / "src", root / "out", root / "keys")
+    export_root(root / "out", root / "root.json")
     import_index(index)
-    return root / "out", pubkey
+    return root / "out", str(root / "root.json")
 
 
 def seed_nodes(hostnames: list[str], state_dir: Path, *, cluster: Any = None, durations: list[float] | None = None,

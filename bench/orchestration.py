@@ -61,13 +61,13 @@ def base_env(work: Path, redis_url: str) -> dict[str, str]:
 def build_repo(root: Path) -> tuple[Path, str]:
     from updates.demo import write_demo_sources
     from updates.releases import import_index
-    from updates.repository import build_repository, generate_keypair
+    from updates.repository import build_repository, export_root
 
-    pubkey = generate_keypair(root / "repo.key", root / "repo.pub")
     write_demo_sources(root / "src", package_bytes=64 * 1024)
-    index = build_repository(root / "src", root / "out", root / "repo.key")
+    index = build_repository(root / "src", root / "out", root / "keys")
+    export_root(root / "out", root / "root.json")
     import_index(index)
-    return root / "out", pubkey
+    return root / "out", str(root / "root.json")
 
 
 def start_control(work: Path, redis_url: str) -> Any:
@@ -184,14 +184,14 @@ def measure(work: Path, redis_url: str, runs: int) -> dict[str, Any]:
     from tests.servers import RepoServer
     from updates.models import Release
 
-    repo_dir, pubkey = build_repo(work / "repo")
+    repo_dir, pinned_root = build_repo(work / "repo")
     release = Release.objects.get(version="2.2.0")
     run_ids: list[int] = []
     control = start_control(work, redis_url)
     try:
         with RepoServer(repo_dir) as server:
             env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
-            env |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}
+            env |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}
             started = time.monotonic()
             for batch in range(0, runs, BATCH):
                 run_ids += run_batch(min(BATCH, runs - batch), work, env, release)

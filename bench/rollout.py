@@ -94,7 +94,7 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
     from updates.runs import start
 
     durations = durations_for(count, scale)
-    repo_dir, pubkey = build_noreboot_repo(work / "repo")
+    repo_dir, pinned_root = build_noreboot_repo(work / "repo")
     release = Release.objects.get(version=NEW)
     tag = uuid.uuid4().hex[:6]
     # A scheduled rollout follows its plan: each node at its own time, from the expected
@@ -110,9 +110,9 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
     try:
         with RepoServer(repo_dir) as server:
             env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
-            env |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}
+            env |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}
             # The control worker's too: a schedule's firing looks at the repository first.
-            os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_PUBKEY": pubkey}
+            os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}
             procs.append(start_control(work, redis_url))
             procs += start_node_workers(hostnames, env, work / "nodes.log", workers=NODE_WORKERS, concurrency=count)
             from django.utils import timezone

@@ -21,8 +21,8 @@ from nodes import keys
 from nodes.models import Cluster, Node
 from updates import trust
 from updates.demo import DEMO_RELEASES, write_demo_sources
-from updates.releases import sync_from_dir
-from updates.repository import build_repository, generate_keypair
+from updates.releases import import_index
+from updates.repository import build_repository, export_root
 from updates.runs.snapshots import apply_snapshot
 
 START_VERSION = "2.1.0"
@@ -36,12 +36,15 @@ DEMO_USERS = {"admin": None, "operator": "update", "maintainer": "maint"}
 
 
 def build_demo_repository() -> int:
-    if not settings.TGP_REPO_SIGNING_KEY_FILE.exists():
-        generate_keypair(settings.TGP_REPO_SIGNING_KEY_FILE, settings.TGP_REPO_PUBKEY_FILE)
+    """Publish the demo releases (all four roles' keys in TGP_REPO_KEYS_DIR, as only a
+    demo has them), pin the root for the control plane and the demo's agents, and import
+    the releases it just signed."""
     source = settings.VAR_DIR / "demo-src"
     write_demo_sources(source)
-    index = build_repository(source, settings.TGP_REPO_DIR, settings.TGP_REPO_SIGNING_KEY_FILE)
-    sync_from_dir()
+    index = build_repository(source, settings.TGP_REPO_DIR, settings.TGP_REPO_KEYS_DIR)
+    if not settings.TGP_REPO_ROOT_FILE.exists():
+        export_root(settings.TGP_REPO_DIR, settings.TGP_REPO_ROOT_FILE)
+    import_index(index)
     return index.serial
 
 

@@ -16,7 +16,7 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -206,18 +206,27 @@ def control_worker(redis_url: str, django_db_setup: Any, django_db_blocker: Any,
 
 
 class Repo:
-    """A signed repository built from the demo sources, served over loopback HTTP."""
+    """A TUF repository built from the demo sources (its keys in root/keys), served over
+    loopback HTTP by the tests; root_file is the root a reader pins."""
 
-    def __init__(self, root: Path, *, package_bytes: int = 64 * 1024, expires_in: timedelta = timedelta(days=30)):
+    def __init__(self, root: Path, *, package_bytes: int = 64 * 1024, now: datetime | None = None):
         from updates.demo import write_demo_sources
-        from updates.repository import build_repository, generate_keypair
+        from updates.repository import build_repository, export_root
 
         self.root = root
-        self.key = root / "repo.key"
-        self.pubkey = generate_keypair(self.key, root / "repo.pub")
+        self.keys = root / "keys"
         write_demo_sources(root / "src", package_bytes=package_bytes)
         self.dir = root / "out"
-        self.index = build_repository(root / "src", self.dir, self.key, expires_in=expires_in)
+        self.index = build_repository(root / "src", self.dir, self.keys, now=now)
+        self.root_file = root / "root.json"
+        export_root(self.dir, self.root_file)
+
+    def publish(self, **kw: Any) -> Any:
+        """Publish the source tree again (a new targets version); returns its releases."""
+        from updates.repository import build_repository
+
+        self.index = build_repository(self.root / "src", self.dir, self.keys, **kw)
+        return self.index
 
     def import_releases(self) -> None:
         from updates.releases import import_index
@@ -225,7 +234,10 @@ class Repo:
         import_index(self.index)
 
     def pool_file(self, name: str, version: str) -> Path:
-        return self.dir / "pool" / f"{name}_{version}.tar.gz"
+        """The served file of package name_version (in the one release that has it)."""
+        found = sorted((self.dir / "targets" / "releases").glob(f"*/*.{name}_{version}.tar.gz"))
+        assert len(found) == 1, f"{name}_{version} is served {len(found)} times: {found}"
+        return found[0]
 
 
 @pytest.fixture(scope="session")
@@ -286,14 +298,14 @@ def start_agent(redis_url: str, state_dir: Path, logs_dir: Path) -> Iterator[Cal
     DJANGO_SETTINGS_MODULE that cannot work: node agents never need either."""
     procs: list[subprocess.Popen[Any]] = []
 
-    def start(hostname: str, *, repo_url: str, pubkey: str, **extra: str) -> subprocess.Popen[Any]:
+    def start(hostname: str, *, repo_url: str, root: Path | str, **extra: str) -> subprocess.Popen[Any]:
         env = process_env(
             redis_url,
             DATABASE_URL="postgres://nobody@127.0.0.1:1/no-database-for-agents",
             DJANGO_SETTINGS_MODULE="no.such.settings",
             TGP_NODE_STATE_DIR=str(state_dir),
             TGP_REPO_URL=repo_url,
-            TGP_REPO_PUBKEY=pubkey,
+            TGP_REPO_ROOT_FILE=str(root),
             **extra,
         )
         log = open(logs_dir / f"agent-{hostname}.log", "a")
@@ -318,7 +330,7 @@ def agent_for(start_agent: Callable[..., Any], demo_repo: tuple[Repo, RepoServer
 
     def start(node: Any, **kw: Any) -> subprocess.Popen[Any]:
         kw.setdefault("repo_url", server.url)
-        kw.setdefault("pubkey", repo.pubkey)
+        kw.setdefault("root", repo.root_file)
         proc = start_agent(node.hostname, **kw)
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, f"the first report of {node}")
         return proc
@@ -396,12 +408,12 @@ def beat(redis_url: str, control_worker: str, logs_dir: Path) -> Iterator[subpro
 
 class FlakyRepoServer(RepoServer):
     """A repository server that answers 500 to every request until `fail_first`
-    requests for the index have been counted."""
+    metadata refreshes have been counted (each begins with a request for the next root)."""
 
     def __init__(self, directory: Path, fail_first: int) -> None:
         super().__init__(directory)
         self.fail_first = fail_first
-        self.index_requests = 0
+        self.refreshes = 0
         server = self
 
         def handler(*args: Any, **kwargs: Any) -> Any:
@@ -419,9 +431,9 @@ class _FlakyHandler(_RepoHandler):
         super().__init__(*args, directory=str(server.directory), **kwargs)
 
     def do_GET(self) -> None:
-        if self.path.endswith("/index.json") or self.path == "/index.json":
-            self.flaky.index_requests += 1
-        if self.flaky.index_requests <= self.flaky.fail_first:
+        if self.path.endswith(".root.json"):
+            self.flaky.refreshes += 1
+        if self.flaky.refreshes <= self.flaky.fail_first:
             self.send_error(500)
             return
         super().do_GET()

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psutil
@@ -67,7 +66,6 @@ def test_autoupdate_notifies_logs_off_installs_reboots_and_releases_logon(
 
 def test_a_release_that_needs_no_reboot_is_installed_without_one(tmp_path, make_node, agent_for, wait_run, state_dir):
     from updates.demo import build_demo_package
-    from updates.repository import build_repository
 
     repo = Repo(tmp_path / "repo")
     release_dir = repo.root / "src" / "stable" / "2.3.0"
@@ -75,13 +73,12 @@ def test_a_release_that_needs_no_reboot_is_installed_without_one(tmp_path, make_
     (release_dir / "release.json").write_text(json.dumps({"notes": "hotfix", "needs_reboot": False}))
     for name in ("tgpro-base", "tgpro-browser", "tgpro-vnc"):
         (release_dir / f"{name}_2.3.0.tar.gz").write_bytes(build_demo_package(name, "2.3.0", package_bytes=1024))
-    shutil.rmtree(repo.dir)
-    repo.index = build_repository(repo.root / "src", repo.dir, repo.key)
+    repo.publish()
     repo.import_releases()
     node = make_node("gw", version="2.2.0")
     boot_before = appliance(state_dir, node)["boot_id"]
     with RepoServer(repo.dir) as server:
-        agent_for(node, repo_url=server.url, pubkey=repo.pubkey)
+        agent_for(node, repo_url=server.url, root=repo.root_file)
         run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.3.0"))
         run = wait_run(run, "succeeded")
 
@@ -116,37 +113,35 @@ def test_untrusted_repository_fails_run_locks_node_and_installs_nothing(
     fault, tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
 ):
     if fault == "expired_index":
-        from updates.repository import build_repository
-
-        repo = Repo(tmp_path / "repo")
-        shutil.rmtree(repo.dir)
-        repo.index = build_repository(
-            repo.root / "src",
-            repo.dir,
-            repo.key,
-            expires_in=timedelta(days=1),
-            now=repo.index.generated - timedelta(days=3),
-        )
+        repo = Repo(tmp_path / "repo", now=datetime.now(UTC) - timedelta(days=3))  # its timestamp: one day
     else:
         repo = Repo(tmp_path / "repo")
-    pubkey = repo.pubkey
+    root = repo.root_file
     if fault == "corrupted_package":
         pool = repo.pool_file("tgpro-browser", "2.2.0")
         data = bytearray(pool.read_bytes())
         data[len(data) // 2] ^= 0xFF
         pool.write_bytes(bytes(data))
     elif fault == "bad_signature":
-        other = Repo(tmp_path / "other")  # the agent pins another key than the one that signed
-        pubkey = other.pubkey
+        other = Repo(tmp_path / "other")  # the agent pins another root than the one that signed
+        root = other.root_file
     repo.import_releases()
     node = make_node("gw")
     before = current_release_dir(state_dir, node)
     with RepoServer(repo.dir) as server:
-        start_agent(node.hostname, repo_url=server.url, pubkey=pubkey)
+        # Expired metadata is retried like a network error (the beat may re-sign it, a
+        # clock may be set right): two quick attempts, then the run fails as any download.
+        start_agent(node.hostname, repo_url=server.url, root=root, TGP_DOWNLOAD_ATTEMPTS="2",
+                    TGP_DOWNLOAD_BACKOFF="1", TGP_DOWNLOAD_BACKOFF_MAX="1")  # fmt: skip
         run = start.start_update(node, Release.objects.get(version="2.2.0"))
         run = wait_run(run, "failed")
 
-    assert run.error.startswith("download:")
+    cause = {
+        "corrupted_package": "does not match its signed target info",
+        "bad_signature": "not signed by enough trusted keys",
+        "expired_index": "repository metadata expired",
+    }[fault]
+    assert run.error.startswith("download:") and cause in run.error, run.error
     lock = UpdateLock.objects.get(node=node, removed_at=None)
     assert lock.run_id == run.pk
     state = appliance(state_dir, node)
@@ -176,7 +171,7 @@ def test_agent_killed_during_download_resumes_with_range_and_succeeds(
     node = make_node("gw")
     with RepoServer(repo.dir, rate=600 * 1024) as server:
         # Written in 256 KiB batches (1 MiB by default): progress counts written bytes only.
-        agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_DOWNLOAD_CHUNK="262144")
+        agent = start_agent(node.hostname, repo_url=server.url, root=repo.root_file, TGP_DOWNLOAD_CHUNK="262144")
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "agent report")
         run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         step = UpdateStep.objects.filter(run=run, name="download")

@@ -23,7 +23,6 @@ from updates import scheduled
 from updates.demo import write_demo_sources
 from updates.models import Release, UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
 from updates.releases import import_index
-from updates.repository import build_repository
 from updates.runs import cluster_cap, start
 from updates.runs.start import StartChecks
 
@@ -49,15 +48,15 @@ def corrupt(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-def broken_repo(tmp_path: Path, fault: str, version: str) -> tuple[Repo, str]:
-    """A repository with `fault`, and the public key the agent pins."""
+def broken_repo(tmp_path: Path, fault: str, version: str) -> tuple[Repo, Path]:
+    """A repository with `fault`, and the root the agent pins."""
     repo = Repo(tmp_path / "repo")
     if fault == "corrupted_package":
         corrupt(repo.pool_file("tgpro-browser", version))
-        return repo, repo.pubkey
+        return repo, repo.root_file
     if fault == "bad_signature":
-        return repo, Repo(tmp_path / "other").pubkey  # the index is signed with another key
-    return repo, repo.pubkey
+        return repo, Repo(tmp_path / "other").root_file  # the metadata is signed with other keys
+    return repo, repo.root_file
 
 
 def server_for(repo: Repo, fault: str) -> RepoServer:
@@ -66,8 +65,8 @@ def server_for(repo: Repo, fault: str) -> RepoServer:
 
 
 CAUSES = {
-    "corrupted_package": "does not match the signed index",
-    "bad_signature": "signature",
+    "corrupted_package": "does not match its signed target info",
+    "bad_signature": "not signed by enough trusted keys",
     "server_down": "HTTP 500",
 }
 
@@ -85,11 +84,11 @@ def assert_nobody_logged_off(state_dir: Path, node: Node, users: set[str]) -> No
 def test_an_autoupdate_whose_download_fails_logs_nobody_off(
     fault, tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
 ):
-    repo, pubkey = broken_repo(tmp_path, fault, "2.2.0")
+    repo, root = broken_repo(tmp_path, fault, "2.2.0")
     repo.import_releases()
     node = make_node("gw", users=("alice", "bob"))
     with server_for(repo, fault) as server:
-        start_agent(node.hostname, repo_url=server.url, pubkey=pubkey, **QUICK_RETRIES)
+        start_agent(node.hostname, repo_url=server.url, root=root, **QUICK_RETRIES)
         run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         run = wait_run(run, "failed", timeout=120)
 
@@ -107,11 +106,11 @@ def test_an_autoupdate_whose_download_fails_logs_nobody_off(
 def test_a_catchup_whose_download_fails_logs_nobody_off(
     partial, tmp_path, make_node, start_agent, control_worker, wait_run, state_dir
 ):
-    repo, pubkey = broken_repo(tmp_path, "corrupted_package", "2.0.0")
+    repo, root = broken_repo(tmp_path, "corrupted_package", "2.0.0")
     repo.import_releases()
     node = make_node("gw", users=("carol",))
     with server_for(repo, "corrupted_package") as server:
-        start_agent(node.hostname, repo_url=server.url, pubkey=pubkey, **QUICK_RETRIES)
+        start_agent(node.hostname, repo_url=server.url, root=root, **QUICK_RETRIES)
         packages = ["tgpro-browser"] if partial else None
         run = services.start_catchup(Node.objects.get(pk=node.pk), None, packages)
         run = wait_run(run, "failed", timeout=120)
@@ -125,16 +124,14 @@ def test_a_catchup_whose_download_fails_logs_nobody_off(
 
 
 def withdraw(repo: Repo, channel: str, version: str) -> RepositoryIndex:
-    """Publish a new signed index (serial + 1) without the release; its files stay in the pool."""
+    """Publish new targets (version + 1) without the release; its files stay on the server."""
     shutil.rmtree(repo.root / "src" / channel / version)
-    repo.index = build_repository(repo.root / "src", repo.dir, repo.key)
-    return repo.index
+    return repo.publish()
 
 
 def republish(repo: Repo) -> RepositoryIndex:
     write_demo_sources(repo.root / "src", package_bytes=64 * 1024)
-    repo.index = build_repository(repo.root / "src", repo.dir, repo.key)
-    return repo.index
+    return repo.publish()
 
 
 @pytest.mark.django_db
@@ -215,7 +212,7 @@ def test_a_release_withdrawn_while_it_downloads_fails_the_run_before_drain(
     repo.import_releases()
     node = make_node("gw", users=("alice", "bob"))
     with RepoServer(repo.dir, rate=1024 * 1024) as server:
-        start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, **QUICK_RETRIES)
+        start_agent(node.hostname, repo_url=server.url, root=repo.root_file, **QUICK_RETRIES)
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the agent")
         run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         download = UpdateStep.objects.filter(run=run, name="download")
@@ -234,12 +231,12 @@ def test_a_scheduled_run_whose_release_is_withdrawn_fails_before_its_update_phas
     tmp_path, make_node, start_agent, control_worker, wait_run, state_dir, settings
 ):
     repo = Repo(tmp_path / "repo")
-    settings.TGP_REPO_PUBKEY = repo.pubkey  # the control plane syncs the index at each firing
+    settings.TGP_REPO_ROOT_FILE = repo.root_file  # the control plane syncs the index at each firing
     repo.import_releases()
     node = make_node("gw", users=("alice",))
     with RepoServer(repo.dir) as server:
         settings.TGP_REPO_URL = server.url
-        start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey)
+        start_agent(node.hostname, repo_url=server.url, root=repo.root_file)
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the agent")
         schedule = UpdateSchedule.objects.create(
             name="withdrawn", node=node, run_at=timezone.now() + timedelta(hours=2), download_lead=timedelta(hours=1)

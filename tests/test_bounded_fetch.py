@@ -1,5 +1,6 @@
 """Bounded fetching (agent/shared/fetch.py) against hostile servers on loopback: gzip
-bombs, endless data, lying lengths, redirects, slow retrieval, bad TLS."""
+bombs, endless data, lying lengths, redirects, slow retrieval, bad TLS; and the same
+through python-tuf's client (BoundedFetcher, trusted_index)."""
 
 from __future__ import annotations
 
@@ -17,22 +18,28 @@ from pathlib import Path
 
 import httpx
 import pytest
+from tuf.api import exceptions as tuf_errors
+from tuf.ngclient import UpdaterConfig
 
 from agent.download import download_package  # also: httpcore reads 1 MiB at a time, as in the agent
 from agent.shared.fetch import FetchError, fetch_bounded
 from agent.shared.repository import (
-    MAX_INDEX_BYTES,
+    BoundedFetcher,
     DownloadError,
+    IndexFormatError,
+    MetadataExpired,
+    MetadataRefused,
+    PackageVerificationError,
     RepositoryError,
-    SignatureError,
-    fetch_index,
     repo_client,
+    trusted_index,
 )
 
 pytestmark = pytest.mark.timeout(60)
 
 MiB = 1024 * 1024
-INDEX = b'{"format": 1}\n' * 100
+METADATA = b'{"signed": {"_type": "timestamp"}}\n' * 100
+TS = "/metadata/timestamp.json"
 
 
 def _gzip_bomb(inflated_mib: int) -> bytes:
@@ -193,41 +200,34 @@ def measured(fn: Callable[[], object]) -> tuple[object, int]:
 
 
 def test_normal_file_is_fetched_asking_for_identity(server, client):
-    server.routes["/index.json"] = body(INDEX)
-    assert fetch_bounded(client, server.url + "/index.json", 4096, deadline=5) == INDEX
+    server.routes[TS] = body(METADATA)
+    assert fetch_bounded(client, server.url + TS, 4096, deadline=5) == METADATA
     assert server.requests[0][1]["Accept-Encoding"] == "identity"
 
 
 @pytest.mark.parametrize("encoding", ["gzip", "gzip, gzip", "br", "deflate", "x-gzip"])
 def test_any_content_encoding_but_identity_is_refused(server, client, encoding):
-    server.routes["/index.json"] = body(INDEX, Content_Encoding=encoding)
+    server.routes[TS] = body(METADATA, Content_Encoding=encoding)
     with pytest.raises(FetchError, match=f"Content-Encoding {encoding} refused"):
-        fetch_bounded(client, server.url + "/index.json", 4096, deadline=5)
+        fetch_bounded(client, server.url + TS, 4096, deadline=5)
 
 
 def test_identity_content_encoding_is_fine(server, client):
-    server.routes["/index.json"] = body(INDEX, Content_Encoding="identity")
-    assert fetch_bounded(client, server.url + "/index.json", 4096, deadline=5) == INDEX
+    server.routes[TS] = body(METADATA, Content_Encoding="identity")
+    assert fetch_bounded(client, server.url + TS, 4096, deadline=5) == METADATA
 
 
 def test_gzip_bomb_is_refused_without_inflating_it(server, client):
-    server.routes["/index.json"] = body(BOMB, Content_Encoding="gzip")
-    result, peak = measured(lambda: fetch_bounded(client, server.url + "/index.json", 16 * MiB, deadline=10))
+    server.routes[TS] = body(BOMB, Content_Encoding="gzip")
+    result, peak = measured(lambda: fetch_bounded(client, server.url + TS, 16 * MiB, deadline=10))
     assert peak < 6 * MiB, f"{peak / MiB:.1f} MiB"  # the first read and h11's copy of it
     assert isinstance(result, FetchError) and "Content-Encoding gzip refused" in str(result)
 
 
-def test_gzip_bomb_as_the_index_is_a_retried_download_error_not_an_inflated_gib(server):
-    server.routes["/index.json"] = body(BOMB, Content_Encoding="gzip")
-    result, peak = measured(lambda: fetch_index(server.url, "unused", timeout=5))
-    assert peak < 6 * MiB, f"{peak / MiB:.1f} MiB"  # the first read and h11's copy of it
-    assert isinstance(result, DownloadError) and "Content-Encoding gzip refused" in str(result)
-
-
 def test_endless_data_stops_just_after_the_cap(server, client):
-    server.routes["/index.json"] = endless
+    server.routes[TS] = endless
     cap = 2 * MiB
-    result, peak = measured(lambda: fetch_bounded(client, server.url + "/index.json", cap, deadline=10))
+    result, peak = measured(lambda: fetch_bounded(client, server.url + TS, cap, deadline=10))
     assert isinstance(result, FetchError) and f"more than {cap} bytes" in str(result)
     # The cap, one network read (1 MiB) beyond it, and the last reads on their way
     # through httpcore and h11's buffers (4.4 to 8 MiB in all, measured): a few MiB,
@@ -239,42 +239,42 @@ def test_endless_data_stops_just_after_the_cap(server, client):
 
 def test_content_length_above_the_cap_is_refused_before_reading(server, client):
     # Announces 10 GiB, sends one byte and waits: a client that reads would wait too.
-    server.routes["/index.json"] = stall_after(b"x", Content_Length=10 * 1024 * MiB)
+    server.routes[TS] = stall_after(b"x", Content_Length=10 * 1024 * MiB)
     start = time.monotonic()
     with pytest.raises(FetchError, match=r"Content-Length 10737418240 is more than 4096 bytes"):
-        fetch_bounded(client, server.url + "/index.json", 4096, deadline=10)
+        fetch_bounded(client, server.url + TS, 4096, deadline=10)
     assert time.monotonic() - start < 1
 
 
 def test_content_length_at_the_cap_is_fine(server, client):
-    server.routes["/index.json"] = body(INDEX)
-    assert fetch_bounded(client, server.url + "/index.json", len(INDEX), deadline=5) == INDEX
+    server.routes[TS] = body(METADATA)
+    assert fetch_bounded(client, server.url + TS, len(METADATA), deadline=5) == METADATA
 
 
 @pytest.mark.parametrize("follow", [False, True], ids=["plain-client", "client-following-redirects"])
 def test_redirect_is_refused_naming_the_location(server, follow):
-    server.routes["/index.json"] = lambda h: h.head(302, Location="/elsewhere/index.json", Content_Length=0)
-    server.routes["/elsewhere/index.json"] = body(INDEX)
-    refused = pytest.raises(FetchError, match=r"redirects \(HTTP 302\) to /elsewhere/index.json")
+    server.routes[TS] = lambda h: h.head(302, Location="/elsewhere/timestamp.json", Content_Length=0)
+    server.routes["/elsewhere/timestamp.json"] = body(METADATA)
+    refused = pytest.raises(FetchError, match=r"redirects \(HTTP 302\) to /elsewhere/timestamp.json")
     with httpx.Client(timeout=5, follow_redirects=follow) as c, refused:
-        fetch_bounded(c, server.url + "/index.json", 4096, deadline=5)
-    assert [path for path, _ in server.requests] == ["/index.json"]
+        fetch_bounded(c, server.url + TS, 4096, deadline=5)
+    assert [path for path, _ in server.requests] == [TS]
 
 
 def test_slow_retrieval_fails_within_the_deadline(server, client):
     # One byte every 0.5 s: no read ever waits the client's 5 s read timeout.
-    server.routes["/index.json"] = trickle(0.5)
+    server.routes[TS] = trickle(0.5)
     start = time.monotonic()
     with pytest.raises(FetchError, match="not complete within the deadline of 2 s"):
-        fetch_bounded(client, server.url + "/index.json", 4096, deadline=2)
+        fetch_bounded(client, server.url + TS, 4096, deadline=2)
     assert time.monotonic() - start < 3
 
 
 def test_a_stalled_server_fails_at_the_deadline_not_after_the_read_timeout(server):
-    server.routes["/index.json"] = stall_after(b"x", Content_Length=100)
+    server.routes[TS] = stall_after(b"x", Content_Length=100)
     start = time.monotonic()
     with httpx.Client(timeout=30) as c, pytest.raises(FetchError, match="deadline of 2 s"):
-        fetch_bounded(c, server.url + "/index.json", 4096, deadline=2)
+        fetch_bounded(c, server.url + TS, 4096, deadline=2)
     assert time.monotonic() - start < 3
 
 
@@ -282,25 +282,145 @@ def test_http_errors_and_unreachable_servers_are_fetch_errors(server, client):
     with pytest.raises(FetchError, match="HTTP 404"):
         fetch_bounded(client, server.url + "/missing", 4096, deadline=5)
     with pytest.raises(FetchError, match="failed"):
-        fetch_bounded(client, "http://127.0.0.1:1/index.json", 4096, deadline=5)
+        fetch_bounded(client, "http://127.0.0.1:1/metadata/timestamp.json", 4096, deadline=5)
 
 
-def test_fetch_errors_are_retried_like_network_errors_and_bad_signatures_are_not():
+def test_fetch_errors_are_retried_like_network_errors_and_refused_metadata_is_not():
     # The agent's download task retries DownloadError (autoretry_for); the control side
-    # catches RepositoryError and keeps the releases it knows.
+    # catches RepositoryError and keeps the releases it knows. An expired repository may
+    # heal (re-signed, or this machine's clock set right): retried; a refused one is not.
     assert issubclass(FetchError, DownloadError) and issubclass(FetchError, RepositoryError)
-    assert not issubclass(SignatureError, DownloadError)
+    assert issubclass(MetadataExpired, FetchError)
+    for permanent in (MetadataRefused, PackageVerificationError, IndexFormatError):
+        assert issubclass(permanent, RepositoryError) and not issubclass(permanent, DownloadError)
 
 
-def test_fetch_index_uses_the_caps_and_asks_for_identity(server):
-    server.routes["/index.json"] = stall_after(b"x", Content_Length=MAX_INDEX_BYTES + 1)
-    with pytest.raises(DownloadError, match=f"more than {MAX_INDEX_BYTES} bytes"):
-        fetch_index(server.url, "unused", timeout=5)
-    server.routes["/index.json"] = body(INDEX)
-    server.routes["/index.json.sig"] = stall_after(b"x", Content_Length=MAX_INDEX_BYTES + 1)
-    with pytest.raises(DownloadError, match=f"index.json.sig: Content-Length {MAX_INDEX_BYTES + 1}"):
-        fetch_index(server.url, "unused", timeout=5)
+# --------------------------------------------------------------------------- through python-tuf
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small real repository (updates/repository.py), to serve from the routes."""
+    from updates.repository import build_repository
+
+    base = tmp_path_factory.mktemp("tuf-repo")
+    release = base / "src" / "stable" / "2.1.0"
+    release.mkdir(parents=True)
+    (release / "tgpro-base_2.1.0.tar.gz").write_bytes(b"package" * 100)
+    build_repository(base / "src", base / "out", base / "keys")
+    return base / "out"
+
+
+def serve_repository(server: _Server, out: Path) -> bytes:
+    """Routes for every file of the repository; returns the root to pin."""
+    for path in out.rglob("*"):
+        if path.is_file():
+            server.routes["/" + path.relative_to(out).as_posix()] = body(path.read_bytes())
+    return (out / "metadata" / "1.root.json").read_bytes()
+
+
+def test_bounded_fetcher_turns_a_404_into_tufs_http_error_no_newer_root(server, client):
+    fetcher = BoundedFetcher(client, deadline=5)
+    with pytest.raises(tuf_errors.DownloadHTTPError) as exc:
+        fetcher.download_bytes(server.url + "/metadata/2.root.json", 4096)
+    assert exc.value.status_code == 404  # ngclient: the current root is the newest
+
+
+def test_bounded_fetcher_keeps_other_http_statuses_as_errors(server, client):
+    server.routes["/metadata/2.root.json"] = lambda h: h.head(500, Content_Length=0)
+    with pytest.raises(tuf_errors.DownloadHTTPError) as exc:
+        BoundedFetcher(client, deadline=5).download_bytes(server.url + "/metadata/2.root.json", 4096)
+    assert exc.value.status_code == 500
+
+
+@pytest.mark.parametrize(
+    ("route", "why"),
+    [
+        (stall_after(b"x", Content_Length=10 * MiB), "Content-Length 10485760 is more than 4096 bytes"),
+        (body(METADATA, Content_Encoding="gzip"), "Content-Encoding gzip refused"),
+        (lambda h: h.head(302, Location="/elsewhere", Content_Length=0), "redirects"),
+        (endless, "more than 4096 bytes"),
+    ],
+    ids=["too-long", "gzip", "redirect", "endless"],
+)
+def test_bounded_fetcher_turns_other_failures_into_tufs_download_error(server, client, route, why):
+    server.routes[TS] = route
+    with pytest.raises(tuf_errors.DownloadError, match=why) as exc:
+        BoundedFetcher(client, deadline=5).download_bytes(server.url + TS, 4096)
+    assert not isinstance(exc.value, tuf_errors.DownloadHTTPError)
+    assert isinstance(exc.value.__cause__, FetchError)
+
+
+def test_bounded_fetcher_an_unreachable_server_is_tufs_download_error(client):
+    with pytest.raises(tuf_errors.DownloadError) as exc:
+        BoundedFetcher(client, deadline=5).download_bytes("http://127.0.0.1:1/metadata/timestamp.json", 4096)
+    assert not isinstance(exc.value, tuf_errors.DownloadHTTPError)
+
+
+def test_bounded_fetcher_notes_the_servers_clock(server, client):
+    server.routes[TS] = body(METADATA)
+    fetcher = BoundedFetcher(client, deadline=5)
+    assert fetcher.download_bytes(server.url + TS, 4096) == METADATA
+    assert fetcher.server_time is not None
+    assert abs((fetcher.server_time - datetime.now(UTC)).total_seconds()) < 5
+
+
+def test_trusted_index_reads_the_served_repository_asking_for_identity(server, client, repository, tmp_path):
+    pin = serve_repository(server, repository)
+    index = trusted_index(tmp_path / "tuf", server.url, pin, client=client, deadline=5)
+    assert [r.version for r in index.releases] == ["2.1.0"]
+    paths = [path for path, _ in server.requests]
+    assert paths[:2] == ["/metadata/2.root.json", TS]  # 404 for the next root: no newer one
     assert all(headers["Accept-Encoding"] == "identity" for _, headers in server.requests)
+
+
+def test_trusted_index_a_500_for_the_next_root_is_a_fetch_error_not_no_newer_root(server, client, repository, tmp_path):
+    pin = serve_repository(server, repository)
+    server.routes["/metadata/2.root.json"] = lambda h: h.head(500, Content_Length=0)
+    with pytest.raises(FetchError, match="HTTP 500"):
+        trusted_index(tmp_path / "tuf", server.url, pin, client=client, deadline=5)
+    assert TS not in [path for path, _ in server.requests]
+
+
+def test_gzip_bomb_as_the_timestamp_is_a_retried_fetch_error_not_an_inflated_gib(server, repository, tmp_path):
+    pin = serve_repository(server, repository)
+    server.routes[TS] = body(BOMB, Content_Encoding="gzip")
+    with repo_client(5) as c:
+        result, peak = measured(lambda: trusted_index(tmp_path / "tuf", server.url, pin, client=c, deadline=5))
+    assert peak < 6 * MiB, f"{peak / MiB:.1f} MiB"  # the first read and h11's copy of it
+    assert isinstance(result, FetchError) and "Content-Encoding gzip refused" in str(result)
+    assert not isinstance(result, MetadataRefused)
+
+
+def test_endless_timestamp_is_cut_at_tufs_length_cap_with_bounded_memory(server, repository, tmp_path):
+    pin = serve_repository(server, repository)
+    server.routes[TS] = endless
+    with repo_client(5) as c:
+        result, peak = measured(lambda: trusted_index(tmp_path / "tuf", server.url, pin, client=c, deadline=10))
+    cap = UpdaterConfig().timestamp_max_length
+    assert isinstance(result, FetchError) and f"more than {cap} bytes" in str(result), result
+    assert peak < 8 * MiB, f"{peak / MiB:.1f} MiB"  # one network read beyond the cap, and h11's copy
+    assert server.hung_up.wait(5), "the client should hang up, not drain the rest"
+    assert server.sent < 64 * MiB
+
+
+def test_trusted_index_refuses_a_timestamp_longer_than_tufs_cap_before_reading_it(server, client, repository, tmp_path):
+    pin = serve_repository(server, repository)
+    cap = UpdaterConfig().timestamp_max_length
+    server.routes[TS] = stall_after(b"x", Content_Length=cap + 1)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match=f"Content-Length {cap + 1} is more than {cap} bytes"):
+        trusted_index(tmp_path / "tuf", server.url, pin, client=client, deadline=10)
+    assert time.monotonic() - start < 2
+
+
+def test_trusted_index_a_trickling_timestamp_fails_at_the_deadline(server, client, repository, tmp_path):
+    pin = serve_repository(server, repository)
+    server.routes[TS] = trickle(0.5)
+    start = time.monotonic()
+    with pytest.raises(FetchError, match="deadline of 2 s"):
+        trusted_index(tmp_path / "tuf", server.url, pin, client=client, deadline=2)
+    assert time.monotonic() - start < 3
 
 
 # --------------------------------------------------------------------------- TLS
@@ -341,13 +461,13 @@ def test_tls_is_verified_a_self_signed_repository_is_refused(server, tmp_path):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert_file, key_file)
     server.socket = context.wrap_socket(server.socket, server_side=True)
-    server.routes["/index.json"] = body(INDEX)
-    url = f"https://127.0.0.1:{server.server_address[1]}/index.json"
+    server.routes[TS] = body(METADATA)
+    url = f"https://127.0.0.1:{server.server_address[1]}{TS}"
     with repo_client(5) as c, pytest.raises(FetchError, match="CERTIFICATE_VERIFY_FAILED"):
         fetch_bounded(c, url, 4096, deadline=5)
     # The same server, its certificate trusted: the refusal was the verification.
     with httpx.Client(verify=ssl.create_default_context(cafile=str(cert_file))) as c:
-        assert fetch_bounded(c, url, 4096, deadline=5) == INDEX
+        assert fetch_bounded(c, url, 4096, deadline=5) == METADATA
 
 
 # --------------------------------------------------------------------------- the package downloader

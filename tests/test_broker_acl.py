@@ -574,7 +574,7 @@ def test_a_cluster_update_runs_through_the_control_web_and_node_users(
     control.start()
     try:
         start_agent(
-            node.hostname, repo_url=server.url, pubkey=repo.pubkey, REDIS_URL=broker.url(f"node-{node.hostname}")
+            node.hostname, repo_url=server.url, root=repo.root_file, REDIS_URL=broker.url(f"node-{node.hostname}")
         )
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, f"the agent of {node}")
         env = process_env(broker.url("web"), DATABASE_URL=test_database_url())

@@ -124,8 +124,9 @@ def test_demo_fleet_is_idempotent(settings, tmp_path):
     settings.VAR_DIR = tmp_path
     settings.TGP_REPO_DIR = tmp_path / "repo"
     settings.TGP_NODE_STATE_DIR = tmp_path / "nodes"
-    settings.TGP_REPO_SIGNING_KEY_FILE = tmp_path / "keys" / "repo.key"
-    settings.TGP_REPO_PUBKEY_FILE = tmp_path / "keys" / "repo.pub"
+    settings.TGP_REPO_KEYS_DIR = tmp_path / "keys" / "repo"
+    settings.TGP_REPO_ROOT_FILE = tmp_path / "keys" / "repo-root.json"
+    settings.TGP_REPO_METADATA_DIR = tmp_path / "tuf"
     run_cli("demo_fleet")
     run_cli("demo_fleet")
     assert sorted(Node.objects.values_list("hostname", flat=True)) == ["c1n1", "c1n2", "c1n3", "gw1"]
@@ -149,7 +150,7 @@ def test_autoupdate_wait_exits_zero_on_success_and_one_on_failure(demo_repo, mak
     repo.import_releases()
     good, bad = make_node("gw"), make_node("gw")
     agent_for(good)
-    agent_for(bad, pubkey=repo.__class__(tmp_path / "other").pubkey)  # pins a key that signed nothing
+    agent_for(bad, root=repo.__class__(tmp_path / "other").root_file)  # pins another repository's root
     env = process_env(redis_url, DATABASE_URL=test_database_url())
     cmd = [sys.executable, "manage.py", "autoupdate", "--yes", "--wait", "--timeout", "90"]
 

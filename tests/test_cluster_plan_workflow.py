@@ -161,13 +161,13 @@ def test_a_node_whose_second_download_round_fails_right_before_its_own_time_leav
     failing = nodes[2]
     fire(schedule.download_task)
     wait_for(lambda: Node.objects.get(pk=failing.pk).download_warning, 30, "the warning flag after round one")
-    first_round = broken.index_requests
+    first_round = broken.refreshes
     fire(schedule.update_task)
     wait_for(lambda: not UpdateRun.objects.filter(schedule=schedule, state="running").exists(), 120, "the rollout")
 
     runs = {run.node_id: run for run in UpdateRun.objects.filter(schedule=schedule)}
     assert [runs[n.pk].state for n in nodes] == ["succeeded", "succeeded", "failed"]
-    assert broken.index_requests == first_round + 10, "exactly 10 more attempts"
+    assert broken.refreshes == first_round + 10, "exactly 10 more attempts"
     entry = PlanEntry.objects.get(plan__schedule=schedule, node=failing)
     on_time(moments(runs[failing.pk])["download"], entry.out_at, "the second round, right before its own update")
     assert not UpdateStep.objects.filter(run=runs[failing.pk], name="exclude", started_at__isnull=False).exists(), (

@@ -61,7 +61,7 @@ def test_a_compromised_node_cannot_touch_the_others_and_they_update_within_their
     try:
         for node in honest:
             start_agent(
-                node.hostname, repo_url=server.url, pubkey=repo.pubkey, REDIS_URL=broker.url(f"node-{node.hostname}")
+                node.hostname, repo_url=server.url, root=repo.root_file, REDIS_URL=broker.url(f"node-{node.hostname}")
             )
         for node in honest:
             wait_for(lambda n=node: Node.objects.get(pk=n.pk).worker_instance, 60, f"the agent of {node}")

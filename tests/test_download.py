@@ -7,6 +7,7 @@ import http.server
 import random
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,13 +315,47 @@ def test_install_fetches_again_a_package_a_power_cut_ate(tmp_path, agent_setting
     payload = StepCommand(run=7, node="gw-cut", version="2.2.0")
     reports: list[tuple[str, dict]] = []
     with RepoServer(repo.dir) as server:
-        agent_settings(repo_url=server.url, repo_pubkey=repo.pubkey)
+        agent_settings(repo_url=server.url, repo_root_file=repo.root_file)
         steps.download(driver, payload, lambda event, **kw: reports.append((event, kw)))
         victim = sorted(driver.download_dir("2.2.0").glob("*.tar.gz"))[0]
         victim.write_bytes(victim.read_bytes()[:100])  # what was on disk when the power went
         fetched_before = len(server.behaviour.requests)
         steps.install(driver, payload, lambda event, **kw: reports.append((event, kw)))
         again = [r["path"] for r in server.behaviour.requests[fetched_before:]]
-    assert again == [f"/pool/{victim.name}"], "only the damaged package is fetched again"
+    assert len(again) == 1 and again[0].startswith("/targets/releases/2.2.0/"), again
+    assert again[0].endswith(f".{victim.name}"), "only the damaged package is fetched again, by its hash-named file"
     assert driver.snapshot()["installed_version"] == "2.2.0"
     assert reports[-1][0] == "succeeded"
+
+
+def test_a_server_trickling_a_package_is_cut_for_slow_retrieval_and_the_next_attempt_resumes(tmp_path, client):
+    # TUF's slow retrieval attack: a byte now and then keeps every read within its timeout.
+    from agent.download import MinRate, TooSlow
+
+    class Trickle(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(PAYLOAD)))
+            self.end_headers()
+            for i in range(0, len(PAYLOAD), 10):
+                self.wfile.write(PAYLOAD[i : i + 10])
+                self.wfile.flush()
+                time.sleep(0.05)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = _QuietServer(("127.0.0.1", 0), Trickle)
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    dest = tmp_path / "pkg_1.0.tar.gz"
+    began = time.monotonic()
+    try:
+        with pytest.raises(TooSlow, match="too slow"):
+            _download(client, f"http://127.0.0.1:{httpd.server_address[1]}/p", dest, min_rate=MinRate(1000, 0.5))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert time.monotonic() - began < 3, "cut after its window, not when the server is done"
+    assert issubclass(TooSlow, DownloadError), "retried like a network error"
+    assert 0 < _part(dest).stat().st_size < len(PAYLOAD), "what came is kept for the resume"
+    assert not dest.exists()

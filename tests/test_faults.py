@@ -72,7 +72,7 @@ def test_agent_killed_in_a_step_the_run_resumes_and_succeeds(
     cluster = Cluster.objects.create(name=f"kill-{step}", max_parallel_updates=1)
     node = make_node("k", cluster=cluster)
     with RepoServer(repo.dir, rate=300 * 1024) as server:
-        agent = start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_SIM_STEP_SECONDS="0.6-1.0")
+        agent = start_agent(node.hostname, repo_url=server.url, root=repo.root_file, TGP_SIM_STEP_SECONDS="0.6-1.0")
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the agent")
         run = start.start_update(Node.objects.get(pk=node.pk), Release.objects.get(version="2.2.0"))
         row = UpdateStep.objects.filter(run=run, name=step)

@@ -64,7 +64,7 @@ def test_redis_restarted_during_a_rollout_no_node_installs_twice_no_run_is_lost(
         control.start()
         with RepoServer(repo.dir, rate=400 * 1024) as server:
             for node in nodes:
-                start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, REDIS_URL=redis.url,
+                start_agent(node.hostname, repo_url=server.url, root=repo.root_file, REDIS_URL=redis.url,
                             TGP_SIM_STEP_SECONDS="0.3-0.6")  # fmt: skip
             for node in nodes:
                 wait_for(lambda n=node: Node.objects.get(pk=n.pk).agent_instance, 60, f"the agent of {node}")

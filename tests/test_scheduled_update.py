@@ -52,12 +52,12 @@ def test_beat_fires_download_then_update_of_a_one_off_schedule(demo_repo, make_n
 def _policy_setup(tmp_path, make_node, start_agent, fail_first, settings):
     repo = Repo(tmp_path / "repo")
     # The control plane looks at the index too (with the key it pins): one request per firing.
-    settings.TGP_REPO_PUBKEY = repo.pubkey
+    settings.TGP_REPO_ROOT_FILE = repo.root_file
     repo.import_releases()
     node = make_node("gw")
     server = FlakyRepoServer(repo.dir, fail_first=fail_first).__enter__()
     # Retries without waiting: the policy counts attempts, the backoff is production's business.
-    start_agent(node.hostname, repo_url=server.url, pubkey=repo.pubkey, TGP_DOWNLOAD_BACKOFF_MAX="0")
+    start_agent(node.hostname, repo_url=server.url, root=repo.root_file, TGP_DOWNLOAD_BACKOFF_MAX="0")
     wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the agent")
     schedule = UpdateSchedule.objects.create(
         name="policy", node=node, run_at=timezone.now() + timedelta(hours=2), download_lead=timedelta(hours=1)
@@ -80,14 +80,14 @@ def test_download_failure_policy_ten_attempts_flag_ten_more_then_lock_and_time_c
     scheduled.fire(schedule.pk, "download")
     run = UpdateRun.objects.get(node=node)
     wait_for(lambda: Node.objects.get(pk=node.pk).download_warning, 60, "the warning flag")
-    assert server.index_requests == 10 + 1, "10 attempts by the node (and one look by the control plane)"
+    assert server.refreshes == 10 + 1, "10 attempts by the node (and one look by the control plane)"
     run.refresh_from_db()
     assert run.state == "running" and not UpdateLock.objects.filter(node=node).exists()
 
     _update_time_is_now(schedule, run)
     scheduled.fire(schedule.pk, "update")
     wait_for(lambda: UpdateRun.objects.get(pk=run.pk).state == "failed", 60, "the run to fail")
-    assert server.index_requests == 10 + 1 + 1 + 10, "exactly 10 more attempts"
+    assert server.refreshes == 10 + 1 + 1 + 10, "exactly 10 more attempts"
     assert UpdateLock.objects.filter(node=node, removed_at=None).exists()
     schedule.refresh_from_db()
     assert not schedule.time_control and "failed twice" in schedule.disabled_reason

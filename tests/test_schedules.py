@@ -179,24 +179,25 @@ def test_time_control_off_fires_nothing(make_node, releases):
     assert not UpdateRun.objects.exists()
 
 
-def test_a_firing_imports_the_index_only_when_its_serial_is_new(tmp_path, settings, django_assert_max_num_queries):
+def test_a_firing_imports_the_releases_only_when_the_targets_version_is_new(
+    tmp_path, settings, django_assert_max_num_queries
+):
     # 500 schedules due in the same minute: one import, not 500 (bench/beat_lag.py).
     from tests.conftest import Repo
     from tests.servers import RepoServer
     from updates.models import Package, Release
-    from updates.repository import build_repository
 
     repo = Repo(tmp_path / "repo")
     with RepoServer(repo.dir) as server:
-        settings.TGP_REPO_URL, settings.TGP_REPO_PUBKEY = server.url, repo.pubkey
-        assert scheduled.refresh_releases() == "index serial 1; "
+        settings.TGP_REPO_URL, settings.TGP_REPO_ROOT_FILE = server.url, repo.root_file
+        assert scheduled.refresh_releases() == "targets version 1; "
         Package.objects.filter(release__version="2.2.0").delete()  # marks what an import would restore
         with django_assert_max_num_queries(1):
-            assert scheduled.refresh_releases() == "index serial 1; "
+            assert scheduled.refresh_releases() == "targets version 1; "
         assert not Package.objects.filter(release__version="2.2.0").exists()
 
-        build_repository(repo.root / "src", repo.dir, repo.key)  # a new build: serial 2
-        assert scheduled.refresh_releases() == "index serial 2; "
+        repo.publish()  # a new publication: targets version 2
+        assert scheduled.refresh_releases() == "targets version 2; "
     assert Package.objects.filter(release__version="2.2.0").exists()
     assert set(Release.objects.values_list("index_serial", flat=True)) == {2}
 

@@ -180,6 +180,12 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": env_float("TGP_RECONCILE_INTERVAL", 30.0, minimum=1.0),
         "options": {"queue": CONTROL_QUEUE},
     },
+    # The repository's timestamp (one day) and snapshot (a week) signed again in time.
+    "resign-repository": {
+        "task": "control.resign_repository",
+        "schedule": env_float("TGP_REPO_RESIGN_INTERVAL", 3600.0, minimum=1.0),
+        "options": {"queue": CONTROL_QUEUE},
+    },
     # Announced updates ("announce now, update at"): start those whose time has come.
     "start-announced-updates": {
         "task": "control.start_announced_updates",
@@ -203,13 +209,15 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
 }
 
 # --- Update workflow -------------------------------------------------------------
-# The signed repository: where it is served, the public key (base64, Ed25519) that
-# sync_releases checks (the agents pin the same one, agent/config.py), the private
-# key file for build_repo, and where the demo builds it.
+# The update repository (The Update Framework): where it is served, the TUF root the
+# control plane pins (the agents pin the same, agent/config.py), where it keeps the
+# metadata it verified, and, on the host that builds and signs the repository, its
+# directory and the keys directory (README, "Repository keys"). The beat re-signs the
+# snapshot and timestamp every TGP_REPO_RESIGN_INTERVAL seconds if the online keys are here.
 TGP_REPO_URL = env_str("TGP_REPO_URL", "http://127.0.0.1:8001/")
-TGP_REPO_PUBKEY = env_str("TGP_REPO_PUBKEY", "")
-TGP_REPO_PUBKEY_FILE = Path(env_str("TGP_REPO_PUBKEY_FILE", str(VAR_DIR / "keys" / "repo.pub")))
-TGP_REPO_SIGNING_KEY_FILE = Path(env_str("TGP_REPO_SIGNING_KEY_FILE", str(VAR_DIR / "keys" / "repo.key")))
+TGP_REPO_ROOT_FILE = Path(env_str("TGP_REPO_ROOT_FILE", str(VAR_DIR / "keys" / "repo-root.json")))
+TGP_REPO_METADATA_DIR = Path(env_str("TGP_REPO_METADATA_DIR", str(VAR_DIR / "tuf")))
+TGP_REPO_KEYS_DIR = Path(env_str("TGP_REPO_KEYS_DIR", str(VAR_DIR / "keys" / "repo")))
 # The control plane signs every command to a node with this key (made on first use);
 # agents pin its public key (TGP_CONTROL_PUBKEY, or the file next to it, control.pub).
 TGP_CONTROL_SIGNING_KEY_FILE = Path(env_str("TGP_CONTROL_SIGNING_KEY_FILE", str(VAR_DIR / "keys" / "control.key")))

@@ -11,15 +11,17 @@ from django.core.checks import Tags, Warning, register
 @register(Tags.security, deploy=False)
 def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
     problems = []
-    if not settings.TGP_REPO_PUBKEY and not settings.TGP_REPO_PUBKEY_FILE.exists():
+    if not settings.TGP_REPO_ROOT_FILE.exists():
         problems.append(
             Warning(
-                "No repository public key is pinned: node agents will refuse every download.",
-                hint="Set TGP_REPO_PUBKEY to the base64 key printed by `manage.py build_repo`, "
-                "or TGP_REPO_PUBKEY_FILE to the file holding it.",
+                f"No repository root is pinned ({settings.TGP_REPO_ROOT_FILE} does not exist): "
+                "sync_releases refuses the repository, and so do agents pinned to the same file.",
+                hint="Copy the root metadata that `manage.py build_repo` writes (metadata/1.root.json, "
+                "or `manage.py repo_keys export-root`) there, or set TGP_REPO_ROOT_FILE to it.",
                 id="tgpadmin.W001",
             )
         )
+    problems += _online_keys()
     if not settings.DEBUG and not settings.ALLOWED_HOSTS:
         problems.append(
             Warning(
@@ -29,3 +31,34 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[Warning]
             )
         )
     return problems
+
+
+def _online_keys() -> list[Warning]:
+    """A repository kept on this host whose timestamp key is not here: the beat cannot
+    sign it again, and every node refuses the repository once the timestamp expires (a day)."""
+    from updates.repository import Store, find_key
+
+    store = Store(settings.TGP_REPO_DIR, settings.TGP_REPO_KEYS_DIR)
+    if not (store.meta_dir / "timestamp.json").exists():
+        return []
+    try:
+        root = store.root().signed
+    except Exception as exc:  # noqa: BLE001 - a broken repository is itself the finding
+        return [Warning(f"The repository in {settings.TGP_REPO_DIR} cannot be read: {exc}", id="tgpadmin.W003")]
+    missing = [
+        role
+        for role in ("snapshot", "timestamp")
+        if not any(find_key(settings.TGP_REPO_KEYS_DIR, role, k) for k in root.roles[role].keyids)
+    ]
+    if not missing:
+        return []
+    keys = f"{' and '.join(missing)} key{'s' if len(missing) > 1 else ''}"
+    return [
+        Warning(
+            f"The repository in {settings.TGP_REPO_DIR} is kept here but its {keys} is not in "
+            f"{settings.TGP_REPO_KEYS_DIR}: the beat cannot sign it again, and nodes refuse it once it expires.",
+            hint="Put the online keys (<role>-<keyid>.key) in TGP_REPO_KEYS_DIR, or point TGP_REPO_DIR elsewhere "
+            "if the repository is signed on another host.",
+            id="tgpadmin.W003",
+        )
+    ]

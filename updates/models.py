@@ -38,7 +38,9 @@ class Release(models.Model):
     notes = models.TextField(blank=True)
     needs_reboot = models.BooleanField(default=True)
     hotfix = models.BooleanField(default=False)
-    index_serial = models.PositiveIntegerField(default=0, editable=False, help_text="Serial of the index it came from.")
+    index_serial = models.PositiveIntegerField(
+        default=0, editable=False, help_text="Version of the signed targets metadata it came from."
+    )
     # Set when an imported index no longer lists it (updates.releases.import_index),
     # cleared when one lists it again: never the newest, never installed.
     withdrawn_at = models.DateTimeField(

@@ -1,4 +1,4 @@
-"""Keep the Release and Package rows in step with the signed repository index."""
+"""Keep the Release and Package rows in step with the repository's TUF metadata."""
 
 from __future__ import annotations
 
@@ -6,12 +6,19 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agent.shared.repository import RepositoryIndex, fetch_index, parse_and_verify, pinned_public_key
+from agent.shared.repository import RepositoryError, RepositoryIndex, metadata_dir_for, repo_client, trusted_index
 from updates.models import Package, Release
 
+# Per metadata file, as the agents' download timeout: the control plane fetches the same files.
+TIMEOUT = 30.0
 
-def public_key() -> str:
-    return pinned_public_key(settings.TGP_REPO_PUBKEY, settings.TGP_REPO_PUBKEY_FILE)
+
+def trusted_root() -> bytes:
+    try:
+        return settings.TGP_REPO_ROOT_FILE.read_bytes()
+    except OSError as exc:
+        raise RepositoryError(f"no pinned repository root: TGP_REPO_ROOT_FILE {settings.TGP_REPO_ROOT_FILE}: "
+                              f"{exc.strerror}") from None  # fmt: skip
 
 
 def last_serial() -> int:
@@ -21,9 +28,9 @@ def last_serial() -> int:
 
 @transaction.atomic
 def import_index(index: RepositoryIndex) -> tuple[int, int]:
-    """Upsert every release of a verified index; returns (created, updated). A known
-    release the index no longer lists is marked withdrawn (never the newest, never
-    installed); one it lists again is withdrawn no longer."""
+    """Upsert every release of verified targets metadata; returns (created, updated). A
+    known release they no longer list is marked withdrawn (never the newest, never
+    installed); one they list again is withdrawn no longer."""
     created = updated = 0
     listed = [entry.version for entry in index.releases]
     withdrawn = Release.objects.exclude(version__in=listed).filter(withdrawn_at=None)
@@ -53,25 +60,15 @@ def import_index(index: RepositoryIndex) -> tuple[int, int]:
 
 
 def sync_from_url(url: str | None = None, *, only_if_newer: bool = False) -> RepositoryIndex:
-    """Fetch, verify and import the index. only_if_newer: skip the import when this
-    serial was imported already (every build of the repository raises the serial,
-    so it is the very same index): 500 schedules firing in the same minute then
-    cost one import, not 500."""
-    known = last_serial()
-    index, _, _ = fetch_index(url or settings.TGP_REPO_URL, public_key(), min_serial=known)
-    if not (only_if_newer and index.serial == known):
+    """Refresh the TUF metadata (as the agents do: rollback, freeze and mix-and-match
+    refused) and import its releases. only_if_newer: skip the import when these targets
+    were imported already (every publication raises their version): 500 schedules firing
+    in the same minute then cost one import, not 500."""
+    root = trusted_root()
+    with repo_client(TIMEOUT) as client:
+        index = trusted_index(
+            metadata_dir_for(settings.TGP_REPO_METADATA_DIR, root), url or settings.TGP_REPO_URL, root, client=client
+        )
+    if not (only_if_newer and index.serial == last_serial()):
         import_index(index)
-    return index
-
-
-def sync_from_dir() -> RepositoryIndex:
-    """Import from the repository directory on this machine (the demo's)."""
-    base = settings.TGP_REPO_DIR
-    index = parse_and_verify(
-        (base / "index.json").read_bytes(),
-        (base / "index.json.sig").read_bytes(),
-        public_key(),
-        min_serial=last_serial(),
-    )
-    import_index(index)
     return index

@@ -18,11 +18,11 @@ from datetime import datetime, timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from agent.shared.repository import RepositoryError
 from nodes.models import Node
 from updates.models import Release, UpdateRun, UpdateSchedule
 from updates.plans import ensure_plan
 from updates.releases import sync_from_url
-from updates.repository import RepositoryError
 from updates.runs.chains import start_update_phase
 from updates.runs.start import UpdateRefused, start_update
 from updates.schedules import LATE_FIRE, Firing, arm, armed_at, next_firing, starts_run
@@ -61,7 +61,7 @@ def refresh_releases() -> str:
     except (RepositoryError, OSError) as exc:
         log.warning("repository not reachable, using the releases known: %s", exc)
         return f"repository not reachable ({exc}); "
-    return f"index serial {index.serial}; "
+    return f"targets version {index.serial}; "
 
 
 def updates_for(node: Node) -> Release | None:

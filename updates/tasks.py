@@ -178,6 +178,15 @@ def start_announced_updates() -> list[str]:
     return start_due()
 
 
+@shared_task(name="control.resign_repository")
+def resign_repository() -> list[str]:
+    """(beat, every TGP_REPO_RESIGN_INTERVAL s) sign the repository's snapshot and timestamp
+    again before they expire, where this host keeps the repository and its online keys."""
+    from updates.repository import resign_configured
+
+    return resign_configured()
+
+
 @shared_task(name="control.scheduled_download")
 def scheduled_download(schedule_id: int, at: str | None = None) -> str:
     from updates.scheduled import fire

@@ -25,15 +25,6 @@ class Driver(ABC):
     def download_dir(self, version: str) -> Path:
         return self.state_dir / "downloads" / version
 
-    def last_serial(self) -> int:
-        path = self.state_dir / "index-serial"
-        return int(path.read_text()) if path.exists() else 0
-
-    def remember_serial(self, serial: int) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        if serial > self.last_serial():
-            atomic_write(self.state_dir / "index-serial", str(serial).encode())
-
     @abstractmethod
     def snapshot(self) -> dict[str, Any]:
         """installed_version, packages, users, logon_enabled, in_load_balancer, boot_id."""

@@ -1,6 +1,6 @@
-"""Bounded fetching of small repository files (index.json and its signature now, the
-TUF metadata later): what a hostile or broken server sends cannot grow memory or
-time beyond the limits the caller gives.
+"""Bounded fetching of the repository's TUF metadata (agent/shared/repository.py's
+fetcher): what a hostile or broken server sends cannot grow memory or time beyond
+the limits the caller gives.
 
 - Identity encoding only: ``Accept-Encoding: identity`` is asked for and a response
   with any other ``Content-Encoding`` is refused unread. Nothing is ever inflated, so
@@ -27,6 +27,7 @@ bytes are trustworthy is not decided here: the signature check comes after.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import httpx
 
@@ -34,11 +35,24 @@ from agent.shared.errors import DownloadError
 
 
 class FetchError(DownloadError):
-    """The file could not be fetched within the limits; transient like a network error."""
+    """The file could not be fetched within the limits; transient like a network error.
+    ``status``: the HTTP status when the server answered with one other than 200."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
 
 
-def fetch_bounded(client: httpx.Client, url: str, max_bytes: int, *, deadline: float) -> bytes:
-    """GET url: at most max_bytes, all of it within deadline seconds, or FetchError."""
+def fetch_bounded(
+    client: httpx.Client,
+    url: str,
+    max_bytes: int,
+    *,
+    deadline: float,
+    on_headers: Callable[[httpx.Response], None] | None = None,
+) -> bytes:
+    """GET url: at most max_bytes, all of it within deadline seconds, or FetchError.
+    ``on_headers`` sees each response before its body is read (its Date: clock checks)."""
     end = time.monotonic() + deadline
     try:
         with client.stream(
@@ -48,6 +62,8 @@ def fetch_bounded(client: httpx.Client, url: str, max_bytes: int, *, deadline: f
             follow_redirects=False,
             timeout=_capped(client.timeout, deadline),
         ) as resp:
+            if on_headers is not None:
+                on_headers(resp)
             _check_headers(resp, url, max_bytes)
             body = bytearray()
             # iter_raw: the bytes as they came, never decoded; each one network read.
@@ -80,7 +96,7 @@ def _check_headers(resp: httpx.Response, url: str, max_bytes: int) -> None:
         where = resp.headers.get("Location", "nowhere")
         raise FetchError(f"GET {url} redirects (HTTP {resp.status_code}) to {where}; redirects are not followed")
     if resp.status_code != 200:
-        raise FetchError(f"GET {url} answered HTTP {resp.status_code}")
+        raise FetchError(f"GET {url} answered HTTP {resp.status_code}", resp.status_code)
     encodings = [e.strip().lower() for e in resp.headers.get_list("Content-Encoding", split_commas=True)]
     if any(e not in ("", "identity") for e in encodings):
         raise FetchError(

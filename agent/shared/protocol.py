@@ -220,7 +220,7 @@ def _known(cls: type) -> set[str]:
 @dataclass(frozen=True)
 class StepCommand:
     """What a node step needs (the payload of every node.<step> task). Package sizes
-    and hashes are not here on purpose: the agent takes them from the signed index."""
+    and hashes are not here on purpose: the agent takes them from the TUF targets metadata it verified."""
 
     run: int
     node: str

@@ -1,63 +1,78 @@
-"""The signed update repository as both sides read it: its format, its signature
-checks and bounded fetching. The agent verifies with it before every download and
-install; the control plane's ``sync_releases`` reads releases with it; building and
-signing a repository is the control side's (updates/repository.py).
+"""The update repository as both sides read it: The Update Framework (python-tuf).
 
-Trust model: the index lists every package with its size and sha256 and is signed
-with an Ed25519 key. A node that has verified the index therefore only needs the
-hash check to trust a package, wherever the bytes came from.
+The repository publishes TUF metadata with the four top-level roles under
+``<url>/metadata/`` and the packages under ``<url>/targets/`` (consistent
+snapshots: ``N.targets.json``, ``N.snapshot.json``, and each package file prefixed
+with its sha256, so a reader never mixes two versions; only ``timestamp.json``
+keeps its name). Building and signing is the control side's (updates/repository.py).
+
+A reader pins a trusted root (at enrollment; ``TGP_REPO_ROOT_FILE``) and keeps
+the metadata it verified in a directory of its own: ``tuf.ngclient.Updater``
+walks root rotations, checks thresholds, versions (no rollback), expiry, and the
+lengths and hashes that tie timestamp, snapshot and targets together. Every file
+comes through :class:`BoundedFetcher` (agent/shared/fetch.py): identity encoding,
+no redirects, bounded length and time.
+
+Releases are not a file of their own: each package is a target file
+``releases/<release>/<name>_<version>.tar.gz`` whose custom field ``tgp`` names
+its package and carries its release's metadata (channel, needs reboot, hotfix,
+notes). Packages themselves stream through the agent's resumable downloader and
+are accepted only if length and sha256 match the signed target info
+(:func:`verify_package`, ``TargetFile.verify_length_and_hashes``).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
+import fcntl
+import hashlib
 import ssl
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from tuf.api import exceptions as tuf_errors
+from tuf.api.metadata import Metadata, Root, TargetFile, Targets
+from tuf.ngclient import FetcherInterface, Updater, UpdaterConfig
 
-from agent.shared.env import ConfigError
 from agent.shared.errors import DownloadError as DownloadError
 from agent.shared.errors import RepositoryError as RepositoryError
 from agent.shared.fetch import FetchError as FetchError
 from agent.shared.fetch import fetch_bounded
-from agent.shared.protocol import CHANNELS, PACKAGE_NAME_RE, SHA256_RE, VERSION_RE, version_key
-from agent.shared.signing import pinned_key
+from agent.shared.protocol import CHANNELS, PACKAGE_NAME_RE, VERSION_RE, version_key
 
-INDEX_FORMAT = 1
-INDEX_NAME = "index.json"
-SIGNATURE_NAME = "index.json.sig"
-POOL_DIR = "pool"
+METADATA_DIR = "metadata"
+TARGETS_DIR = "targets"
+RELEASES_DIR = "releases"
 RELEASE_META = "release.json"
 PACKAGE_SUFFIX = ".tar.gz"
-# A hostile or broken server must not make a node buffer an unbounded index, nor keep
-# it waiting for one: each of index.json and its signature within these (agent/shared/fetch.py).
-MAX_INDEX_BYTES = 16 * 1024 * 1024
-INDEX_DEADLINE = 120.0
+CUSTOM_KEY = "tgp"
+# A hostile or broken server must not keep a reader waiting for one metadata file
+# (slow retrieval); the length of each is bounded by TUF (UpdaterConfig, and the
+# exact lengths the timestamp and snapshot list).
+METADATA_DEADLINE = 120.0
+# A clock this far from the repository server's (its HTTP Date) is named as the
+# likely cause when metadata is found expired.
+CLOCK_SKEW = 300.0
 
 
 class IndexFormatError(RepositoryError):
-    """Broken or malformed index/source, hostile names or paths."""
+    """A broken source tree, or signed targets that do not describe releases as we write them."""
 
 
-class SignatureError(RepositoryError):
-    pass
+class MetadataRefused(RepositoryError):
+    """Signed metadata that fails TUF's checks (signatures, thresholds, versions,
+    lengths and hashes): an attack or a broken repository. Not retried."""
 
 
-class ExpiredIndexError(RepositoryError):
-    pass
-
-
-class SerialRollbackError(RepositoryError):
-    """The index serial is lower than the last one accepted (replay/rollback)."""
+class MetadataExpired(FetchError):
+    """Metadata past its expiry: a repository nobody re-signs (a freeze), or this
+    machine's clock. Retried like a network error: both may heal."""
 
 
 class PackageVerificationError(RepositoryError):
@@ -71,18 +86,9 @@ class PackageVerificationError(RepositoryError):
 class PackageEntry:
     name: str
     version: str
-    file: str
+    file: str  # the target path: releases/<release>/<name>_<version>.tar.gz
     size: int
     sha256: str
-
-    def to_dict(self) -> dict:
-        return {
-            "name": self.name,
-            "version": self.version,
-            "file": self.file,
-            "size": self.size,
-            "sha256": self.sha256,
-        }
 
 
 @dataclass(frozen=True)
@@ -94,21 +100,16 @@ class ReleaseEntry:
     notes: str
     packages: tuple[PackageEntry, ...]
 
-    def to_dict(self) -> dict:
-        return {
-            "version": self.version,
-            "channel": self.channel,
-            "needs_reboot": self.needs_reboot,
-            "hotfix": self.hotfix,
-            "notes": self.notes,
-            "packages": [p.to_dict() for p in self.packages],
-        }
+    def meta(self) -> dict[str, Any]:
+        """Its part of each package's custom field."""
+        return {"channel": self.channel, "needs_reboot": self.needs_reboot, "hotfix": self.hotfix, "notes": self.notes}
 
 
 @dataclass(frozen=True)
 class RepositoryIndex:
+    """The releases of one verified targets metadata; ``serial`` is its version."""
+
     serial: int
-    generated: datetime
     expires: datetime
     releases: tuple[ReleaseEntry, ...]
 
@@ -122,23 +123,11 @@ class RepositoryIndex:
         candidates = [r for r in self.releases if r.channel == channel]
         return max(candidates, key=lambda r: version_key(r.version), default=None)
 
-    def to_dict(self) -> dict:
-        return {
-            "format": INDEX_FORMAT,
-            "serial": self.serial,
-            "generated": _format_time(self.generated),
-            "expires": _format_time(self.expires),
-            "releases": [r.to_dict() for r in self.releases],
-        }
-
-    def to_bytes(self) -> bytes:
-        return (json.dumps(self.to_dict(), sort_keys=True, indent=1) + "\n").encode("utf-8")
-
 
 # --------------------------------------------------------------------------- names
 
 
-def validate_package_name(name: str) -> str:
+def validate_package_name(name: Any) -> str:
     if not isinstance(name, str) or not PACKAGE_NAME_RE.match(name):
         raise IndexFormatError(f"invalid package name {name!r} (allowed: {PACKAGE_NAME_RE.pattern})")
     return name
@@ -154,182 +143,86 @@ def package_filename(name: str, version: str) -> str:
     return f"{name}_{version}{PACKAGE_SUFFIX}"
 
 
+def target_path(release: str, name: str, version: str) -> str:
+    return f"{RELEASES_DIR}/{release}/{package_filename(name, version)}"
+
+
 def package_url(base_url: str, entry: PackageEntry) -> str:
-    _check_pool_path(entry.file, entry.name, entry.version)
-    return base_url.rstrip("/") + "/" + entry.file
+    """Where the bytes are (consistent snapshots: the file name carries its sha256)."""
+    directory, _, filename = entry.file.rpartition("/")
+    return f"{base_url.rstrip('/')}/{TARGETS_DIR}/{directory}/{entry.sha256}.{filename}"
 
 
-def _check_pool_path(file: Any, name: str, version: str) -> str:
-    # Only the one canonical form is accepted, so no path from the index can
-    # ever point outside the pool directory.
-    expected = f"{POOL_DIR}/{package_filename(name, version)}"
-    if file != expected:
-        raise IndexFormatError(f"package {name} {version}: file must be {expected!r}, got {file!r}")
-    return expected
+def custom_fields(release: ReleaseEntry, package: PackageEntry) -> dict[str, Any]:
+    """A package's custom field: its name and version and its release's metadata."""
+    return {
+        CUSTOM_KEY: {"package": package.name, "version": package.version, "release": release.version} | release.meta()
+    }
 
 
-# --------------------------------------------------------------------------- keys
+# --------------------------------------------------------------------------- targets -> releases
 
 
-def _load_public_key(public_key_b64: str) -> Ed25519PublicKey:
-    try:
-        raw = base64.b64decode(public_key_b64.strip(), validate=True)
-    except (binascii.Error, ValueError, AttributeError) as exc:
-        raise SignatureError("repository public key is not valid base64") from exc
-    if len(raw) != 32:
-        raise SignatureError(f"repository public key must be 32 bytes, got {len(raw)}")
-    return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def pinned_public_key(key_b64: str, key_file: Path) -> str:
-    """The repository key a reader trusts: given inline (base64), else read from its file."""
-    try:
-        return pinned_key(key_b64, key_file, "TGP_REPO_PUBKEY")
-    except ConfigError as exc:
-        raise RepositoryError(f"repository: {exc}") from None
-
-
-# --------------------------------------------------------------------------- verify
-
-
-def parse_and_verify(
-    index_bytes: bytes,
-    signature: bytes,
-    public_key_b64: str,
-    *,
-    now: datetime | None = None,
-    min_serial: int = 0,
-) -> RepositoryIndex:
-    _verify_signature(index_bytes, signature, public_key_b64)
-    index = parse_index(index_bytes)
-    now = aware_utc(now) if now is not None else datetime.now(UTC)
-    if index.expires <= now:
-        raise ExpiredIndexError(
-            f"repository index (serial {index.serial}) expired at {_format_time(index.expires)}; "
-            "the repository must be re-signed"
-        )
-    if index.serial < min_serial:
-        raise SerialRollbackError(
-            f"repository index serial {index.serial} is older than the last accepted serial {min_serial}"
-        )
-    return index
-
-
-def _verify_signature(index_bytes: bytes, signature: bytes, public_key_b64: str) -> None:
-    public = _load_public_key(public_key_b64)
-    try:
-        raw_sig = base64.b64decode(signature.strip(), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise SignatureError("index signature is not valid base64") from exc
-    if len(raw_sig) != 64:
-        raise SignatureError(f"index signature must be 64 bytes, got {len(raw_sig)}")
-    try:
-        public.verify(raw_sig, index_bytes)
-    except InvalidSignature:
-        raise SignatureError("index signature does not match the repository public key") from None
-
-
-def parse_index(index_bytes: bytes) -> RepositoryIndex:
-    """Parse index.json WITHOUT verifying it; use parse_and_verify for anything fetched."""
-    try:
-        data = json.loads(index_bytes.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise IndexFormatError(f"index.json is not valid JSON: {exc}") from exc
-    obj = _Obj(data, "index")
-    if obj.get("format", int) != INDEX_FORMAT:
-        raise IndexFormatError(f"index format {data.get('format')!r} is not supported (want {INDEX_FORMAT})")
-    serial = obj.get("serial", int)
-    if serial < 0:
-        raise IndexFormatError(f"index serial {serial} is negative")
-    releases = tuple(_parse_release(r, i) for i, r in enumerate(obj.get("releases", list)))
-    versions = [r.version for r in releases]
-    if len(set(versions)) != len(versions):
-        raise IndexFormatError("index lists the same release version twice")
-    return RepositoryIndex(
-        serial=serial,
-        generated=_parse_time(obj.get("generated", str), "generated"),
-        expires=_parse_time(obj.get("expires", str), "expires"),
-        releases=releases,
+def index_from_targets(targets: Targets) -> RepositoryIndex:
+    """The releases the verified targets metadata lists."""
+    packages: dict[str, list[PackageEntry]] = {}
+    metas: dict[str, dict[str, Any]] = {}
+    for path, info in sorted(targets.targets.items()):
+        release, meta, entry = _parse_target(path, info)
+        if metas.setdefault(release, meta) != meta:
+            raise IndexFormatError(f"release {release}: its packages disagree on the release's metadata")
+        packages.setdefault(release, []).append(entry)
+    releases = tuple(
+        ReleaseEntry(version=v, packages=tuple(packages[v]), **metas[v]) for v in sorted(packages, key=version_key)
     )
+    return RepositoryIndex(serial=targets.version, expires=targets.expires, releases=releases)
 
 
-class _Obj:
-    """Typed field access on a JSON object with operator-readable errors."""
-
-    def __init__(self, data: Any, where: str) -> None:
-        if not isinstance(data, dict):
-            raise IndexFormatError(f"{where}: expected a JSON object")
-        self.data, self.where = data, where
-
-    def get(self, key: str, typ: type) -> Any:
-        if key not in self.data:
-            raise IndexFormatError(f"{self.where}: missing field {key!r}")
-        value = self.data[key]
-        # bool is a subclass of int; a serial of `true` is a broken index.
-        if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
-            raise IndexFormatError(f"{self.where}: field {key!r} must be {typ.__name__}")
-        return value
-
-
-def _parse_release(data: Any, pos: int) -> ReleaseEntry:
-    obj = _Obj(data, f"release #{pos}")
-    version = validate_version(obj.get("version", str), obj.where)
-    obj.where = f"release {version}"
-    channel = obj.get("channel", str)
-    if channel not in CHANNELS:
-        raise IndexFormatError(f"{obj.where}: unknown channel {channel!r}")
-    packages = tuple(_parse_package(p, obj.where) for p in obj.get("packages", list))
-    if not packages:
-        raise IndexFormatError(f"{obj.where}: has no packages")
-    names = [p.name for p in packages]
-    if len(set(names)) != len(names):
-        raise IndexFormatError(f"{obj.where}: lists a package twice")
-    return ReleaseEntry(
-        version=version,
-        channel=channel,
-        needs_reboot=obj.get("needs_reboot", bool),
-        hotfix=obj.get("hotfix", bool),
-        notes=obj.get("notes", str),
-        packages=packages,
-    )
+def _parse_target(path: str, info: TargetFile) -> tuple[str, dict[str, Any], PackageEntry]:
+    custom = info.custom
+    data = custom.get(CUSTOM_KEY) if isinstance(custom, dict) else None
+    if not isinstance(data, dict):
+        raise IndexFormatError(f"target {path}: no {CUSTOM_KEY!r} custom field")
+    where = f"target {path}"
+    release = validate_version(data.get("release"), where)
+    name = validate_package_name(data.get("package"))
+    version = validate_version(data.get("version"), where)
+    # Only the one canonical form: no path from the metadata can point anywhere else.
+    if path != target_path(release, name, version):
+        raise IndexFormatError(f"{where}: must be {target_path(release, name, version)!r}")
+    sha256 = info.hashes.get("sha256")
+    if not isinstance(sha256, str) or len(sha256) != 64:
+        raise IndexFormatError(f"{where}: no sha256")
+    meta = {
+        "channel": _typed(data, "channel", str, where),
+        "needs_reboot": _typed(data, "needs_reboot", bool, where),
+        "hotfix": _typed(data, "hotfix", bool, where),
+        "notes": _typed(data, "notes", str, where),
+    }
+    if meta["channel"] not in CHANNELS:
+        raise IndexFormatError(f"{where}: unknown channel {meta['channel']!r}")
+    entry = PackageEntry(name=name, version=version, file=path, size=info.length, sha256=sha256)
+    return release, meta, entry
 
 
-def _parse_package(data: Any, where: str) -> PackageEntry:
-    obj = _Obj(data, f"{where}: package")
-    name = validate_package_name(obj.get("name", str))
-    obj.where = f"{where}: package {name}"
-    version = validate_version(obj.get("version", str), obj.where)
-    size = obj.get("size", int)
-    if size < 0:
-        raise IndexFormatError(f"{obj.where}: negative size")
-    sha256 = obj.get("sha256", str)
-    if not SHA256_RE.match(sha256):
-        raise IndexFormatError(f"{obj.where}: sha256 must be 64 lowercase hex digits")
-    file = _check_pool_path(obj.get("file", str), name, version)
-    return PackageEntry(name=name, version=version, file=file, size=size, sha256=sha256)
+def _typed(data: dict[str, Any], key: str, typ: type, where: str) -> Any:
+    value = data.get(key)
+    if not isinstance(value, typ):
+        raise IndexFormatError(f"{where}: custom field {key!r} must be {typ.__name__}")
+    return value
 
 
-def aware_utc(dt: datetime) -> datetime:
-    if dt.tzinfo is None:
-        raise ValueError("naive datetime; pass an aware datetime (UTC)")
-    return dt.astimezone(UTC)
-
-
-def _format_time(dt: datetime) -> str:
-    return aware_utc(dt).isoformat().replace("+00:00", "Z")
-
-
-def _parse_time(value: str, field: str) -> datetime:
+def verify_package(entry: PackageEntry, path: Path) -> None:
+    """TUF's own check of a file against its signed target info; PackageVerificationError if it fails."""
+    info = TargetFile(length=entry.size, hashes={"sha256": entry.sha256}, path=entry.file)
     try:
-        dt = datetime.fromisoformat(value)
-    except ValueError:
-        raise IndexFormatError(f"index field {field!r} is not an ISO 8601 time: {value!r}") from None
-    if dt.tzinfo is None:
-        raise IndexFormatError(f"index field {field!r} has no time zone: {value!r}")
-    return dt.astimezone(UTC)
+        with path.open("rb") as fh:
+            info.verify_length_and_hashes(fh)
+    except tuf_errors.LengthOrHashMismatchError as exc:
+        raise PackageVerificationError(f"{path.name} does not match its signed target info: {exc}") from None
 
 
-# --------------------------------------------------------------------------- fetch
+# --------------------------------------------------------------------------- fetching
 
 
 _tls_lock = threading.Lock()
@@ -347,31 +240,154 @@ def _tls_context() -> ssl.SSLContext:
 
 
 def repo_client(timeout: float) -> httpx.Client:
-    """An HTTP client for the repository. Redirects are not followed: the index
-    names the only place a package may come from. TLS is always verified against
-    the system CA bundle: there is deliberately no option to turn that off."""
+    """An HTTP client for the repository. Redirects are not followed: the metadata
+    names the only place a file may come from. TLS is always verified against the
+    system CA bundle: there is deliberately no option to turn that off."""
     return httpx.Client(timeout=timeout, follow_redirects=False, verify=_tls_context())
 
 
-def fetch_index(
-    base_url: str,
-    public_key_b64: str,
-    *,
-    min_serial: int = 0,
-    client: httpx.Client | None = None,
-    timeout: float = 30.0,
-    deadline: float = INDEX_DEADLINE,
-) -> tuple[RepositoryIndex, bytes, bytes]:
-    """Fetch and verify the index. Fetching fails with FetchError (a DownloadError,
-    retried); what is fetched but wrong with a RepositoryError that is not."""
-    own_client = client is None
-    client = client or repo_client(timeout)
+class BoundedFetcher(FetcherInterface):
+    """python-tuf's network interface on our bounded fetch: ngclient gives the length
+    cap of each file, we add identity encoding, no redirects and a deadline. It notes
+    the server's clock (HTTP Date) to tell clock trouble from a frozen repository."""
+
+    def __init__(self, client: httpx.Client, deadline: float = METADATA_DEADLINE) -> None:
+        self.client, self.deadline = client, deadline
+        self.server_time: datetime | None = None
+        self.last_url: str | None = None
+
+    def download_bytes(self, url: str, max_length: int) -> bytes:
+        self.last_url = url
+        try:
+            return fetch_bounded(self.client, url, max_length, deadline=self.deadline, on_headers=self._note_date)
+        except FetchError as exc:
+            if exc.status is not None:
+                # ngclient reads 404 for N.root.json as "no newer root".
+                raise tuf_errors.DownloadHTTPError(str(exc), exc.status) from exc
+            raise tuf_errors.DownloadError(str(exc)) from exc
+
+    def _fetch(self, url: str) -> Iterator[bytes]:
+        # Only download_file would come here; ngclient's metadata path is download_bytes.
+        yield self.download_bytes(url, UpdaterConfig().targets_max_length)
+
+    def _note_date(self, resp: httpx.Response) -> None:
+        with suppress(KeyError, TypeError, ValueError):
+            self.server_time = parsedate_to_datetime(resp.headers["Date"]).astimezone(UTC)
+
+
+def root_summary(data: bytes) -> dict[str, Any]:
+    """Version and sha256 of a root an operator pins, after checking it is TUF root
+    metadata signed by its own root keys; MetadataRefused otherwise."""
     try:
-        base = base_url.rstrip("/")
-        index_bytes = fetch_bounded(client, f"{base}/{INDEX_NAME}", MAX_INDEX_BYTES, deadline=deadline)
-        signature = fetch_bounded(client, f"{base}/{SIGNATURE_NAME}", MAX_INDEX_BYTES, deadline=deadline)
-    finally:
-        if own_client:
-            client.close()
-    index = parse_and_verify(index_bytes, signature, public_key_b64, min_serial=min_serial)
-    return index, index_bytes, signature
+        root_md = Metadata[Root].from_bytes(data)
+        root_md.signed.verify_delegate(Root.type, root_md.signed_bytes, root_md.signatures)
+    except (tuf_errors.RepositoryError, ValueError, TypeError) as exc:
+        raise MetadataRefused(f"not a TUF root signed by its own root keys: {exc}") from None
+    return {"version": root_md.signed.version, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def metadata_dir_for(base: Path, trusted_root: bytes) -> Path:
+    """A metadata directory per pinned root: pinning another repository's root starts
+    afresh instead of failing on the metadata of the old one."""
+    return Path(base) / hashlib.sha256(trusted_root).hexdigest()[:16]
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """ngclient is meant for one instance per metadata directory at a time."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def trusted_index(
+    metadata_dir: Path,
+    base_url: str,
+    trusted_root: bytes,
+    *,
+    client: httpx.Client,
+    deadline: float = METADATA_DEADLINE,
+) -> RepositoryIndex:
+    """Refresh the metadata in metadata_dir from the repository (TUF's client workflow)
+    and return its releases. FetchError (MetadataExpired among them) if it could not,
+    MetadataRefused if what came fails a check, IndexFormatError if it verifies but
+    does not describe releases."""
+    base = base_url.rstrip("/")
+    fetcher = BoundedFetcher(client, deadline)
+    with _locked(metadata_dir):
+        try:
+            updater = Updater(
+                str(metadata_dir),
+                f"{base}/{METADATA_DIR}/",
+                target_base_url=f"{base}/{TARGETS_DIR}/",
+                fetcher=fetcher,
+                bootstrap=trusted_root,
+            )
+        except (tuf_errors.RepositoryError, ValueError) as exc:
+            raise MetadataRefused(f"the pinned trusted root is not valid TUF root metadata: {exc}") from None
+        try:
+            updater.refresh()
+        except tuf_errors.DownloadError as exc:
+            raise FetchError(f"repository metadata not fetched: {exc}") from exc
+        except tuf_errors.ExpiredMetadataError as exc:
+            raise MetadataExpired(_expired_message(exc, fetcher.server_time)) from exc
+        except tuf_errors.RepositoryError as exc:
+            raise MetadataRefused(_refused_message(exc, fetcher.last_url)) from exc
+        # All targets are top-level (no delegations), so listing them is safe; ngclient
+        # has no public call for it (python-tuf#1995), tufup reads the same attribute.
+        return index_from_targets(updater._trusted_set.targets)
+
+
+def last_verified_index(metadata_dir: Path, *, now: datetime | None = None) -> RepositoryIndex:
+    """The releases of the targets metadata last verified into metadata_dir, checked
+    again against the trusted root there (signatures, threshold, expiry): what the
+    install step trusts, without the network."""
+    try:
+        root_md = Metadata[Root].from_bytes((metadata_dir / "root.json").read_bytes())
+        targets_md = Metadata[Targets].from_bytes((metadata_dir / "targets.json").read_bytes())
+        root_md.signed.verify_delegate(Targets.type, targets_md.signed_bytes, targets_md.signatures)
+    except OSError as exc:
+        raise MetadataRefused(
+            f"no verified repository metadata on this machine ({exc.strerror}): download first"
+        ) from None
+    except (tuf_errors.RepositoryError, ValueError) as exc:
+        raise MetadataRefused(f"the verified targets metadata on this machine fails its check: {exc}") from None
+    targets = targets_md.signed
+    if targets.is_expired(now or datetime.now(UTC)):
+        raise MetadataExpired(f"targets metadata version {targets.version} expired at {_when(targets.expires)}")
+    return index_from_targets(targets)
+
+
+# Which role a failure concerns and why, in an operator's words: python-tuf's own
+# messages name the role ("timestamp was signed by 0/1 keys"); we name the attack.
+_CAUSES: tuple[tuple[type[Exception], str], ...] = (
+    (tuf_errors.UnsignedMetadataError, "not signed by enough trusted keys (threshold)"),
+    (tuf_errors.BadVersionNumberError, "rollback: a lower or unexpected metadata version"),
+    (tuf_errors.LengthOrHashMismatchError, "mix-and-match: a file does not match the length or hash listed for it"),
+)
+
+
+def _refused_message(exc: tuf_errors.RepositoryError, url: str | None) -> str:
+    # ngclient tries its local copies first and passes over those that fail: a
+    # refusal concerns the file it fetched last, which its own messages do not name.
+    cause = next((why for kind, why in _CAUSES if isinstance(exc, kind)), "invalid metadata")
+    where = f" (in {url.rsplit('/', 1)[-1]})" if url else ""
+    return f"repository metadata refused, {cause}: {exc}{where}"
+
+
+def _expired_message(exc: Exception, server_time: datetime | None) -> str:
+    now = datetime.now(UTC)
+    message = f"repository metadata expired ({exc}) at this machine's time {_when(now)}"
+    if server_time is not None and abs((now - server_time).total_seconds()) > CLOCK_SKEW:
+        ahead = (now - server_time).total_seconds()
+        side = "ahead of" if ahead > 0 else "behind"
+        return (
+            f"{message}: clock trouble, this machine's clock is {abs(ahead) / 60:.0f} min {side} "
+            f"the repository server's ({_when(server_time)})"
+        )
+    return f"{message}: the repository is not being re-signed (a frozen or stale mirror, or the timestamp beat stopped)"
+
+
+def _when(dt: datetime) -> str:
+    return dt.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

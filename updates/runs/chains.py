@@ -37,7 +37,7 @@ class RunFailed(Exception):
 
 def node_payload(run: UpdateRun) -> dict[str, Any]:
     """What a node step needs (StepCommand). Package data is not here on purpose: the
-    agent takes sizes and hashes from the signed index, never from a message."""
+    agent takes sizes and hashes from the TUF metadata it verified, never from a message."""
     cluster = run.node.cluster
     catchup = run.trigger in (UpdateRun.Trigger.CATCHUP_FULL, UpdateRun.Trigger.CATCHUP_PARTIAL)
     return StepCommand(
