@@ -7,6 +7,7 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,3 +85,78 @@ class RepoServer:
     def __exit__(self, *exc: Any) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# --- hostile answers, for the tests of bounded fetching and of TUF's threat list ---------
+
+
+class Heads:
+    """head(): a status line and headers (``Content_Length`` is sent as Content-Length)."""
+
+    def head(self: Any, status: int = 200, **headers: str | int) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), str(value))
+        self.end_headers()
+        self.wfile.flush()
+
+
+def body(data: bytes, **headers: str | int) -> Callable[[Any], None]:
+    """A route answering 200 with data and the headers given."""
+
+    def route(h: Any) -> None:
+        h.head(200, Content_Length=len(data), **headers)
+        h.wfile.write(data)
+
+    return route
+
+
+def endless(h: Any) -> None:
+    """A route with no Content-Length and no end (256 MiB at most, so that a broken client
+    cannot hang the run); counts into the server's ``sent`` and sets its ``hung_up``."""
+    server: Any = h.server
+    h.head(200, Connection="close")
+    h.close_connection = True
+    block = b"x" * (64 * 1024)
+    try:
+        for _ in range(4096):
+            h.wfile.write(block)
+            server.sent += len(block)
+    except OSError:
+        server.hung_up.set()
+        raise
+
+
+def gzip_bomb(inflated_mib: int) -> bytes:
+    """A valid gzip stream of inflated_mib MiB of zeros, about 1/1000 of that on the wire.
+    Built from one compressed MiB repeated (a full flush resets the compressor's state)."""
+    import struct
+    import zlib
+
+    mib = 1024 * 1024
+    block = b"\0" * mib
+    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
+    first = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
+    again = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    for _ in range(inflated_mib):
+        crc = zlib.crc32(block, crc)
+    final_empty_block = b"\x03\x00"
+    return (
+        first + again * (inflated_mib - 1) + final_empty_block + struct.pack("<II", crc, (inflated_mib * mib) % 2**32)
+    )
+
+
+def measured(fn: Callable[[], object]) -> tuple[object, int]:
+    """What fn returned or raised, and the peak of Python memory while it ran (all threads)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        try:
+            result: object = fn()
+        except Exception as exc:  # noqa: BLE001 - the caller asserts what it is
+            result = exc
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()

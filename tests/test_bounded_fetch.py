@@ -7,10 +7,8 @@ from __future__ import annotations
 import hashlib
 import http.server
 import ssl
-import struct
 import threading
 import time
-import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -34,6 +32,7 @@ from agent.shared.repository import (
     repo_client,
     trusted_index,
 )
+from tests.servers import Heads, body, endless, gzip_bomb, measured
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,23 +41,7 @@ METADATA = b'{"signed": {"_type": "timestamp"}}\n' * 100
 TS = "/metadata/timestamp.json"
 
 
-def _gzip_bomb(inflated_mib: int) -> bytes:
-    """A valid gzip stream of inflated_mib MiB of zeros, about 1/1000 of that on the wire.
-    Built from one compressed MiB repeated (a full flush resets the compressor's state)."""
-    block = b"\0" * MiB
-    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
-    first = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
-    again = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
-    crc = 0
-    for _ in range(inflated_mib):
-        crc = zlib.crc32(block, crc)
-    final_empty_block = b"\x03\x00"
-    return (
-        first + again * (inflated_mib - 1) + final_empty_block + struct.pack("<II", crc, (inflated_mib * MiB) % 2**32)
-    )
-
-
-BOMB = _gzip_bomb(1100)  # 1.1 MB on the wire, 1.1 GiB inflated
+BOMB = gzip_bomb(1100)  # 1.1 MB on the wire, 1.1 GiB inflated
 
 
 def test_the_bomb_really_inflates_beyond_a_gib():
@@ -75,7 +58,7 @@ def test_the_bomb_really_inflates_beyond_a_gib():
 Route = Callable[["_Handler"], None]
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
+class _Handler(Heads, http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def log_message(self, format, *args):
@@ -94,13 +77,6 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 route(self)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-
-    def head(self, status: int = 200, **headers: str | int) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), str(value))
-        self.end_headers()
-        self.wfile.flush()
 
 
 class _Server(http.server.ThreadingHTTPServer):
@@ -137,28 +113,6 @@ def client() -> Iterator[httpx.Client]:
         yield c
 
 
-def body(data: bytes, **headers: str | int) -> Route:
-    def route(h: _Handler) -> None:
-        h.head(200, Content_Length=len(data), **headers)
-        h.wfile.write(data)
-
-    return route
-
-
-def endless(h: _Handler) -> None:
-    server: _Server = h.server  # type: ignore[assignment]
-    h.head(200, Connection="close")
-    h.close_connection = True
-    block = b"x" * (64 * 1024)
-    try:
-        for _ in range(4096):  # 256 MiB: bounded so that a broken client cannot hang the run
-            h.wfile.write(block)
-            server.sent += len(block)
-    except OSError:
-        server.hung_up.set()
-        raise
-
-
 def trickle(every: float, length: int = 60) -> Route:
     def route(h: _Handler) -> None:
         server: _Server = h.server  # type: ignore[assignment]
@@ -181,19 +135,6 @@ def stall_after(first: bytes, **headers: str | int) -> Route:
         h.close_connection = True
 
     return route
-
-
-def measured(fn: Callable[[], object]) -> tuple[object, int]:
-    """What fn returned or raised, and the peak of Python memory while it ran (all threads)."""
-    tracemalloc.start()
-    try:
-        try:
-            result: object = fn()
-        except Exception as exc:
-            result = exc
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # --------------------------------------------------------------------------- the fetcher

@@ -11,11 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
-import struct
 import threading
 import time
-import tracemalloc
-import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -43,7 +40,7 @@ from agent.shared.repository import (
     trusted_index,
 )
 from tests.conftest import Repo
-from tests.servers import RepoServer, _RepoHandler
+from tests.servers import Heads, RepoServer, _RepoHandler, body, endless, gzip_bomb, measured
 from updates.demo import DEMO_RELEASES, build_demo_package
 from updates.repository import Store, key_file, rotate_keys
 
@@ -64,7 +61,7 @@ def _now() -> datetime:
 Route = Callable[["_HostileHandler"], None]
 
 
-class _HostileHandler(_RepoHandler):
+class _HostileHandler(Heads, _RepoHandler):
     """Serves the repository directory, except the paths the test gave a route of its
     own; every response's Date header is off by the server's date_offset (seconds)."""
 
@@ -85,13 +82,6 @@ class _HostileHandler(_RepoHandler):
     def date_time_string(self, timestamp: float | None = None) -> str:
         when = time.time() if timestamp is None else timestamp
         return super().date_time_string(when + self.server.date_offset)  # type: ignore[attr-defined]
-
-    def head(self, status: int = 200, **headers: str | int) -> None:
-        self.send_response(status)
-        for name, value in headers.items():
-            self.send_header(name.replace("_", "-"), str(value))
-        self.end_headers()
-        self.wfile.flush()
 
 
 class HostileRepoServer(RepoServer):
@@ -119,29 +109,6 @@ class HostileRepoServer(RepoServer):
         super().__exit__(*exc)
 
 
-def body(data: bytes, **headers: str | int) -> Route:
-    def route(h: _HostileHandler) -> None:
-        h.head(200, Content_Length=len(data), **headers)
-        h.wfile.write(data)
-
-    return route
-
-
-def endless(h: _HostileHandler) -> None:
-    """No Content-Length and no end (256 MiB at most, so a broken client cannot hang the run)."""
-    server: Any = h.server
-    h.head(200, Connection="close")
-    h.close_connection = True
-    block = b"{" * (64 * 1024)
-    try:
-        for _ in range(4096):
-            h.wfile.write(block)
-            server.sent += len(block)
-    except OSError:
-        server.hung_up.set()
-        raise
-
-
 def trickle(path: Path, every: float) -> Route:
     """The real file, with its true length, one byte every `every` seconds."""
 
@@ -156,32 +123,6 @@ def trickle(path: Path, every: float) -> Route:
                 return
 
     return route
-
-
-def gzip_bomb(inflated_mib: int) -> bytes:
-    """A valid gzip stream of inflated_mib MiB of zeros, about 1/1000 of that on the wire."""
-    block = b"\0" * MiB
-    comp = zlib.compressobj(9, zlib.DEFLATED, 31)
-    first = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
-    again = comp.compress(block) + comp.flush(zlib.Z_FULL_FLUSH)
-    crc = 0
-    for _ in range(inflated_mib):
-        crc = zlib.crc32(block, crc)
-    tail = b"\x03\x00" + struct.pack("<II", crc, (inflated_mib * MiB) % 2**32)
-    return first + again * (inflated_mib - 1) + tail
-
-
-def measured(fn: Callable[[], object]) -> tuple[object, int]:
-    """What fn returned or raised, and the peak of Python memory while it ran (all threads)."""
-    tracemalloc.start()
-    try:
-        try:
-            result: object = fn()
-        except Exception as exc:  # noqa: BLE001 - the caller asserts what it is
-            result = exc
-        return result, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
 
 
 # --------------------------------------------------------------------------- the node

@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agent.shared.repository import RepositoryError
 from updates.demo import write_demo_sources
+from updates.management.commands.repo_keys import add_keys_dir_argument
 from updates.repository import build_repository, export_root, key_dirs, trusted_root
 
 
@@ -24,13 +25,7 @@ class Command(BaseCommand):
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("source", type=Path, help="source tree (SOURCE/<channel>/<version>/...)")
         parser.add_argument("out", type=Path, help="output directory served to the nodes")
-        parser.add_argument(
-            "--keys-dir",
-            type=Path,
-            default=None,
-            help="where to look for role keys first, e.g. offline media (then TGP_REPO_KEYS_DIR); "
-            "new keys are written here",
-        )
+        add_keys_dir_argument(parser)
         parser.add_argument(
             "--pin-root",
             type=Path,

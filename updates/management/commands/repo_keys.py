@@ -14,6 +14,17 @@ from agent.shared.repository import RepositoryError
 from updates.repository import ROLES, KeyDirs, describe, export_root, key_dirs, resign_online, rotate_keys
 
 
+def add_keys_dir_argument(parser: argparse.ArgumentParser) -> None:
+    """--keys-dir, as build_repo and repo_keys take it (updates.repository.key_dirs)."""
+    parser.add_argument(
+        "--keys-dir",
+        type=Path,
+        default=None,
+        help="where to look for role keys first, e.g. offline media (then TGP_REPO_KEYS_DIR); "
+        "new keys are written here",
+    )
+
+
 def _count(value: str) -> int:
     try:
         number = int(value)
@@ -33,13 +44,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--repo", type=Path, default=None, help="repository directory (default: TGP_REPO_DIR)")
-        parser.add_argument(
-            "--keys-dir",
-            type=Path,
-            default=None,
-            help="where to look for role keys first, e.g. offline media (then TGP_REPO_KEYS_DIR); "
-            "new keys are written here",
-        )
+        add_keys_dir_argument(parser)
         sub = parser.add_subparsers(dest="action", required=True)
         sub.add_parser("show", help="roles, versions, expiry, thresholds, keys")
         rotate = sub.add_parser("rotate", help="new keys for ROLE in a new root version")
