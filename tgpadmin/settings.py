@@ -169,7 +169,8 @@ CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_TRACK_STARTED = True
 CELERY_TIMEZONE = TIME_ZONE
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's, writing back only what it read (updates/beat.py).
+CELERY_BEAT_SCHEDULER = "updates.beat:Scheduler"
 # Static entries; django-celery-beat copies them into its tables at start.
 CELERY_BEAT_SCHEDULE = {
     "reap-stale-runs": {"task": "control.reap_stale_runs", "schedule": 60.0, "options": {"queue": CONTROL_QUEUE}},
