@@ -72,3 +72,21 @@ def test_beat_writes_back_the_run_count_of_a_row_that_still_exists(make_node):
 def test_beat_runs_our_scheduler():
     assert app.conf.beat_scheduler == "updates.beat:Scheduler"
     assert Scheduler.Entry is Entry
+
+
+def test_beat_reads_changes_at_most_once_a_second_and_sees_each_within_it(monkeypatch):
+    # 500 re-armings in a burst would otherwise be 500 reloads of every entry between
+    # beat's sends (bench/beat_lag.py). What a read finds is django-celery-beat's (one
+    # query of the last change); here it is counted, and says "changed" every time.
+    from django_celery_beat.schedulers import DatabaseScheduler
+
+    clock, reads = [1000.0], []
+    monkeypatch.setattr("updates.beat.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr(DatabaseScheduler, "schedule_changed", lambda self: reads.append(clock[0]) or True)
+    scheduler = Scheduler(app=app, lazy=True)
+    assert scheduler.schedule_changed()
+    clock[0] += 0.5
+    assert not scheduler.schedule_changed(), "not read again within the second"
+    clock[0] += 0.6
+    assert scheduler.schedule_changed(), "a change is seen after it"
+    assert reads == [1000.0, 1001.1]
