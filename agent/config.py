@@ -13,7 +13,7 @@ from pathlib import Path
 
 from agent.shared.env import ConfigError, env_float, env_int, env_list, env_redis_url, env_str, env_zone
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE
-from agent.shared.repository import RepositoryError
+from agent.shared.repository import read_pinned_root
 
 # A checkout's var/, as the control side's default (tgpadmin/settings.py): the demo
 # and the tests run both from one tree. An appliance sets TGP_VAR_DIR or the paths.
@@ -80,12 +80,7 @@ class AgentConfig:
 
     def trusted_root(self) -> bytes:
         """Read when needed, not at start: the demo builds its repository (and root) as the agents start."""
-        try:
-            return self.repo_root_file.read_bytes()
-        except OSError as exc:
-            raise RepositoryError(
-                f"no pinned repository root: TGP_REPO_ROOT_FILE {self.repo_root_file}: {exc.strerror}"
-            ) from None
+        return read_pinned_root(self.repo_root_file)
 
     def node_dir(self, hostname: str) -> Path:
         return self.state_dir / hostname

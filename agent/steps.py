@@ -30,8 +30,6 @@ from agent.shared.protocol import (
 from agent.shared.repository import (
     PackageEntry,
     PackageVerificationError,
-    ReleaseEntry,
-    RepositoryError,
     RepositoryIndex,
     last_verified_index,
     metadata_dir_for,
@@ -111,34 +109,21 @@ class _Throttle:
             self.report("progress", bytes_done=self.base + done, bytes_total=self.total)
 
 
-class ReleaseWithdrawn(RepositoryError):
-    """The signed targets do not list the release (any more): it is not installed."""
-
-
-def listed(index: RepositoryIndex, version: str) -> ReleaseEntry:
-    for entry in index.releases:
-        if entry.version == version:
-            return entry
-    raise ReleaseWithdrawn(
-        f"release {version} was withdrawn from the repository: its signed targets (version {index.serial}) "
-        "do not list it"
-    )
-
-
-def metadata_dir(driver: Driver) -> Path:
-    """The repository metadata this node verified: its trusted root, and the versions
+def metadata_dir(driver: Driver, root: bytes) -> Path:
+    """The repository metadata this node verified from its pinned root, and the versions
     it has seen (a rollback to lower ones is refused)."""
-    return metadata_dir_for(driver.state_dir / "tuf", config().trusted_root())
+    return metadata_dir_for(driver.state_dir / "tuf", root)
 
 
 def refreshed(client: httpx.Client, driver: Driver) -> RepositoryIndex:
-    return trusted_index(metadata_dir(driver), config().repo_url, config().trusted_root(), client=client)
+    root = config().trusted_root()
+    return trusted_index(metadata_dir(driver, root), config().repo_url, root, client=client)
 
 
 def download(driver: Driver, command: StepCommand, report: Report) -> None:
     with repo_client(config().download_timeout) as client:
         index = refreshed(client, driver)
-        release = listed(index, command.version)
+        release = index.release(command.version)
         packages = selected(release.packages, command.packages)
         total = sum(p.size for p in packages)
         fetch_packages(client, driver, release.version, packages, _Throttle(report, total))
@@ -146,7 +131,7 @@ def download(driver: Driver, command: StepCommand, report: Report) -> None:
         # its files came is not installed, and one published again is checked anew.
         latest = refreshed(client, driver)
         if latest.serial != index.serial:
-            release = listed(latest, command.version)
+            release = latest.release(command.version)
             packages = selected(release.packages, command.packages)
             fetch_packages(client, driver, release.version, packages)  # a file that matches costs no request
     report(
@@ -200,7 +185,7 @@ def verified_files(driver: Driver, version: str, packages: list[PackageEntry]) -
 
 def verified_index(driver: Driver) -> RepositoryIndex:
     """The releases of the metadata this node last verified, checked again (no network)."""
-    return last_verified_index(metadata_dir(driver))
+    return last_verified_index(metadata_dir(driver, config().trusted_root()))
 
 
 class DowngradeRefused(RuntimeError):
@@ -221,14 +206,14 @@ def check_not_older(driver: Driver, command: StepCommand) -> None:
 def install(driver: Driver, command: StepCommand, report: Report) -> None:
     check_fence(command)
     check_not_older(driver, command)
-    release = listed(verified_index(driver), command.version)
+    release = verified_index(driver).release(command.version)
     files = verified_files(driver, release.version, selected(release.packages, command.packages))
     detail = driver.install(command.run, release.version, files, full=not command.packages)
     report("succeeded", detail=detail)
 
 
 def needs_reboot(driver: Driver, command: StepCommand) -> bool:
-    return listed(verified_index(driver), command.version).needs_reboot
+    return verified_index(driver).release(command.version).needs_reboot
 
 
 def resume(driver: Driver, command: StepCommand, report: Report) -> None:

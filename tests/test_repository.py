@@ -10,6 +10,7 @@ import re
 import shutil
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from io import StringIO
@@ -32,6 +33,7 @@ from agent.shared.repository import (
     MetadataRefused,
     PackageEntry,
     PackageVerificationError,
+    ReleaseWithdrawn,
     RepositoryError,
     index_from_targets,
     last_verified_index,
@@ -239,7 +241,10 @@ def test_release_json_is_optional_and_its_defaults_are_reboot_no_hotfix_no_notes
 
 def test_unknown_release_is_an_error_and_an_empty_channel_has_no_newest(site):
     index = site.read()
-    with pytest.raises(RepositoryError, match="release 9.9 is not in the repository"):
+    with pytest.raises(
+        ReleaseWithdrawn,
+        match=r"release 9.9 was withdrawn from the repository: its signed targets \(version 1\) do not list it",
+    ):
         index.release("9.9")
     assert index.newest("nightly") is None
 
@@ -752,6 +757,12 @@ def _retarget(path: str, **custom: Any) -> Callable[[Targets], None]:
         (_retarget("releases/2.1.0/tgpro-base_2.1.0.tar.gz", notes="other"), "disagree on the release's metadata"),
         (_retarget("releases/latest/tgpro-base_2.1.0.tar.gz", release="latest"), "invalid version"),
         (lambda t: t.targets["releases/2.1.0/tgpro-base_2.1.0.tar.gz"].unrecognized_fields.clear(), "no 'tgp'"),
+        # The hash becomes part of the package's URL: only 64 lowercase hex digits.
+        (
+            lambda t: t.targets["releases/2.1.0/tgpro-base_2.1.0.tar.gz"].hashes.update(sha256="../" * 21 + "x"),
+            "no sha256",
+        ),
+        (lambda t: t.targets["releases/2.1.0/tgpro-base_2.1.0.tar.gz"].hashes.update(sha256="A" * 64), "no sha256"),
     ],
 )
 def test_signed_targets_that_do_not_describe_releases_are_refused(site, mutate, why):
@@ -768,6 +779,39 @@ def test_a_reader_refuses_a_hostile_target_path_even_when_properly_signed(site):
 
 
 # --------------------------------------------------------------------------- offline checks (install)
+
+
+def test_two_refreshes_of_one_metadata_directory_take_turns(site, monkeypatch):
+    # ngclient is made for one instance per metadata directory at a time: a control
+    # worker's two processes, or a firing beside sync_releases, refresh one after the
+    # other. (The timing is instrumented around ngclient's own refresh.)
+    from tuf.ngclient import Updater
+
+    spans: list[tuple[float, float]] = []
+    errors: list[BaseException] = []
+    real = Updater.refresh
+
+    def timed(self: Updater) -> None:
+        began = time.monotonic()
+        real(self)
+        time.sleep(0.2)  # long enough for the other thread to come in if nothing held it
+        spans.append((began, time.monotonic()))
+
+    def read() -> None:
+        try:
+            site.read()
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    monkeypatch.setattr(Updater, "refresh", timed)
+    threads = [threading.Thread(target=read) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors and len(spans) == 2, errors
+    first, second = sorted(spans)
+    assert first[1] <= second[0], f"the refreshes overlapped: {spans}"
 
 
 def test_last_verified_index_is_what_the_reader_verified_checked_again_offline(site):

@@ -71,3 +71,14 @@ def test_a_repository_kept_here_without_its_timestamp_key_is_a_system_check_warn
     assert found and "timestamp key" in found[0].msg
     with pytest.raises(Exception, match="timestamp role needs 1 of its keys"):
         tasks.resign_repository()
+
+
+def test_an_online_role_with_fewer_keys_here_than_its_threshold_is_a_system_check_warning(kept_here):
+    from updates.repository import rotate_keys
+
+    root = rotate_keys(kept_here.dir, kept_here.keys, "timestamp", count=2, threshold=2)
+    assert "tgpadmin.W003" not in {m.id for m in run_checks()}
+    # One of the two current keys gone (the revoked one's file stays, and does not count).
+    (kept_here.keys / f"timestamp-{sorted(root.roles['timestamp'].keyids)[0]}.key").unlink()
+    found = [m for m in run_checks() if m.id == "tgpadmin.W003"]
+    assert found and "timestamp key" in found[0].msg

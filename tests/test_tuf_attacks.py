@@ -35,6 +35,7 @@ from agent.shared.repository import (
     MetadataExpired,
     MetadataRefused,
     PackageVerificationError,
+    ReleaseWithdrawn,
     RepositoryIndex,
     repo_client,
     trusted_index,
@@ -480,7 +481,8 @@ def test_targets_signed_with_a_compromised_key_after_its_rotation_are_refused(re
         with pytest.raises(MetadataRefused, match=r"not signed by enough trusted keys.*targets was signed by 0/1"):
             node.download()
         node.assert_untouched()
-        assert (steps.metadata_dir(node.driver) / "root_history" / "2.root.json").is_file()
+        pinned = repo.root_file.read_bytes()
+        assert (steps.metadata_dir(node.driver, pinned) / "root_history" / "2.root.json").is_file()
 
 
 def test_targets_signed_by_one_of_two_required_keys_and_a_wrong_one_are_refused(repo, serve, node):
@@ -511,7 +513,7 @@ def _withdraw(repo: Repo) -> None:
 def test_a_withdrawn_release_is_not_downloaded(repo, serve, node):
     _withdraw(repo)
     serve(repo)
-    with pytest.raises(steps.ReleaseWithdrawn, match=rf"release {WANTED} was withdrawn.*targets \(version 2\)") as e:
+    with pytest.raises(ReleaseWithdrawn, match=rf"release {WANTED} was withdrawn.*targets \(version 2\)") as e:
         node.download()
     assert not isinstance(e.value, DownloadError), "a withdrawn release is not retried"
     node.assert_untouched()
@@ -527,12 +529,12 @@ def test_a_release_withdrawn_while_its_packages_download_is_refused_before_anyon
             _withdraw(repo)  # the files stay (never rewritten); the signed targets no longer list them
 
     server.on_request(withdraw_at_first_package)
-    with pytest.raises(steps.ReleaseWithdrawn, match=rf"release {WANTED} was withdrawn.*targets \(version 2\)"):
+    with pytest.raises(ReleaseWithdrawn, match=rf"release {WANTED} was withdrawn.*targets \(version 2\)"):
         node.download()
     assert withdrawn.is_set()
     # Packages it fetched are in the download directory, but the step failed: no drain,
     # no install follows, and the install step itself refuses it too.
-    with pytest.raises(steps.ReleaseWithdrawn):
+    with pytest.raises(ReleaseWithdrawn):
         node.install()
     snap = node.driver.snapshot()
     assert snap["installed_version"] == INSTALLED and snap["users"] == ["alice"] and snap["logon_enabled"]
@@ -545,7 +547,7 @@ def test_a_release_withdrawn_between_download_and_install_is_not_installed(repo,
     assert len(node.accepted()) == 3
     _withdraw(repo)
     assert WANTED not in [r.version for r in node.refresh().releases]  # the node's next refresh sees it
-    with pytest.raises(steps.ReleaseWithdrawn, match=rf"release {WANTED} was withdrawn.*targets \(version 2\)"):
+    with pytest.raises(ReleaseWithdrawn, match=rf"release {WANTED} was withdrawn.*targets \(version 2\)"):
         node.install()
     snap = node.driver.snapshot()
     assert snap["installed_version"] == INSTALLED and snap["packages"] == _packages(INSTALLED)

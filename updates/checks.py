@@ -34,9 +34,11 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[Warning]
 
 
 def _online_keys() -> list[Warning]:
-    """A repository kept on this host whose timestamp key is not here: the beat cannot
-    sign it again, and every node refuses the repository once the timestamp expires (a day)."""
-    from updates.repository import Store, find_key
+    """A repository kept on this host whose online keys are not here (as many as their
+    threshold, as the beat's signing asks): the beat cannot sign it again, and every node
+    refuses the repository once the timestamp expires (a day)."""
+    from agent.shared.repository import RepositoryError
+    from updates.repository import ONLINE, Store, signers
 
     store = Store(settings.TGP_REPO_DIR, settings.TGP_REPO_KEYS_DIR)
     if not (store.meta_dir / "timestamp.json").exists():
@@ -45,18 +47,20 @@ def _online_keys() -> list[Warning]:
         root = store.root().signed
     except Exception as exc:  # noqa: BLE001 - a broken repository is itself the finding
         return [Warning(f"The repository in {settings.TGP_REPO_DIR} cannot be read: {exc}", id="tgpadmin.W003")]
-    missing = [
-        role
-        for role in ("snapshot", "timestamp")
-        if not any(find_key(settings.TGP_REPO_KEYS_DIR, role, k) for k in root.roles[role].keyids)
-    ]
+    missing = []
+    for role in ONLINE:
+        try:
+            signers(root, role, settings.TGP_REPO_KEYS_DIR)
+        except RepositoryError:
+            missing.append(role)
     if not missing:
         return []
     keys = f"{' and '.join(missing)} key{'s' if len(missing) > 1 else ''}"
     return [
         Warning(
-            f"The repository in {settings.TGP_REPO_DIR} is kept here but its {keys} is not in "
-            f"{settings.TGP_REPO_KEYS_DIR}: the beat cannot sign it again, and nodes refuse it once it expires.",
+            f"The repository in {settings.TGP_REPO_DIR} is kept here but its {keys} cannot be used from "
+            f"{settings.TGP_REPO_KEYS_DIR} (missing, or fewer than its threshold, or unreadable): "
+            "the beat cannot sign it again, and nodes refuse it once it expires.",
             hint="Put the online keys (<role>-<keyid>.key) in TGP_REPO_KEYS_DIR, or point TGP_REPO_DIR elsewhere "
             "if the repository is signed on another host.",
             id="tgpadmin.W003",

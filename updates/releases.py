@@ -6,19 +6,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from agent.shared.repository import RepositoryError, RepositoryIndex, metadata_dir_for, repo_client, trusted_index
+from agent.shared.repository import RepositoryIndex, metadata_dir_for, read_pinned_root, repo_client, trusted_index
 from updates.models import Package, Release
 
 # Per metadata file, as the agents' download timeout: the control plane fetches the same files.
 TIMEOUT = 30.0
-
-
-def trusted_root() -> bytes:
-    try:
-        return settings.TGP_REPO_ROOT_FILE.read_bytes()
-    except OSError as exc:
-        raise RepositoryError(f"no pinned repository root: TGP_REPO_ROOT_FILE {settings.TGP_REPO_ROOT_FILE}: "
-                              f"{exc.strerror}") from None  # fmt: skip
 
 
 def last_serial() -> int:
@@ -64,7 +56,7 @@ def sync_from_url(url: str | None = None, *, only_if_newer: bool = False) -> Rep
     refused) and import its releases. only_if_newer: skip the import when these targets
     were imported already (every publication raises their version): 500 schedules firing
     in the same minute then cost one import, not 500."""
-    root = trusted_root()
+    root = read_pinned_root(settings.TGP_REPO_ROOT_FILE)
     with repo_client(TIMEOUT) as client:
         index = trusted_index(
             metadata_dir_for(settings.TGP_REPO_METADATA_DIR, root), url or settings.TGP_REPO_URL, root, client=client

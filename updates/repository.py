@@ -92,14 +92,6 @@ def _dirs(keys_dir: KeyDirs) -> tuple[Path, ...]:
     return (Path(keys_dir),) if isinstance(keys_dir, str | Path) else tuple(Path(d) for d in keys_dir)
 
 
-def key_dirs(given: Path | None) -> tuple[Path, ...]:
-    """The commands' search path: --keys-dir first (the offline media), then TGP_REPO_KEYS_DIR."""
-    from django.conf import settings
-
-    online = Path(settings.TGP_REPO_KEYS_DIR)
-    return (online,) if given is None or Path(given) == online else (Path(given), online)
-
-
 def key_file(keys_dir: Path, role: str, keyid: str) -> Path:
     return Path(keys_dir) / f"{role}-{keyid}.key"
 
@@ -150,15 +142,24 @@ class Store:
         self.out, self.keys_dir = Path(out), _dirs(keys_dir)
         self.meta_dir = self.out / METADATA_DIR
 
+    def root_files(self) -> list[Path]:
+        """Every root version's file, oldest first (a reader walks them in this order)."""
+        found = [p for p in self.meta_dir.glob("*.root.json") if p.name.split(".")[0].isdigit()]
+        return sorted(found, key=lambda p: int(p.name.split(".")[0]))
+
     def root_version(self) -> int:
-        versions = [int(p.name.split(".")[0]) for p in self.meta_dir.glob("*.root.json") if p.name[0].isdigit()]
-        return max(versions, default=0)
+        files = self.root_files()
+        return int(files[-1].name.split(".")[0]) if files else 0
+
+    def root_file(self) -> Path:
+        """The current root's file; RepositoryError if there is none yet."""
+        files = self.root_files()
+        if not files:
+            raise RepositoryError(f"{self.out} is not a repository yet (no root metadata): run build_repo")
+        return files[-1]
 
     def root(self) -> Metadata[Root]:
-        version = self.root_version()
-        if not version:
-            raise RepositoryError(f"{self.out} is not a repository yet (no root metadata): run build_repo")
-        return self._read(f"{version}.root.json", Root)
+        return self._read(self.root_file().name, Root)
 
     def timestamp(self) -> Metadata[Timestamp] | None:
         path = self.meta_dir / "timestamp.json"
@@ -227,11 +228,7 @@ def init_repository(out: Path, keys_dir: KeyDirs, *, now: datetime | None = None
 
 def trusted_root(out: Path) -> bytes:
     """The current root's bytes: what a new node or a new control host pins."""
-    store = Store(out, Path("."))
-    version = store.root_version()
-    if not version:
-        raise RepositoryError(f"{out} is not a repository yet (no root metadata): run build_repo")
-    return (store.meta_dir / f"{version}.root.json").read_bytes()
+    return Store(out, ()).root_file().read_bytes()
 
 
 def export_root(out: Path, dest: Path) -> None:
@@ -254,7 +251,7 @@ def rotate_keys(
     if role not in ROLES:
         raise RepositoryError(f"unknown role {role!r} (one of {', '.join(ROLES)})")
     store, now = Store(out, keys_dir), _now(now)
-    old = store.root()
+    old, published = store.root(), store.targets()
     root = Root.from_dict(old.signed.to_dict())
     old_ids = list(root.roles[role].keyids)
     keys_after = count + (len(old_ids) if keep_old else 0)
@@ -263,7 +260,7 @@ def rotate_keys(
     # Every signing key must be here before the first file is written: a new root whose
     # role metadata could not be signed again would leave readers refusing the repository.
     old_signers = signers(old.signed, Root.type, keys_dir)
-    if store.timestamp() is not None:
+    if published is not None:
         for other in {Targets.type: ONLINE, Snapshot.type: (Timestamp.type,)}.get(role, ()):
             signers(old.signed, other, keys_dir)
     for keyid in [] if keep_old else old_ids:
@@ -280,9 +277,9 @@ def rotate_keys(
         if signer.public_key.keyid not in md.signatures:
             md.sign(signer, append=True)
     store.write(f"{root.version}.root.json", md.to_bytes(_JSON))
-    if role == Targets.type and store.targets() is not None:
-        _publish_targets(store, root, dict(store.targets().signed.targets), now)  # type: ignore[union-attr]
-    elif role in ONLINE and store.timestamp() is not None:
+    if published is not None and role == Targets.type:
+        _publish_targets(store, root, dict(published.signed.targets), now)
+    elif published is not None and role in ONLINE:
         _publish_online(store, root, now, snapshot=role == Snapshot.type)
     return root
 

@@ -44,7 +44,7 @@ from agent.shared.errors import DownloadError as DownloadError
 from agent.shared.errors import RepositoryError as RepositoryError
 from agent.shared.fetch import FetchError as FetchError
 from agent.shared.fetch import fetch_bounded
-from agent.shared.protocol import CHANNELS, PACKAGE_NAME_RE, VERSION_RE, version_key
+from agent.shared.protocol import CHANNELS, PACKAGE_NAME_RE, SHA256_RE, VERSION_RE, version_key
 
 METADATA_DIR = "metadata"
 TARGETS_DIR = "targets"
@@ -77,6 +77,10 @@ class MetadataExpired(FetchError):
 
 class PackageVerificationError(RepositoryError):
     """Size or sha256 mismatch: permanent, retrying the same bytes will not help."""
+
+
+class ReleaseWithdrawn(RepositoryError):
+    """The signed targets do not list the release (any more): it is not installed."""
 
 
 # --------------------------------------------------------------------------- model
@@ -117,7 +121,10 @@ class RepositoryIndex:
         for rel in self.releases:
             if rel.version == version:
                 return rel
-        raise RepositoryError(f"release {version} is not in the repository")
+        raise ReleaseWithdrawn(
+            f"release {version} was withdrawn from the repository: its signed targets (version {self.serial}) "
+            "do not list it"
+        )
 
     def newest(self, channel: str) -> ReleaseEntry | None:
         candidates = [r for r in self.releases if r.channel == channel]
@@ -191,8 +198,9 @@ def _parse_target(path: str, info: TargetFile) -> tuple[str, dict[str, Any], Pac
     if path != target_path(release, name, version):
         raise IndexFormatError(f"{where}: must be {target_path(release, name, version)!r}")
     sha256 = info.hashes.get("sha256")
-    if not isinstance(sha256, str) or len(sha256) != 64:
-        raise IndexFormatError(f"{where}: no sha256")
+    # Checked as strictly as the name: it becomes part of the package's URL (package_url).
+    if not isinstance(sha256, str) or not SHA256_RE.match(sha256):
+        raise IndexFormatError(f"{where}: no sha256 (64 lowercase hex digits)")
     meta = {
         "channel": _typed(data, "channel", str, where),
         "needs_reboot": _typed(data, "needs_reboot", bool, where),
@@ -273,6 +281,14 @@ class BoundedFetcher(FetcherInterface):
     def _note_date(self, resp: httpx.Response) -> None:
         with suppress(KeyError, TypeError, ValueError):
             self.server_time = parsedate_to_datetime(resp.headers["Date"]).astimezone(UTC)
+
+
+def read_pinned_root(path: Path) -> bytes:
+    """The root a reader pins (TGP_REPO_ROOT_FILE, on a node and on the control host)."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise RepositoryError(f"no pinned repository root: TGP_REPO_ROOT_FILE {path}: {exc.strerror}") from None
 
 
 def root_summary(data: bytes) -> dict[str, Any]:

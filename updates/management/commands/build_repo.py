@@ -10,8 +10,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agent.shared.repository import RepositoryError
 from updates.demo import write_demo_sources
-from updates.management.commands.repo_keys import add_keys_dir_argument
-from updates.repository import build_repository, export_root, key_dirs, trusted_root
+from updates.management.commands.repo_keys import add_keys_dir_argument, key_dirs
+from updates.repository import build_repository, export_root, trusted_root
 
 
 class Command(BaseCommand):

@@ -11,11 +11,11 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from agent.shared.repository import RepositoryError
-from updates.repository import ROLES, KeyDirs, describe, export_root, key_dirs, resign_online, rotate_keys
+from updates.repository import ROLES, KeyDirs, Store, describe, export_root, resign_online, rotate_keys
 
 
 def add_keys_dir_argument(parser: argparse.ArgumentParser) -> None:
-    """--keys-dir, as build_repo and repo_keys take it (updates.repository.key_dirs)."""
+    """--keys-dir, as build_repo and repo_keys take it (key_dirs)."""
     parser.add_argument(
         "--keys-dir",
         type=Path,
@@ -23,6 +23,12 @@ def add_keys_dir_argument(parser: argparse.ArgumentParser) -> None:
         help="where to look for role keys first, e.g. offline media (then TGP_REPO_KEYS_DIR); "
         "new keys are written here",
     )
+
+
+def key_dirs(given: Path | None) -> tuple[Path, ...]:
+    """Where the commands look for keys: --keys-dir first (the offline media), then TGP_REPO_KEYS_DIR."""
+    online = Path(settings.TGP_REPO_KEYS_DIR)
+    return (online,) if given is None or Path(given) == online else (Path(given), online)
 
 
 def _count(value: str) -> int:
@@ -75,10 +81,10 @@ class Command(BaseCommand):
             for keyid in state.keyids:
                 self.stdout.write(f"    {keyid} {'(here)' if keyid in state.here else '(not here)'}")
         # What `python -m agent enroll --repo-root` prints for the root a node pins.
-        for path in sorted((repo / "metadata").glob("*.root.json"), key=lambda p: int(p.name.split(".")[0])):
+        for path in Store(repo, keys_dir).root_files():
             self.stdout.write(f"{path.name}: sha256 {hashlib.sha256(path.read_bytes()).hexdigest()}")
 
-    def _rotate(self, repo: Path, keys_dir: KeyDirs, opts: dict[str, Any]) -> None:
+    def _rotate(self, repo: Path, keys_dir: tuple[Path, ...], opts: dict[str, Any]) -> None:
         role = opts["role"]
         root = rotate_keys(
             repo, keys_dir, role, count=opts["count"], threshold=opts["threshold"], keep_old=opts["keep_old"]
@@ -87,7 +93,7 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"root version {root.version}: {role} has {len(spec.keyids)} key(s), threshold {spec.threshold}; "
-                f"new key files in {key_dirs(opts['keys_dir'])[0]}"
+                f"new key files in {keys_dir[0]}"
             )
         )
 
