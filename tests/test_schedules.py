@@ -42,6 +42,11 @@ def local_firing(task, tz="Europe/Berlin"):
     return at.strftime("%a"), at.strftime("%H:%M")
 
 
+def local_firing_at(at, tz="Europe/Berlin"):
+    local = at.astimezone(ZoneInfo(tz))
+    return local.strftime("%a"), local.strftime("%H:%M")
+
+
 def test_a_cluster_schedule_owns_exactly_one_pair_of_beat_entries(cluster):
     schedule = UpdateSchedule.objects.create(name="weekly", cluster=cluster, cron="0 3 * * 0", timezone="Europe/Berlin")
     assert PeriodicTask.objects.filter(task__startswith="control.scheduled_").count() == 2
@@ -62,8 +67,13 @@ def test_a_single_system_updates_at_the_window_and_downloads_ahead(make_node):
     download, update = entries(schedule)
     assert local_firing(update)[0] in {"Mon", "Tue", "Wed", "Thu", "Fri"}
     assert local_firing(update)[1] == "01:30"
-    assert update.clocked.clocked_time - download.clocked.clocked_time == timedelta(hours=3)
     assert local_firing(download)[1] == "22:30", "3 hours earlier is the evening before"
+    # The download is armed for the update 3 hours after it: the next one, or, from 22:30 to
+    # 01:30 (its download time has passed), the one after. (Held at any time of day.)
+    downloads_for = download.clocked.clocked_time + timedelta(hours=3)
+    assert local_firing_at(downloads_for) in {(day, "01:30") for day in ("Mon", "Tue", "Wed", "Thu", "Fri")}
+    assert downloads_for >= update.clocked.clocked_time
+    assert downloads_for - update.clocked.clocked_time < timedelta(days=4), "no occurrence skipped (Fri -> Mon)"
 
 
 def test_changing_a_schedule_arms_its_entries_again_instead_of_adding_more(make_node):
