@@ -241,6 +241,11 @@ TGP_REBOOT_TIMEOUT = env_float("TGP_REBOOT_TIMEOUT", 600.0, minimum=1.0)
 # A run quiet for this long, whose next step is the control plane's, is carried on
 # by the reconciler (beat, every TGP_RECONCILE_INTERVAL seconds, and at worker start).
 TGP_RECONCILE_AFTER = env_float("TGP_RECONCILE_AFTER", 60.0, minimum=0.1)
+# A node's last_seen is kept to this resolution: a heartbeat that changes nothing else
+# is not written while last_seen is younger (updates.runs.snapshots). The reconciler
+# asks whether a node was seen within TGP_RECONCILE_AFTER, so this must stay below it
+# (tgpadmin.E001). 30 s: every other heartbeat of an agent at the default 15 s.
+TGP_SEEN_RESOLUTION = env_float("TGP_SEEN_RESOLUTION", min(30.0, TGP_RECONCILE_AFTER / 2), minimum=0.0)
 # The manual's policy: 10 attempts per round. The agents make them (agent/config.py);
 # the control plane names the number when it sets the warning flag.
 TGP_DOWNLOAD_ATTEMPTS = env_int("TGP_DOWNLOAD_ATTEMPTS", 10, minimum=1)

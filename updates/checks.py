@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.checks import Tags, Warning, register
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 
 @register(Tags.security, deploy=False)
-def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
-    problems = []
+def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    problems: list[CheckMessage] = []
     if not settings.TGP_REPO_ROOT_FILE.exists():
         problems.append(
             Warning(
@@ -22,6 +22,16 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[Warning]
             )
         )
     problems += _online_keys()
+    if settings.TGP_SEEN_RESOLUTION >= settings.TGP_RECONCILE_AFTER:
+        problems.append(
+            Error(
+                f"TGP_SEEN_RESOLUTION ({settings.TGP_SEEN_RESOLUTION:g} s) is not below TGP_RECONCILE_AFTER "
+                f"({settings.TGP_RECONCILE_AFTER:g} s): a node that reports every heartbeat could look silent "
+                "to the reconciler, which then leaves a run with a lost node step waiting.",
+                hint="Leave TGP_SEEN_RESOLUTION unset (half of TGP_RECONCILE_AFTER, at most 30 s) or set it lower.",
+                id="tgpadmin.E001",
+            )
+        )
     if not settings.DEBUG and not settings.ALLOWED_HOSTS:
         problems.append(
             Warning(

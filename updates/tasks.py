@@ -30,17 +30,21 @@ from nodes.models import Node
 from updates import trust
 from updates.runs import chains, cluster_cap, end, recovery, reports
 from updates.runs import verify as verification
+from updates.runs.snapshots import STORED_FIELDS
 
 log = logging.getLogger(__name__)
 
 
-def _from_node(envelope: Any, kind: str, message_type: type[Any]) -> tuple[str, int, Any, bool] | None:
-    """(node, seq, message, whether the run it names is the node's) of a message a node signed
-    with its accepted key, checked field by field; None (and a log line) otherwise: it
-    changes nothing, and retrying it would not help."""
+def _from_node(
+    envelope: Any, kind: str, message_type: type[Any], node_fields: tuple[str, ...] = ()
+) -> tuple[str, int, Any, bool, dict[str, Any]] | None:
+    """(node, seq, message, whether the run it names is the node's, the node's
+    `node_fields` as stored) of a message a node signed with its accepted key, checked
+    field by field; None (and a log line) otherwise: it changes nothing, and retrying
+    it would not help."""
     try:
-        node, body, owns_run = trust.from_node(envelope, kind)
-        return node, body["seq"], message_type.from_wire(body.get("message")), owns_run
+        node, body, owns_run, stored = trust.from_node(envelope, kind, node_fields=node_fields)
+        return node, body["seq"], message_type.from_wire(body.get("message")), owns_run, stored
     except ProtocolError as exc:
         log.warning("refused a %s: %s", kind, exc)
         return None
@@ -51,7 +55,7 @@ def record_step(envelope: dict[str, Any]) -> None:
     found = _from_node(envelope, "report", StepReport)
     if found is None:
         return
-    node, seq, report, owns_run = found
+    node, seq, report, owns_run, _ = found
     # A node speaks for itself only: about its own runs, under its own name.
     if report.hostname != node or not owns_run:
         log.warning("refused a report of %s about run %s of another node", node, report.run)
@@ -65,14 +69,15 @@ def record_step(envelope: dict[str, Any]) -> None:
 
 @shared_task(name=NODE_REPORT, ignore_result=True)
 def node_report(envelope: dict[str, Any]) -> None:
-    found = _from_node(envelope, "node_report", NodeReport)
+    # The node's stored state comes with its key: a heartbeat that changes nothing costs one query.
+    found = _from_node(envelope, "node_report", NodeReport, STORED_FIELDS)
     if found is None:
         return
-    node, seq, report, _ = found
+    node, seq, report, _, stored = found
     if report.hostname != node:
         log.warning("refused a report of %s about %s", node, report.hostname)
         return
-    recovery.node_reported(node, report.snapshot.to_wire(), seq)
+    recovery.node_reported(node, report.snapshot.to_wire(), seq, stored=stored)
 
 
 @shared_task(name=ENROLL, ignore_result=True)

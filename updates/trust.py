@@ -69,10 +69,14 @@ def go(run_id: int, step: str) -> dict[str, Any]:
     return signing.sign({"kind": "go", "signer": CONTROL_SIGNER, "run": run_id, "step": step}, control_key())
 
 
-def from_node(envelope: Any, kind: str) -> tuple[str, dict[str, Any], bool]:
-    """The node (host name) that signed a message of this kind, the message's body, and whether the
+def from_node(
+    envelope: Any, kind: str, *, node_fields: tuple[str, ...] = ()
+) -> tuple[str, dict[str, Any], bool, dict[str, Any]]:
+    """The node (host name) that signed a message of this kind, the message's body, whether the
     run the message names is the node's own (asked in the same query: every report
-    needs it); Untrusted if the node has no accepted key or the signature is not that key's."""
+    needs it), and the node's `node_fields` as stored (in the same query: a heartbeat
+    needs them to tell whether it changes anything); Untrusted if the node has no
+    accepted key or the signature is not that key's."""
     body = signing.body_of(envelope)
     signer = body.get("signer")
     if body.get("kind") != kind or not isinstance(signer, str) or not HOSTNAME_RE.match(signer):
@@ -82,16 +86,18 @@ def from_node(envelope: Any, kind: str) -> tuple[str, dict[str, Any], bool]:
     message = body.get("message")
     run_id = message.get("run") if isinstance(message, dict) else None  # signed, as the check below proves
     if isinstance(run_id, int) and not isinstance(run_id, bool):
-        owns = Exists(UpdateRun.objects.filter(pk=run_id, node_id=OuterRef("node_id")).order_by())
-        found = keys.annotate(owns_run=owns).values_list("public_key", "owns_run").first()
+        keys = keys.annotate(
+            owns_run=Exists(UpdateRun.objects.filter(pk=run_id, node_id=OuterRef("node_id")).order_by())
+        )
     else:
-        found = keys.values_list("public_key", Value(False)).first()
+        keys = keys.annotate(owns_run=Value(False))
+    found = keys.values_list("public_key", "owns_run", *(f"node__{name}" for name in node_fields)).first()
     if found is None:
         raise Untrusted(f"{signer} has no accepted key: its {kind} is not trusted")
     signing.verify(envelope, signing.load_public(found[0]))
     if not isinstance(body.get("seq"), int) or isinstance(body["seq"], bool) or body["seq"] < 1:
         raise Untrusted(f"a {kind} of {signer} without a sequence number")
-    return signer, body, bool(found[1])
+    return signer, body, bool(found[1]), dict(zip(node_fields, found[2:], strict=True))
 
 
 def handoff(envelope: Any, step: str) -> tuple[int, str, dict[str, Any] | None]:
@@ -105,7 +111,7 @@ def handoff(envelope: Any, step: str) -> tuple[int, str, dict[str, Any] | None]:
         if body.get("kind") != "go" or body.get("step") != step or not isinstance(body.get("run"), int):
             raise Untrusted(f"a control plane message that does not start {step}")
         return body["run"], "", None
-    node, body, _ = from_node(envelope, "done")
+    node, body, _, _ = from_node(envelope, "done")
     message = body.get("message")
     if not isinstance(message, dict) or not isinstance(message.get("run"), int):
         raise Untrusted(f"a hand-off of {node} that names no run")

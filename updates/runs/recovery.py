@@ -19,23 +19,32 @@ from updates.runs import lifecycle
 from updates.runs.chains import first_unfinished, queue_from, start_update_phase, waiting
 from updates.runs.cluster_cap import wake_waiters
 from updates.runs.end import complete_run, fail_run
-from updates.runs.snapshots import apply_snapshot
+from updates.runs.snapshots import STORED_FIELDS, apply_snapshot, heartbeat_changes_nothing
 from updates.runs.verify import wake_verify
 
 log = logging.getLogger(__name__)
 
 
-def node_reported(hostname: str, snapshot: dict[str, Any], seq: int = 0) -> None:
+def node_reported(
+    hostname: str, snapshot: dict[str, Any], seq: int = 0, *, stored: dict[str, Any] | None = None
+) -> None:
     """A heartbeat. If the agent restarted in the middle of a run (a crash, not
     the reboot step), queue the run again from its first unfinished step: every
     node step is safe to run twice."""
-    before = Node.objects.filter(hostname=hostname).values_list("agent_instance", "boot_id").first()
+    before = stored if stored is not None else Node.objects.filter(hostname=hostname).values(*STORED_FIELDS).first()
+    if heartbeat_changes_nothing(before, snapshot, timezone.now()):
+        return  # the same agent instance: no restart either
     node = apply_snapshot(hostname, snapshot, seq)
     if node is not None and snapshot.get("worker"):
         wake_verify(node)
-    if node is None or before is None or not before[0] or before[0] == node.agent_instance:
+    if (
+        node is None
+        or before is None
+        or not before["agent_instance"]
+        or before["agent_instance"] == node.agent_instance
+    ):
         return
-    if before[1] != node.boot_id:
+    if before["boot_id"] != node.boot_id:
         return  # this restart is a reboot (the run's own): the chain goes on by itself
     run = UpdateRun.objects.running().filter(node=node).first()
     if run is None:

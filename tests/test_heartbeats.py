@@ -1,0 +1,82 @@
+"""Heartbeats at fleet scale (issue 16): a heartbeat that changes nothing costs one
+query and no write; anything it changes, and the node being seen, still reach the
+database in time."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.core.checks import run_checks
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from agent import identity
+from agent.shared.protocol import NodeReport, Snapshot
+from nodes.models import Node
+from updates import tasks as control_tasks
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def node(make_node, agent_settings, settings):
+    settings.TGP_SEEN_RESOLUTION = 30.0
+    return make_node("gw")
+
+
+def heartbeat(node: Node, **fields) -> dict:
+    state = {"installed_version": "2.1.0", "boot_id": "b1", "agent_instance": "a1", "users": ("alice",), **fields}
+    return identity.signed(node.hostname, "node_report", NodeReport(node.hostname, Snapshot(**state)).to_wire())
+
+
+def report(envelope: dict) -> list[str]:
+    """The SQL one heartbeat cost the control plane."""
+    with CaptureQueriesContext(connection) as queries:
+        control_tasks.node_report(envelope)
+    return [q["sql"] for q in queries.captured_queries]
+
+
+def writes(sql: list[str]) -> list[str]:
+    return [q for q in sql if q.lstrip().upper().startswith(("UPDATE", "INSERT", "DELETE"))]
+
+
+def test_a_heartbeat_that_changes_nothing_costs_one_query_and_no_write(node):
+    assert writes(report(heartbeat(node))), "the first heartbeat stores the snapshot"
+    seen = Node.objects.get(pk=node.pk).last_seen
+    sql = report(heartbeat(node))
+    assert len(sql) == 1 and not writes(sql), sql
+    assert Node.objects.get(pk=node.pk).last_seen == seen
+
+
+def test_a_heartbeat_that_changes_anything_is_stored_at_once(node):
+    report(heartbeat(node))
+    assert writes(report(heartbeat(node, users=("alice", "bob"))))
+    assert Node.objects.get(pk=node.pk).logged_in_users == ["alice", "bob"]
+    assert writes(report(heartbeat(node, users=("alice", "bob"), logon_enabled=False)))
+    assert Node.objects.get(pk=node.pk).logon_enabled is False
+    assert writes(report(heartbeat(node, users=("alice", "bob"), logon_enabled=False, agent_instance="a2")))
+    assert Node.objects.get(pk=node.pk).agent_instance == "a2"
+
+
+def test_last_seen_is_written_again_once_it_is_as_old_as_the_resolution(node):
+    report(heartbeat(node))
+    Node.objects.filter(pk=node.pk).update(last_seen=timezone.now() - timedelta(seconds=31))
+    assert writes(report(heartbeat(node)))
+    assert timezone.now() - Node.objects.get(pk=node.pk).last_seen < timedelta(seconds=5)
+
+
+def test_a_workers_report_is_always_stored(node):
+    # It says that the worker takes work: a verify after a reboot waits for exactly this.
+    report(heartbeat(node))
+    assert writes(report(heartbeat(node, worker=True)))
+    assert Node.objects.get(pk=node.pk).worker_instance == "a1"
+
+
+def test_a_resolution_not_below_the_reconcilers_cutoff_is_a_configuration_error(settings):
+    settings.TGP_RECONCILE_AFTER = 60.0
+    settings.TGP_SEEN_RESOLUTION = 60.0
+    assert "tgpadmin.E001" in [m.id for m in run_checks()]
+    settings.TGP_SEEN_RESOLUTION = 30.0
+    assert "tgpadmin.E001" not in [m.id for m in run_checks()]
