@@ -63,7 +63,8 @@ def test_a_heartbeat_that_changes_anything_is_stored_at_once(node):
 def test_last_seen_is_written_again_once_it_is_as_old_as_the_resolution(node):
     report(heartbeat(node))
     Node.objects.filter(pk=node.pk).update(last_seen=timezone.now() - timedelta(seconds=31))
-    assert writes(report(heartbeat(node)))
+    sql = writes(report(heartbeat(node)))
+    assert len(sql) == 1 and "installed_packages" not in sql[0], "one narrow UPDATE: the snapshot is the same"
     assert timezone.now() - Node.objects.get(pk=node.pk).last_seen < timedelta(seconds=5)
 
 
@@ -80,3 +81,36 @@ def test_a_resolution_not_below_the_reconcilers_cutoff_is_a_configuration_error(
     assert "tgpadmin.E001" in [m.id for m in run_checks()]
     settings.TGP_SEEN_RESOLUTION = 30.0
     assert "tgpadmin.E001" not in [m.id for m in run_checks()]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_control_worker_keeps_its_database_connection_from_task_to_task():
+    # What the worker runs around every task: Celery's Django fix-up (as installed in a
+    # worker process) and ours. Without CELERY_DB_REUSE_MAX the fix-up closes the
+    # connection each time: a new PostgreSQL connection per heartbeat.
+    from celery.fixups.django import DjangoWorkerFixup
+
+    from tgpadmin.celery import _close_old_connections, app
+
+    Node.objects.count()
+    opened = connection.connection
+    fixup = DjangoWorkerFixup(app)
+    for _ in range(3):
+        fixup.on_task_prerun(sender=control_tasks.node_report)
+        _close_old_connections(sender=control_tasks.node_report)
+        Node.objects.count()
+        fixup.on_task_postrun(sender=control_tasks.node_report)
+        _close_old_connections(sender=control_tasks.node_report)
+    assert connection.connection is opened
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_control_worker_drops_a_connection_older_than_its_max_age(settings):
+    from tgpadmin.celery import _close_old_connections
+
+    Node.objects.count()
+    opened = connection.connection
+    connection.close_at = 0  # as if CONN_MAX_AGE had passed
+    _close_old_connections(sender=control_tasks.node_report)
+    Node.objects.count()
+    assert connection.connection is not opened

@@ -167,6 +167,10 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Celery's Django fix-up would close the database connection around every task; with
+# this it never does, and tgpadmin/celery.py closes only old or broken ones, as Django
+# does around a request (CONN_MAX_AGE above).
+CELERY_DB_REUSE_MAX = 2**62
 CELERY_TASK_TRACK_STARTED = True
 CELERY_TIMEZONE = TIME_ZONE
 # django-celery-beat's, writing back only what it read (updates/beat.py).
