@@ -19,7 +19,7 @@ from updates.runs import lifecycle
 from updates.runs.chains import first_unfinished, queue_from, start_update_phase, waiting
 from updates.runs.cluster_cap import wake_waiters
 from updates.runs.end import complete_run, fail_run
-from updates.runs.snapshots import STORED_FIELDS, apply_snapshot, heartbeat_changes_nothing
+from updates.runs.snapshots import STORED_FIELDS, apply_snapshot, store_heartbeat
 from updates.runs.verify import wake_verify
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,8 @@ def node_reported(
     the reboot step), queue the run again from its first unfinished step: every
     node step is safe to run twice."""
     before = stored if stored is not None else Node.objects.filter(hostname=hostname).values(*STORED_FIELDS).first()
-    if heartbeat_changes_nothing(before, snapshot, timezone.now()):
-        return  # the same agent instance: no restart either
+    if store_heartbeat(hostname, before, snapshot, seq):
+        return  # nothing changed: the same agent instance, no restart either
     node = apply_snapshot(hostname, snapshot, seq)
     if node is not None and snapshot.get("worker"):
         wake_verify(node)

@@ -4,7 +4,7 @@ the facts the control plane shows and decides on, never invented by it."""
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -39,24 +39,33 @@ def snapshot_fields(snapshot: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
-# What heartbeat_changes_nothing reads of the node: every field a snapshot sets, and when it was last seen.
+# What a heartbeat is compared with: every field a snapshot sets, and when the node was last seen.
 STORED_FIELDS = (*snapshot_fields({"worker": True}), "last_seen")
 
 
-def heartbeat_changes_nothing(stored: dict[str, Any] | None, snapshot: dict[str, Any], now: datetime) -> bool:
-    """Whether storing this snapshot would change nothing but last_seen, and last_seen
-    is within TGP_SEEN_RESOLUTION: then it costs no database write. At 10,000 nodes
-    nearly every heartbeat is such a one (issue 16: a write each was the control
-    plane's largest load). last_seen is therefore up to TGP_SEEN_RESOLUTION old; its
-    readers allow for that (the reconciler's cutoff, checked by tgpadmin.E001).
+def store_heartbeat(hostname: str, stored: dict[str, Any] | None, snapshot: dict[str, Any], seq: int) -> bool:
+    """A heartbeat that says what the node's row says already: True if it is handled
+    here (nothing to store but that the node was seen), False if the caller must store
+    it (store_snapshot). At 10,000 nodes nearly every heartbeat is such a one (issue 16:
+    a full write each was the control plane's largest load):
 
-    `stored`: the node's STORED_FIELDS. A worker's report is never skipped: it says the
-    worker takes work, which a verify may wait for."""
+    - last_seen younger than TGP_SEEN_RESOLUTION: no write at all. last_seen is
+      therefore up to that old; its readers allow for it (the reconciler's cutoff,
+      checked by tgpadmin.E001);
+    - older: one narrow UPDATE (the snapshot is stored again, as it is, by its sequence).
+
+    `stored`: the node's STORED_FIELDS. A worker's report is never handled here: it
+    says the worker takes work, which a verify may wait for."""
     if stored is None or stored["last_seen"] is None or snapshot.get("worker"):
         return False
-    if now - stored["last_seen"] >= timedelta(seconds=settings.TGP_SEEN_RESOLUTION):
+    if any(stored[name] != value for name, value in snapshot_fields(snapshot).items()):
         return False
-    return all(stored[name] == value for name, value in snapshot_fields(snapshot).items())
+    now = timezone.now()
+    if now - stored["last_seen"] < timedelta(seconds=settings.TGP_SEEN_RESOLUTION):
+        return True
+    nodes = Node.objects.filter(hostname=hostname)
+    newer = nodes.filter(report_seq__lt=seq) if seq else nodes.filter(report_seq=0)
+    return bool(newer.update(reported_at=now, report_seq=seq, last_seen=now) or nodes.update(last_seen=now))
 
 
 def store_snapshot(hostname: str, snapshot: dict[str, Any], seq: int = 0) -> bool:
