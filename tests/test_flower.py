@@ -248,3 +248,30 @@ def test_flower_metrics_need_credentials_and_healthcheck_says_only_ok(flower):
     assert metrics.status_code == 200 and "flower_" in metrics.text
     health = httpx.get(f"{flower}/healthcheck", timeout=5)
     assert (health.status_code, health.text) == (200, "OK")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_heartbeats_do_not_crowd_out_the_tasks_flower_lists(flower, control_worker):
+    """At 10,000 nodes heartbeats would be most of Flower's events and push every other
+    task out of its list (control.node_report sends none; issue 16)."""
+    from agent.app import app as agent_app
+    from agent.shared.protocol import NODE_REPORT, REPORT_PRIORITY
+    from tgpadmin.celery import app
+
+    wait_for(lambda: httpx.get(f"{flower}/api/workers", auth=AUTH, timeout=5).json(), 60, "Flower to see the worker")
+    marker = f"after-heartbeats-{uuid.uuid4().hex[:6]}"
+
+    def listed() -> bool:
+        # A heartbeat as an agent sends it (its app sends no "task-sent" event), refused by
+        # the control plane (signed by nobody) but a task all the same; then a task that
+        # Flower lists, behind it in the same queue at the same priority.
+        agent_app.send_task(
+            NODE_REPORT, args=({"body": {}, "signature": ""},), queue="control", priority=REPORT_PRIORITY
+        )
+        app.send_task("control.reap_stale_runs", queue="control", priority=REPORT_PRIORITY, argsrepr=marker)
+        tasks = httpx.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json().values()
+        return sum(t.get("args") == marker and t.get("state") == "SUCCESS" for t in tasks) >= 2
+
+    wait_for(listed, 60, "Flower to list the tasks sent after heartbeats", interval=0.5)
+    tasks = httpx.get(f"{flower}/api/tasks", auth=AUTH, timeout=5).json().values()
+    assert not [t for t in tasks if t.get("name") == NODE_REPORT]
