@@ -15,12 +15,16 @@ from kombu import Queue
 
 from agent.config import config
 from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY, node_queue
+from agent.shared.sentinel import is_sentinel_url
 
 # The control side's processes run in TGP_TIME_ZONE (Django sets TZ from TIME_ZONE).
 # Celery adjusts event times by each sender's local UTC offset, so an agent in another
 # zone would show to Flower and the control worker as an hour or more adrift.
 os.environ["TZ"] = config().time_zone
 time.tzset()
+
+_sentinel = config().redis_sentinel
+_sentinel_options = _sentinel.transport_options() if _sentinel and is_sentinel_url(config().redis_url) else {}
 
 # Not the process's current app: a test process (or a benchmark) loads both apps.
 app = Celery("agent", fixups=[], set_as_current=False)
@@ -50,6 +54,8 @@ app.conf.update(
     # Node steps are acknowledged on receipt (agent/tasks.py): no ack emulation, so the
     # agent keeps what it has taken in memory and touches none of the transport's
     # shared "unacked" keys, which hold the in-flight messages of every queue.
-    broker_transport_options={"ack_emulation": False},
+    # Through Sentinel (a sentinel:// URL), kombu also needs the name the Sentinels monitor
+    # the primary under and their own credentials; it asks them again after a failover.
+    broker_transport_options={"ack_emulation": False, **_sentinel_options},
     include=["agent.tasks"],
 )

@@ -11,9 +11,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.shared.env import ConfigError, env_float, env_int, env_list, env_redis_url, env_str, env_zone
+from agent.shared.env import (
+    SENTINEL_VARIABLES,
+    ConfigError,
+    env_float,
+    env_int,
+    env_list,
+    env_redis_sentinel,
+    env_redis_url,
+    env_str,
+    env_zone,
+)
 from agent.shared.protocol import HOSTNAME_RE, HOSTNAME_RULE
 from agent.shared.repository import read_pinned_root
+from agent.shared.sentinel import Sentinel, is_sentinel_url
 
 # A checkout's var/, as the control side's default (tgpadmin/settings.py): the demo
 # and the tests run both from one tree. An appliance sets TGP_VAR_DIR or the paths.
@@ -43,6 +54,9 @@ class AgentConfig:
     served: tuple[str, ...]
     instance: str
     time_zone: str
+    # With a sentinel:// redis_url: the Sentinels' master name and their own credentials
+    # (agent/shared/sentinel.py); None for a plain Redis.
+    redis_sentinel: Sentinel | None = None
 
     @classmethod
     def from_env(cls) -> AgentConfig:
@@ -51,9 +65,23 @@ class AgentConfig:
         for name in served:
             if not HOSTNAME_RE.match(name):
                 raise ConfigError(f"TGP_AGENT_NODE: {name!r} is not {HOSTNAME_RULE}")
+        # REDIS_URL or TGP_REDIS_URL_FILE (the node's own broker user), TLS checked; or the
+        # Sentinels of a replicated Redis, which the agent asks where the primary is.
+        redis_url = env_redis_url(f"redis://127.0.0.1:{env_int('TGP_EMBEDDED_REDIS_PORT', 6390)}/0")
+        redis_sentinel = env_redis_sentinel(redis_url)
+        if not is_sentinel_url(redis_url):
+            # The agent has no system checks to warn with: a Sentinel setting next to a
+            # plain URL is a half-made change to the node's configuration, and would
+            # otherwise be ignored in silence (the control plane warns: tgpadmin.W010).
+            stray = [name for name in SENTINEL_VARIABLES if env_str(name, "")]
+            if stray:
+                raise ConfigError(
+                    f"{', '.join(stray)} set, but the broker URL (REDIS_URL or TGP_REDIS_URL_FILE) is not a "
+                    "sentinel:// URL: set both, or neither."
+                )
         return cls(
-            # REDIS_URL or TGP_REDIS_URL_FILE (the node's own broker user), TLS checked.
-            redis_url=env_redis_url(f"redis://127.0.0.1:{env_int('TGP_EMBEDDED_REDIS_PORT', 6390)}/0"),
+            redis_url=redis_url,
+            redis_sentinel=redis_sentinel,
             repo_url=env_str("TGP_REPO_URL", "http://127.0.0.1:8001/"),
             # The repository's TUF root, pinned when the appliance is installed or enrolled.
             repo_root_file=Path(env_str("TGP_REPO_ROOT_FILE", str(var / "keys" / "repo-root.json"))),

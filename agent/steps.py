@@ -38,6 +38,7 @@ from agent.shared.repository import (
     trusted_index,
     verify_package,
 )
+from agent.shared.sentinel import Sentinel, redis_client
 
 Report = Callable[..., None]
 
@@ -57,9 +58,10 @@ class FenceLost(RuntimeError):
 
 
 @functools.cache
-def _redis(url: str) -> redis.Redis:
-    """One client (and connection pool) per process, not a connection per check."""
-    return redis.Redis.from_url(url)
+def _redis(url: str, sentinel: Sentinel | None = None) -> redis.Redis:
+    """One client (and connection pool) per process, not a connection per check; through
+    Sentinel, one of whichever server is the primary (it outlasts a failover)."""
+    return redis_client(url, sentinel)
 
 
 def check_fence(command: StepCommand) -> None:
@@ -69,7 +71,7 @@ def check_fence(command: StepCommand) -> None:
         return
     held = None
     if command.fence is not None:
-        held = _redis(config().redis_url).hget(slot_keys(command.cluster)[0], command.node)
+        held = _redis(config().redis_url, config().redis_sentinel).hget(slot_keys(command.cluster)[0], command.node)
     if held is None or parse_slot_holder(held)[0] != command.fence:
         raise FenceLost(
             f"{command.node} does not hold update slot {command.fence} of {command.cluster} any more; stopped"

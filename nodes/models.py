@@ -158,6 +158,8 @@ class Node(models.Model):
             ("remove_update_lock", "Can remove update locks"),
             ("end_maintenance", "Can end maintenance mode"),
             ("manage_node_keys", "Can accept, re-key and revoke node keys"),
+            # /metrics for a monitoring user (basic auth) instead of the bearer token: updates/metrics_view.py.
+            ("scrape_metrics", "Can read the Prometheus metrics (/metrics)"),
         ]
 
     def __str__(self) -> str:

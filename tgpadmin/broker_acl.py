@@ -30,7 +30,7 @@ import os
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
@@ -44,6 +44,14 @@ from agent.shared.protocol import (
     SLOT_PREFIX,
     node_queue,
     slot_keys,
+)
+from agent.shared.sentinel import (
+    Sentinel,
+    SentinelConfigError,
+    SentinelUrl,
+    is_sentinel_url,
+    parse_sentinel_url,
+    server_urls,
 )
 
 log = logging.getLogger(__name__)
@@ -346,19 +354,33 @@ def env_password_name(user: str) -> str:
     return "TGP_BROKER_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", user.upper())
 
 
+def _sentinel(url: str) -> SentinelUrl:
+    try:
+        return parse_sentinel_url(url)
+    except SentinelConfigError as exc:
+        raise BrokerAclError(str(exc)) from None
+
+
 def base_url(url: str) -> str:
-    """The URL without its user and password."""
+    """The URL without its user and password (in every entry of a sentinel:// URL)."""
+    if is_sentinel_url(url):
+        return replace(_sentinel(url), username="", password="").url()
     parts = urlsplit(url)
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def user_url(base: str, user: str, password: str) -> str:
+    if is_sentinel_url(base):
+        # The broker user on the Redis servers, in every entry (agent/shared/sentinel.py).
+        return replace(_sentinel(base), username=user, password=password).url()
     parts = urlsplit(base)
     host = parts.netloc.rsplit("@", 1)[-1]
     return urlunsplit(parts._replace(netloc=f"{quote(user, safe='')}:{quote(password, safe='')}@{host}"))
 
 
 def url_db(url: str) -> int:
+    if is_sentinel_url(url):
+        return _sentinel(url).db
     path = urlsplit(url).path.strip("/")
     try:
         return int(path or 0)
@@ -477,6 +499,25 @@ def apply(admin_url: str, users: list[BrokerUser], passwords: Mapping[str, str])
     finally:
         client.close()
     return Applied(version, [u.name for u in users], deleted, saved)
+
+
+def servers(admin_url: str, sentinel: Sentinel | None) -> list[str]:
+    """Where the users must be: the server of a redis:// URL; for a sentinel:// URL the
+    primary and every replica the Sentinels know (ACL users are not replicated, and a
+    replica without them refuses every process once a failover makes it the primary)."""
+    if not is_sentinel_url(admin_url):
+        return [admin_url]
+    if sentinel is None:
+        raise BrokerAclError(
+            f"{base_url(admin_url)} names Sentinels: set TGP_REDIS_SENTINEL_MASTER (and their credentials) "
+            "so that they can be asked for the servers."
+        )
+    import redis
+
+    try:
+        return server_urls(admin_url, sentinel)
+    except redis.exceptions.RedisError as exc:
+        raise BrokerAclError(f"cannot ask the Sentinels of {base_url(admin_url)} for the servers: {exc}") from None
 
 
 def _encoded(args: list[str]) -> list[bytes]:

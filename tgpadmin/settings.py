@@ -14,7 +14,18 @@ from urllib.parse import parse_qsl, urlsplit
 import dj_database_url
 
 from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY
-from tgpadmin.env import env_bool, env_float, env_int, env_list, env_redis_url, env_str, env_zone
+from agent.shared.sentinel import is_sentinel_url
+from tgpadmin.env import (
+    env_bool,
+    env_float,
+    env_int,
+    env_list,
+    env_redis_sentinel,
+    env_redis_url,
+    env_secret,
+    env_str,
+    env_zone,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("TGP_VAR_DIR", str(BASE_DIR / "var")))
@@ -140,8 +151,14 @@ X_FRAME_OPTIONS = "DENY"
 # which `make run` starts on a private port. With broker users (manage.py broker_acl,
 # docs/security-broker.md) each process reads its own user's URL from the file that
 # TGP_REDIS_URL_FILE names; a rediss:// URL checks the server against TGP_REDIS_CA_FILE.
+# Beyond one host (README, "Deployment"): a sentinel:// URL names the Sentinels of a
+# primary and its replicas, and every process asks them where the primary is now.
 EMBEDDED_REDIS_PORT = env_int("TGP_EMBEDDED_REDIS_PORT", 6390, minimum=1)
 REDIS_URL = env_redis_url(f"redis://127.0.0.1:{EMBEDDED_REDIS_PORT}/0")
+# The Sentinels' name for the primary (TGP_REDIS_SENTINEL_MASTER) and their own credentials
+# (agent/shared/sentinel.py); None without a name. A sentinel:// URL without one stops the
+# process here; a name next to a plain URL is ignored and warned about (tgpadmin.W010).
+REDIS_SENTINEL = env_redis_sentinel(REDIS_URL)
 # Where manage.py broker_acl keeps each broker user's URL (with its password, mode 0600).
 TGP_BROKER_DIR = Path(env_str("TGP_BROKER_DIR", str(VAR_DIR / "broker")))
 
@@ -212,6 +229,12 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {
     # so that its broker user needs no access to those keys (docs/security-broker.md).
     "ack_emulation": env_bool("TGP_BROKER_ACK_EMULATION", True),
 }
+if REDIS_SENTINEL is not None and is_sentinel_url(REDIS_URL):
+    # kombu's SentinelChannel, Celery's SentinelBackend and Flower's broker page take the
+    # primary's name and the Sentinels' credentials from their transport options; the
+    # broker user of the URL logs on to whichever server the Sentinels name.
+    CELERY_BROKER_TRANSPORT_OPTIONS.update(REDIS_SENTINEL.transport_options())
+    CELERY_RESULT_BACKEND_TRANSPORT_OPTIONS = REDIS_SENTINEL.transport_options()
 
 # --- Update workflow -------------------------------------------------------------
 # The update repository (The Update Framework): where it is served, the TUF root the
@@ -285,6 +308,16 @@ HOTFIX_DELIVERY_MAX_RETRIES = env_int("TGP_HOTFIX_DELIVERY_MAX_RETRIES", 5, mini
 # --- Flower ------------------------------------------------------------------------
 # "user:password" pairs, comma separated; read by Flower from FLOWER_BASIC_AUTH.
 FLOWER_URL = env_str("TGP_FLOWER_URL", "http://127.0.0.1:5555/")
+
+# --- Monitoring: /metrics (updates/metrics.py) ----------------------------------------
+# Prometheus sends this as "Authorization: Bearer <token>"; TGP_METRICS_TOKEN_FILE names
+# a file holding it instead. Empty: only users with nodes.scrape_metrics get in (basic
+# auth or their session), and `manage.py check` warns (tgpadmin.W004). Django's error
+# pages hide settings named *TOKEN*.
+TGP_METRICS_TOKEN = env_secret("TGP_METRICS_TOKEN", min_length=16)
+# The agents' heartbeat interval (agent/config.py reads the same variable): /metrics
+# counts a node as silent after three of them.
+TGP_HEARTBEAT_INTERVAL = env_float("TGP_HEARTBEAT_INTERVAL", 15.0, minimum=0.1)
 
 LOGGING = {
     "version": 1,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from django.conf import settings
@@ -76,3 +77,66 @@ def _online_keys() -> list[Warning]:
             id="tgpadmin.W003",
         )
     ]
+
+
+@register(Tags.security)
+def check_metrics_token(app_configs: Any = None, **kwargs: Any) -> list[Warning]:
+    """/metrics stays closed without a token (basic auth of a permitted user only), but
+    Prometheus is usually set up with a bearer token: say so before a scrape fails."""
+    if settings.TGP_METRICS_TOKEN:
+        return []
+    return [
+        Warning(
+            "No metrics token is configured: /metrics answers only users with the permission "
+            "nodes.scrape_metrics (HTTP basic auth), and refuses Prometheus's bearer token.",
+            hint="Set TGP_METRICS_TOKEN, or TGP_METRICS_TOKEN_FILE to a file (mode 600) holding it: "
+            'at least 16 characters, e.g. python -c "import secrets; print(secrets.token_urlsafe(32))".',
+            id="tgpadmin.W004",
+        )
+    ]
+
+
+@register(Tags.compatibility)
+def check_broker(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The broker's Sentinel settings (agent/shared/sentinel.py). What cannot work (a
+    sentinel:// URL without the primary's name, a malformed URL) stops the process in
+    settings; these can, but not as meant."""
+    from agent.shared.env import SENTINEL_VARIABLES
+    from agent.shared.sentinel import is_sentinel_url, parse_sentinel_url
+
+    if not is_sentinel_url(settings.REDIS_URL):
+        stray = [name for name in SENTINEL_VARIABLES if os.environ.get(name)]
+        if not stray:
+            return []
+        return [
+            Warning(
+                f"{', '.join(stray)} set, but the broker URL (REDIS_URL or TGP_REDIS_URL_FILE) is not a sentinel:// "
+                "URL: they are ignored, and this process talks to one Redis server, with no failover.",
+                hint="Give this process the sentinel:// URL of its broker user (manage.py broker_acl --url-base "
+                "'sentinel://s1:26379;sentinel://s2:26379;sentinel://s3:26379/0'), or unset them. "
+                "An agent refuses to start this way.",
+                id="tgpadmin.W010",
+            )
+        ]
+    problems: list[CheckMessage] = []
+    if len(parse_sentinel_url(settings.REDIS_URL).sentinels) < 2:
+        problems.append(
+            Warning(
+                "The broker URL names a single Sentinel: while it (or its host) is down, no process can find "
+                "the primary, which is what Sentinel is there to prevent.",
+                hint="Name every Sentinel (three or more, on separate hosts), separated by ';'.",
+                id="tgpadmin.W011",
+            )
+        )
+    sentinel = settings.REDIS_SENTINEL
+    if sentinel is not None and not sentinel.password:
+        problems.append(
+            Warning(
+                "The Sentinels are asked without a password: whoever reaches one can make it name another "
+                "primary (SENTINEL SET, REMOVE, MONITOR) or fail it over.",
+                hint="Give the Sentinels a user that may only ask (README, Deployment) and set "
+                "TGP_REDIS_SENTINEL_USER and TGP_REDIS_SENTINEL_PASSWORD_FILE.",
+                id="tgpadmin.W012",
+            )
+        )
+    return problems

@@ -233,6 +233,8 @@ class UpdateStep(models.Model):
 
     class Meta:
         ordering = ["run", "position"]
+        # finished_at: /metrics reads the steps of the last 24 hours at every scrape (updates/metrics.py).
+        indexes = [models.Index(fields=["finished_at"], name="updatestep_finished_at")]
         constraints = [models.UniqueConstraint(fields=["run", "name"], name="one_step_name_per_run")]
 
     def __str__(self) -> str:

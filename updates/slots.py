@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import redis
 
 from agent.shared.protocol import SLOT_PREFIX, parse_slot_holder, slot_keys
+from agent.shared.sentinel import Sentinel, redis_client
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +137,13 @@ class ClusterSlots:
         return freed
 
 
-def slots_for_url(url: str, prefix: str = SLOT_PREFIX) -> ClusterSlots:
-    return ClusterSlots(redis.Redis.from_url(url), prefix)
+def slots_for_url(url: str, prefix: str = SLOT_PREFIX, sentinel: Sentinel | None = None) -> ClusterSlots:
+    """The slots in the broker's Redis; for a sentinel:// URL in whichever server is the
+    primary, with `sentinel` (settings.REDIS_SENTINEL) saying how to ask the Sentinels."""
+    return ClusterSlots(redis_client(url, sentinel), prefix)
 
 
 @functools.cache
-def shared_slots(url: str, prefix: str = SLOT_PREFIX) -> ClusterSlots:
+def shared_slots(url: str, prefix: str = SLOT_PREFIX, sentinel: Sentinel | None = None) -> ClusterSlots:
     """One client (and connection pool) per URL and process, not a connection per call."""
-    return slots_for_url(url, prefix)
+    return slots_for_url(url, prefix, sentinel)

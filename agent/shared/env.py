@@ -12,6 +12,8 @@ import stat
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from agent.shared import sentinel
+
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -99,6 +101,10 @@ def env_redis_url(default: str) -> str:
     TGP_REDIS_CA_FILE when that is set (``ssl_ca_certs``), else the system's CAs.
     kombu would otherwise connect to anyone with ``ssl_cert_reqs=none`` (its default for
     rediss:// without options), so a URL that asks for less than ``required`` is refused.
+
+    A ``sentinel://`` URL names the Sentinels (agent/shared/sentinel.py) and comes back
+    with the user, password and database in every entry; env_redis_sentinel() reads the
+    rest of its configuration.
     """
     url, source = env_str("REDIS_URL", ""), "REDIS_URL"
     url_file = env_str("TGP_REDIS_URL_FILE", "")
@@ -107,7 +113,78 @@ def env_redis_url(default: str) -> str:
     if url_file:
         url, source = _read_url_file(url_file), f"the URL in {url_file} (TGP_REDIS_URL_FILE)"
     url = url or default
+    if sentinel.is_sentinel_url(url):
+        return _sentinel_url(url, source, env_str("TGP_REDIS_CA_FILE", ""))
     return _with_tls(url, source, env_str("TGP_REDIS_CA_FILE", ""))
+
+
+def _sentinel_url(url: str, source: str, ca_file: str) -> str:
+    if ca_file:
+        raise ConfigError(
+            f"TGP_REDIS_CA_FILE is set, but {source} is a sentinel:// URL: TLS through Sentinel is not supported."
+        )
+    try:
+        return sentinel.parse_sentinel_url(url, source).url()
+    except sentinel.SentinelConfigError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+# All of them mean "through Sentinel": none belongs next to a plain redis:// URL.
+SENTINEL_VARIABLES = (
+    "TGP_REDIS_SENTINEL_MASTER",
+    "TGP_REDIS_SENTINEL_USER",
+    "TGP_REDIS_SENTINEL_PASSWORD",
+    "TGP_REDIS_SENTINEL_PASSWORD_FILE",
+)
+
+
+def env_redis_sentinel(url: str) -> sentinel.Sentinel | None:
+    """How this process finds the primary through the Sentinels that `url` (from
+    env_redis_url) names: TGP_REDIS_SENTINEL_MASTER, the name they monitor it under, and
+    their own credentials, TGP_REDIS_SENTINEL_USER with TGP_REDIS_SENTINEL_PASSWORD or (to
+    keep it out of the environment) TGP_REDIS_SENTINEL_PASSWORD_FILE. None without a
+    master name. A sentinel:// URL without one is refused; the other way round (a name,
+    but a plain URL) is for the caller to judge (the agent refuses it, the control plane
+    warns: tgpadmin.W010)."""
+    master = env_str("TGP_REDIS_SENTINEL_MASTER", "").strip()
+    if not master:
+        if sentinel.is_sentinel_url(url):
+            raise ConfigError(
+                "The broker URL (REDIS_URL or TGP_REDIS_URL_FILE) names Sentinels: set TGP_REDIS_SENTINEL_MASTER "
+                "to the name they monitor the primary under (their `sentinel monitor NAME ...`)."
+            )
+        return None
+    password = env_str("TGP_REDIS_SENTINEL_PASSWORD", "")
+    password_file = env_str("TGP_REDIS_SENTINEL_PASSWORD_FILE", "")
+    if password and password_file:
+        raise ConfigError(
+            "TGP_REDIS_SENTINEL_PASSWORD and TGP_REDIS_SENTINEL_PASSWORD_FILE are both set: set one of them."
+        )
+    if password_file:
+        password = _read_secret_file("TGP_REDIS_SENTINEL_PASSWORD_FILE", password_file)
+    try:
+        return sentinel.Sentinel(master, env_str("TGP_REDIS_SENTINEL_USER", "").strip(), password)
+    except sentinel.SentinelConfigError as exc:
+        raise ConfigError(f"TGP_REDIS_SENTINEL_MASTER: {exc}") from None
+
+
+def _read_secret_file(variable: str, name: str) -> str:
+    """The first line of a file that holds a password and that nobody else may read."""
+    path = Path(name)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{variable}={name!r} cannot be read: {exc.strerror}") from None
+    if mode & 0o007:
+        raise ConfigError(
+            f"{variable}={name!r} is open to other users (mode {stat.S_IMODE(mode):04o}); "
+            f"it holds a password: chmod 600 {name}"
+        )
+    lines = text.strip().splitlines()
+    if not lines or not lines[0].strip():
+        raise ConfigError(f"{variable}={name!r} is empty.")
+    return lines[0].strip()
 
 
 def _read_url_file(name: str) -> str:
@@ -123,8 +200,8 @@ def _read_url_file(name: str) -> str:
             f"it holds a password: chmod 600 {name}"
         )
     url = text.strip().splitlines()[0].strip() if text.strip() else ""
-    if not url.startswith(("redis://", "rediss://", "unix://")):
-        raise ConfigError(f"TGP_REDIS_URL_FILE={name!r} does not hold a redis:// or rediss:// URL.")
+    if not url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
+        raise ConfigError(f"TGP_REDIS_URL_FILE={name!r} does not hold a redis://, rediss:// or sentinel:// URL.")
     return url
 
 

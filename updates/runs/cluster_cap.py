@@ -33,11 +33,11 @@ class HoldOn(Exception):
 
 
 def cluster_slots() -> ClusterSlots:
-    return shared_slots(settings.REDIS_URL)
+    return shared_slots(settings.REDIS_URL, sentinel=settings.REDIS_SENTINEL)
 
 
 def out_places() -> ClusterSlots:
-    return shared_slots(settings.REDIS_URL, OUT_PREFIX)
+    return shared_slots(settings.REDIS_URL, OUT_PREFIX, settings.REDIS_SENTINEL)
 
 
 def _semaphore(step: str, cluster: Cluster) -> tuple[ClusterSlots, int, str]:

@@ -99,19 +99,23 @@ class Command(BaseCommand):
         for user in users:
             creds.write(user.name, passwords[user.name])
         if options["apply"]:
-            applied = acl.apply(admin_url, users, passwords)
-            version = applied.redis_version
-            self._warn_if_old(version)
-            deleted = ", ".join(applied.deleted) or "none"
-            self.stdout.write(
-                f"applied to {acl.base_url(admin_url)} (Redis {'.'.join(map(str, version))}): "
-                f"{len(users)} users, default user off; node users deleted: {deleted}"
-            )
-            if not applied.saved:
-                self.stderr.write(
-                    "The server has no ACL file: these users live until it restarts. Start it with "
-                    f"--aclfile {out / 'users.acl'} (or CONFIG REWRITE its config file), or run this again."
+            # Through Sentinel: the primary and each replica (ACL is not replicated).
+            versions = []
+            for server in acl.servers(admin_url, settings.REDIS_SENTINEL):
+                applied = acl.apply(server, users, passwords)
+                versions.append(applied.redis_version)
+                self._warn_if_old(applied.redis_version)
+                deleted = ", ".join(applied.deleted) or "none"
+                self.stdout.write(
+                    f"applied to {acl.base_url(server)} (Redis {'.'.join(map(str, applied.redis_version))}): "
+                    f"{len(users)} users, default user off; node users deleted: {deleted}"
                 )
+                if not applied.saved:
+                    self.stderr.write(
+                        f"{acl.base_url(server)} has no ACL file: these users live until it restarts. Start it with "
+                        f"--aclfile {out / 'users.acl'} (or CONFIG REWRITE its config file), or run this again."
+                    )
+            version = min(versions)
         else:
             version = self._version(options, admin_url)
             self._warn_if_old(version)
@@ -154,8 +158,13 @@ class Command(BaseCommand):
         if options["redis_url"]:
             import redis
 
+            from agent.shared.sentinel import SentinelConfigError, redis_client
+
             try:
-                info = redis.Redis.from_url(admin_url, socket_connect_timeout=5, socket_timeout=10).info("server")
+                client = redis_client(admin_url, settings.REDIS_SENTINEL, socket_connect_timeout=5, socket_timeout=10)
+                info = client.info("server")
+            except SentinelConfigError as exc:
+                raise CommandError(str(exc)) from None
             except redis.exceptions.NoPermissionError as exc:
                 raise CommandError(f"the user of {acl.base_url(admin_url)} is not an admin ({exc})") from None
             except redis.exceptions.RedisError as exc:
