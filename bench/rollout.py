@@ -49,7 +49,14 @@ PATHS = ("manual", "scheduled")
 CAP = 10
 SEED = 42
 LOW, HIGH = 1.0, 3.0
-TARGET_RATIO = 1.05
+TARGET_RATIO = 1.05  # the old target against the ideal bound; the model lines still show what it leaves
+# Issue 16's targets, against peers of the same draws in the same run: installs of 5-15 s
+# (--scale 5 and more) within FLOOR_TARGET of the no-overhead floor; at 1-3 s (the stress
+# case) the ratio is reported without a target. At every scale: the per-node overhead
+# p50 under OVERHEAD_TARGET, and at most BATCH_TARGET of Ansible-style batches.
+FLOOR_TARGET = 1.02
+OVERHEAD_TARGET = 0.100
+BATCH_TARGET = 0.75
 # A thread per simulated node: each real node runs steps in a worker of its own, so
 # one node's step must never wait for a thread while 199 others download. And more
 # than one process: 200 threads behind one GIL made the first wave's steps wait
@@ -69,6 +76,14 @@ def durations_for(count: int, scale: float = 1.0) -> list[float]:
     five times as long (5-15 s), so that the fixed cost per node weighs less."""
     rng = random.Random(SEED)
     return [rng.uniform(LOW, HIGH) * scale for _ in range(count)]
+
+
+def floor_metric(ratio: float, scale: float) -> dict[str, Any]:
+    """Makespan against the no-overhead floor of the same draws: the target at installs of
+    5-15 s; at shorter ones (the stress case) reported only."""
+    if scale >= 5:
+        return metric("makespan / floor", ratio, "x", f"<= {FLOOR_TARGET}", ratio <= FLOOR_TARGET)
+    return metric("makespan / floor (stress case: no target)", ratio, "x")
 
 
 def run(nodes: int = 200, scale: float = 1.0, path: str = "manual") -> dict[str, Any]:
@@ -371,8 +386,9 @@ def report(
             metric("runs stuck (still running when the rest had ended)", len(stuck), "", "= 0", not stuck),
             metric("makespan", makespan, "s"),
             metric("ideal: max(sum/cap, max)", ideal, "s"),
-            metric("makespan / ideal", ratio, "x", f"<= {TARGET_RATIO}", ratio <= TARGET_RATIO),
+            metric("makespan / ideal", ratio, "x"),
             metric("no-overhead greedy schedule in start order (floor)", floor, "s"),
+            floor_metric(makespan / floor, scale),
             metric("floor / ideal", floor / ideal, "x"),
             # What the figures above are made of, and what the target leaves room for.
             metric("model: floor with the measured mean overhead per node, + ramp-up, / ideal", model / ideal, "x"),
@@ -380,11 +396,23 @@ def report(
             metric(f"per-node overhead that {TARGET_RATIO} x allows, with no ramp-up at all", budget0 * 1000, "ms"),
             metric(f"Ansible serial {CAP}, simulated, bare", batch_bare, "s"),
             metric(f"Ansible serial {CAP}, simulated, + overhead per batch", batch_fair, "s"),
-            metric("makespan / batched (+ overhead)", makespan / batch_fair, "x", "< 1", makespan < batch_fair),
+            metric(
+                "makespan / batched (+ overhead)",
+                makespan / batch_fair,
+                "x",
+                f"<= {BATCH_TARGET}",
+                makespan / batch_fair <= BATCH_TARGET,
+            ),  # fmt: skip
             metric("most nodes out of service at once (node times)", peak, "", f"<= {CAP}", peak <= CAP),
             metric("most nodes out of service at once (DB times)", db_peak, "", f"<= {CAP}", db_peak <= CAP),
             metric("most slot holdings overlapping (DB stamps)", slot_peak, "", f"<= {CAP}", slot_peak <= CAP),
-            metric("per-node overhead while holding a slot, p50", per_node * 1000, "ms"),
+            metric(
+                "per-node overhead while holding a slot, p50",
+                per_node * 1000,
+                "ms",
+                f"< {OVERHEAD_TARGET * 1000:.0f}",
+                per_node < OVERHEAD_TARGET,
+            ),  # fmt: skip
             metric(f"ramp-up: {START[path]} -> {CAP} nodes out of service", ramp, "s"),
             metric(STARTING[path], starting, "s"),
             metric("verify had to try again (node not back yet)", sum(r["verify_waited"] for r in done), "runs"),
