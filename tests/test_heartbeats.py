@@ -105,12 +105,32 @@ def test_a_control_worker_keeps_its_database_connection_from_task_to_task():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_control_worker_drops_a_connection_older_than_its_max_age(settings):
-    from tgpadmin.celery import _close_old_connections
+def test_a_control_worker_drops_a_connection_older_than_its_max_age(monkeypatch):
+    import tgpadmin.celery as worker
 
     Node.objects.count()
     opened = connection.connection
     connection.close_at = 0  # as if CONN_MAX_AGE had passed
-    _close_old_connections(sender=control_tasks.node_report)
+    monkeypatch.setattr(worker, "_next_check", 0.0)  # the second's check is due
+    worker._close_old_connections(sender=control_tasks.node_report)
     Node.objects.count()
     assert connection.connection is not opened
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_control_worker_checks_its_connection_at_most_once_a_second_but_at_once_after_an_error(monkeypatch):
+    import tgpadmin.celery as worker
+
+    Node.objects.count()
+    monkeypatch.setattr(worker, "_next_check", 0.0)
+    worker._close_old_connections(sender=control_tasks.node_report)  # the check of this second
+    with CaptureQueriesContext(connection) as queries:
+        for _ in range(5):
+            worker._close_old_connections(sender=control_tasks.node_report)
+            Node.objects.count()
+    assert len(queries) == 5, "no health check between tasks within the second"
+    opened = connection.connection
+    connection.errors_occurred = True
+    monkeypatch.setattr(connection, "is_usable", lambda: False)  # the server went away
+    worker._close_old_connections(sender=control_tasks.node_report)
+    assert connection.connection is None or connection.connection is not opened
