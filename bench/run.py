@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str | None] = {
     "download": "bench.download",  # 3. download throughput, memory, resume
     "admin": "bench.admin_scale",  # 4. admin at scale
     "beat": "bench.beat_lag",  # 5. beat lag: 500 schedules due at once
+    "fleet": "bench.fleet",  # 6. fleet scale: heartbeats of 10,000 nodes, the knee
 }
 NOT_YET: dict[str, str] = {}
 RESULTS = ROOT / "var" / "bench" / "results.json"
@@ -45,14 +46,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--nodes",
         type=int,
-        help="admin: fleet size (default 10000); rollout: cluster size (default 200); beat: schedules (default 500)",
+        help="admin, fleet: fleet size (default 10000); rollout: cluster size (default 200); "
+        "beat: schedules (default 500)",
     )
+    parser.add_argument("--minutes", type=float, help="fleet: length of the long run (default 10)")
     parser.add_argument(
         "--scale", type=float, help="rollout: install durations times this (default 1: 1-3 s); kept as 'rollout-xN'"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.minutes is not None and not args.minutes > 0:
+        parser.error(f"--minutes must be a positive number, not {args.minutes}")
     if args.scale is not None and not args.scale > 0:
         parser.error(f"--scale must be a positive number, not {args.scale}")
     unknown = set(args.names) - set(BENCHMARKS)
@@ -62,7 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k in ("size", "runs", "nodes", "scale") if (v := getattr(args, k)) is not None}
+    return {k: v for k in ("size", "runs", "nodes", "scale", "minutes") if (v := getattr(args, k)) is not None}
 
 
 def run_child(name: str, module: str, opts: dict[str, Any], out: Path) -> None:
