@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, str | None] = {
     "download": "bench.download",  # 3. download throughput, memory, resume
     "admin": "bench.admin_scale",  # 4. admin at scale
     "beat": "bench.beat_lag",  # 5. beat lag: 500 schedules due at once
+    "fanout": "bench.fanout",  # 5b. a schedule's firing: a 200-node cluster, single systems
     "fleet": "bench.fleet",  # 6. fleet scale: heartbeats of 10,000 nodes, the knee
 }
 NOT_YET: dict[str, str] = {}
@@ -46,7 +47,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--nodes",
         type=int,
-        help="admin, fleet: fleet size (default 10000); rollout: cluster size (default 200); "
+        help="admin, fleet: fleet size (default 10000); rollout, fanout: cluster size (default 200); "
         "beat: schedules (default 500)",
     )
     parser.add_argument("--minutes", type=float, help="fleet: length of the long run (default 10)")

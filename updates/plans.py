@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -209,14 +210,39 @@ def _add_late_comers(plan: UpdatePlan, schedule: UpdateSchedule) -> None:
 
 
 def entry_for(run: UpdateRun) -> PlanEntry | None:
-    """The plan entry of a scheduled cluster node's run."""
+    """The plan entry of a scheduled cluster node's run (the one attach_entries kept on
+    this instance, if it did)."""
     if run.schedule_id is None or run.scheduled_for is None:
         return None
+    if _ENTRY in run.__dict__:
+        return run.__dict__[_ENTRY]  # type: ignore[no-any-return]
     return (
         PlanEntry.objects.select_related("plan")
         .filter(plan__schedule_id=run.schedule_id, plan__occurrence=run.scheduled_for, node_id=run.node_id)
         .first()
     )
+
+
+# Where attach_entries keeps a run's plan entry on the instance, as Django keeps the rows
+# it prefetched: they live as long as the instance, here one firing's start.
+_ENTRY = "_plan_entry"
+
+
+def attach_entries(runs: Iterable[UpdateRun]) -> None:
+    """Read the plan entries of many scheduled cluster runs at once (a firing's: one
+    query per occurrence, not one per run, and three per run when its chain is built)
+    and keep each on its run, where entry_for finds it."""
+    by_occurrence: dict[tuple[int, datetime], list[UpdateRun]] = defaultdict(list)
+    for run in runs:
+        if run.schedule_id and run.scheduled_for and run.node.cluster_id:
+            by_occurrence[(run.schedule_id, run.scheduled_for)].append(run)
+    for (schedule_id, occurrence), some in by_occurrence.items():
+        entries = PlanEntry.objects.select_related("plan").filter(
+            plan__schedule_id=schedule_id, plan__occurrence=occurrence, node_id__in=[run.node_id for run in some]
+        )
+        found = {entry.node_id: entry for entry in entries}
+        for run in some:
+            run.__dict__[_ENTRY] = found.get(run.node_id)
 
 
 # --- an operator's changes ------------------------------------------------------------------

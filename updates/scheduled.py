@@ -1,5 +1,6 @@
 """What happens when a schedule's beat entries fire: one task per entry, fanning
-out to the schedule's nodes. Safe to fire twice (a second beat, a re-armed lost
+out to all the schedule's nodes at once (a fixed number of queries, however many
+nodes: start.start_scheduled, chains.start_update_phases). Safe to fire twice (a second beat, a re-armed lost
 firing): a run for the same node and update time is never started twice.
 
 A firing re-arms its entry for the next one (updates.schedules.arm), then acts:
@@ -13,9 +14,11 @@ A firing re-arms its entry for the next one (updates.schedules.arm), then acts:
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from django.db import IntegrityError, transaction
+from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from agent.shared.repository import RepositoryError
@@ -23,8 +26,8 @@ from nodes.models import Node
 from updates.models import Release, UpdateRun, UpdateSchedule
 from updates.plans import ensure_plan
 from updates.releases import sync_from_url
-from updates.runs.chains import start_update_phase
-from updates.runs.start import UpdateRefused, start_update
+from updates.runs.chains import start_update_phases
+from updates.runs.start import AlreadyStarted, UpdateRefused, start_scheduled
 from updates.schedules import LATE_FIRE, Firing, arm, armed_at, next_firing, starts_run
 
 log = logging.getLogger(__name__)
@@ -49,7 +52,8 @@ def rearm_after(schedule: UpdateSchedule, firing: Firing, now: datetime) -> None
     """Arm the entry for the firing after this one, unless it is armed for a later one
     already (a duplicate or late firing moves nothing back)."""
     with transaction.atomic():
-        locked = UpdateSchedule.objects.select_for_update(of=("self",)).select_related("cluster").get(pk=schedule.pk)
+        rows = UpdateSchedule.objects.select_for_update(of=("self",))
+        locked = rows.select_related("cluster", f"{firing.kind}_task__clocked").get(pk=schedule.pk)
         current = armed_at(getattr(locked, f"{firing.kind}_task"))
         if current is None or current <= firing.at:
             arm(locked, firing.kind, max(firing.at, now - LATE_FIRE))
@@ -64,44 +68,119 @@ def refresh_releases() -> str:
     return f"targets version {index.serial}; "
 
 
-def updates_for(node: Node) -> Release | None:
-    newest = Release.newest(node.channel)
-    if newest is None or newest.version == node.installed_version:
+@dataclass(frozen=True)
+class _Look:
+    """This process's last look at the repository (refresh_releases): which one, when it
+    began, and what it found."""
+
+    repository: tuple[str, str]  # URL and pinned root file
+    began: datetime
+    result: str
+
+
+class _Looks:
+    # Per process: a control worker's prefork child runs one task at a time, so the
+    # last look needs no lock, and each process looks once per due instant.
+    last: _Look | None = None
+
+
+def releases_as_of(due: datetime) -> str:
+    """refresh_releases, unless this process looked at the same repository at or after
+    `due` already: a firing needs the releases as they were at its due time, and a look
+    begun since shows them so, or newer. Firings due at the same instant (500 schedules
+    at 03:00, the download entries of a fleet-wide update) share one look per control
+    worker process instead of a TUF refresh (two GETs and the metadata's signatures) each;
+    a firing due after the last look began looks again, so a release published or
+    withdrawn before a firing's time is seen by it, as before. Sharing is safe because
+    this index only decides which release a run is for: every node verifies everything
+    again with TUF itself (its download refreshes the metadata and refuses a withdrawn
+    release; install checks every file against the signed targets). A failed look is
+    shared too: the firings due before it use the releases known, and a repository that
+    hangs costs one timeout per due instant, not one per schedule."""
+    repository = (str(settings.TGP_REPO_URL), str(settings.TGP_REPO_ROOT_FILE))
+    last = _Looks.last
+    if last is not None and last.repository == repository and last.began >= due:
+        return last.result
+    began = timezone.now()
+    result = refresh_releases()
+    _Looks.last = _Look(repository, began, result)
+    return result
+
+
+def updates_for(node: Node, newest: dict[str, Release | None] | None = None) -> Release | None:
+    """The release a schedule would update the node to, if any. `newest`: the newest
+    release per channel, read once for many nodes."""
+    release = newest[node.channel] if newest is not None else Release.newest(node.channel)
+    if release is None or release.version == node.installed_version:
         return None
-    return newest
+    return release
 
 
-def start_for(schedule: UpdateSchedule, node: Node, slot: datetime, kind: str = "update") -> str:
-    existing = UpdateRun.objects.filter(node=node, scheduled_for=slot).first()
-    if existing:
-        # The update entry arms a timer for a node whose own time comes later (a plan's later wave).
-        start_update_phase(existing.pk, arm=kind == "update")
-        return f"{node}: run {existing.pk}"
-    release = updates_for(node)
-    if release is None:
-        return f"{node}: no updates available"
-    try:
-        run = start_update(node, release, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot)
-    except UpdateRefused as exc:
-        return f"{node}: not started: {exc}"
-    except IntegrityError:
-        return f"{node}: already started for {slot:%Y-%m-%d %H:%M}"
+def newest_releases(nodes: list[Node]) -> dict[str, Release | None]:
+    return {channel: Release.newest(channel) for channel in {node.channel for node in nodes}}
+
+
+def start_runs(schedule: UpdateSchedule, nodes: list[Node], slot: datetime, kind: str = "update") -> list[str]:
+    """Start, or carry on, the run of each node for the update at `slot`, all nodes at
+    once (start.start_scheduled, chains.start_update_phases): a fixed number of queries
+    however many nodes. Returns a line per node, in order."""
+    runs = UpdateRun.objects.filter(node__in=nodes, scheduled_for=slot).select_related("node__cluster", "release")
+    existing = {run.node_id: run for run in runs}
+    newest = newest_releases([node for node in nodes if node.pk not in existing])
+    targets = [(node, release) for node in nodes if node.pk not in existing and (release := updates_for(node, newest))]
+    outcomes = {
+        node.pk: outcome
+        for (node, _), outcome in zip(
+            targets,
+            start_scheduled(targets, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot),
+            strict=True,
+        )
+    }
+    started = [outcome for outcome in outcomes.values() if isinstance(outcome, UpdateRun)]
+    # The update entry arms a timer for a node whose own time comes later (a plan's later
+    # wave); a run it starts downloads first, then waits for its own time.
+    start_update_phases(list(existing.values()), arm=kind == "update")
     if kind == "update":
-        start_update_phase(run.pk, arm=True)  # downloads first, then waits for its own time
-    return f"{node}: run {run.pk} to {release.version}"
+        start_update_phases(started, arm=True)
+    lines = []
+    for node in nodes:
+        outcome = outcomes.get(node.pk)
+        if node.pk in existing:
+            lines.append(f"{node}: run {existing[node.pk].pk}")
+        elif outcome is None:
+            lines.append(f"{node}: no updates available")
+        elif isinstance(outcome, AlreadyStarted):
+            lines.append(f"{node}: already started for {slot:%Y-%m-%d %H:%M}")
+        elif isinstance(outcome, UpdateRefused):
+            lines.append(f"{node}: not started: {outcome}")
+        else:
+            lines.append(f"{node}: run {outcome.pk} to {outcome.release.version}")
+    return lines
 
 
-def download_for(schedule: UpdateSchedule, node: Node) -> str:
-    """Download the newest release onto the node, nothing else: its verified files
-    wait there for the update (or an Auto-Update), which then fetches none again."""
-    release = updates_for(node)
-    if release is None:
-        return f"{node}: no updates available"
-    try:
-        run = start_update(node, release, trigger=UpdateRun.Trigger.DOWNLOAD, schedule=schedule)
-    except UpdateRefused as exc:
-        return f"{node}: not downloaded: {exc}"
-    return f"{node}: download run {run.pk} of {release.version}"
+def download_runs(schedule: UpdateSchedule, nodes: list[Node]) -> list[str]:
+    """Download the newest release onto each node, nothing else: its verified files
+    wait there for the update (or an Auto-Update), which then fetches none again. All
+    nodes at once; a line per node, in order."""
+    newest = newest_releases(nodes)
+    targets = [(node, release) for node in nodes if (release := updates_for(node, newest))]
+    outcomes = dict(
+        zip(
+            [node.pk for node, _ in targets],
+            start_scheduled(targets, trigger=UpdateRun.Trigger.DOWNLOAD, schedule=schedule),
+            strict=True,
+        )
+    )
+    lines = []
+    for node in nodes:
+        outcome = outcomes.get(node.pk)
+        if outcome is None:
+            lines.append(f"{node}: no updates available")
+        elif isinstance(outcome, UpdateRefused):
+            lines.append(f"{node}: not downloaded: {outcome}")
+        else:
+            lines.append(f"{node}: download run {outcome.pk} of {outcome.release.version}")
+    return lines
 
 
 def fire(schedule_id: int, kind: str, at: datetime | None = None) -> str:
@@ -120,17 +199,17 @@ def fire(schedule_id: int, kind: str, at: datetime | None = None) -> str:
     rearm_after(schedule, firing, now)
     if now - firing.at > LATE_FIRE:
         return _log(schedule, now, f"{kind} of {firing.at:%Y-%m-%d %H:%M} missed (fired at {now:%Y-%m-%d %H:%M})")
-    result = refresh_releases()
+    result = releases_as_of(firing.at)
     nodes = schedule.target_nodes().select_related("cluster")
     if firing.update_at is not None and (kind == "update" or starts_run(schedule, firing)):
         if schedule.cluster_id:
             # Each node's own time, planned once for the occurrence; left-out nodes get no run.
             plan = ensure_plan(schedule, firing.update_at)
             nodes = nodes.filter(plan_entries__plan=plan, plan_entries__excluded=False)
-        lines = [start_for(schedule, node, firing.update_at, kind) for node in nodes]
+        lines = start_runs(schedule, list(nodes), firing.update_at, kind)
         result += f"{kind} for {timezone.localtime(firing.update_at):%Y-%m-%d %H:%M}: "
     else:
-        lines = [download_for(schedule, node) for node in nodes]
+        lines = download_runs(schedule, list(nodes))
         result += "download only: "
     return _log(schedule, now, result + "; ".join(lines or ["no nodes"]))
 

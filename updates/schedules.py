@@ -231,23 +231,33 @@ def arm(schedule: Any, kind: str, after: datetime) -> Firing | None:
     none, or time control is off). The entry is a new row each time: beat writes its
     run count back to the row it fired, some time later, and on a one-off entry a
     count above 0 disables it; a fresh row is one beat has never fired."""
-    from django_celery_beat.models import ClockedSchedule, PeriodicTask
+    from django_celery_beat.models import ClockedSchedule, PeriodicTask, PeriodicTasks
 
     firing = next_firing(schedule, kind, after)
+    at = firing.at if firing else NEVER
+    # The entries armed for one instant share its clocked row. Not get_or_create: its
+    # time is not unique, and two control worker processes arming entries for the same
+    # instant at once (500 firings re-arming for "never") may each make one; get() then
+    # fails for every later entry. A second row for an instant harms nothing.
+    clocked = ClockedSchedule.objects.filter(clocked_time=at).order_by("pk").first()
+    clocked = clocked or ClockedSchedule.objects.create(clocked_time=at)
     old = getattr(schedule, f"{kind}_task")
     if old is not None:
-        old_clocked = old.clocked_id
+        # no_changes: django-celery-beat notes a change for beat at each save and delete,
+        # twice each (a signal and the method): four or five writes of its one row per
+        # re-arming, and every firing re-arms. One note below is enough.
+        old.no_changes = True
         old.delete()
-        ClockedSchedule.objects.filter(pk=old_clocked, periodictask__isnull=True).delete()
+        ClockedSchedule.objects.filter(pk=old.clocked_id, periodictask__isnull=True).exclude(pk=clocked.pk).delete()
     task = PeriodicTask(
         name=f"tgpadmin schedule {schedule.pk}: {kind}", task=KINDS[kind], queue=CONTROL_QUEUE, one_off=True,
-        enabled=bool(firing and schedule.time_control),
+        enabled=bool(firing and schedule.time_control), clocked=clocked,
+        kwargs=json.dumps({"schedule_id": schedule.pk, "at": at.isoformat()}),
         description=f"{kind.capitalize()} of {schedule} (tgpadmin UpdateSchedule {schedule.pk})",
     )  # fmt: skip
-    at = firing.at if firing else NEVER
-    task.clocked, _ = ClockedSchedule.objects.get_or_create(clocked_time=at)
-    task.kwargs = json.dumps({"schedule_id": schedule.pk, "at": at.isoformat()})
+    task.no_changes = True
     task.save()
+    PeriodicTasks.update_changed()
     setattr(schedule, f"{kind}_task", task)
     type(schedule).objects.filter(pk=schedule.pk).update(**{f"{kind}_task": task})
     return firing

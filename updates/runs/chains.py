@@ -10,6 +10,7 @@ which run was queued from which step.
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -126,18 +127,65 @@ def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
             wake_at_phase(run, at)
         return False
     pending = first_unfinished(run)
-    if pending is None or (pending.name == "download" and pending.state == UpdateStep.State.RUNNING):
+    if pending is None or not _claim_phase(run, pending.name, pending.state):
+        return False
+    queue_from(run_id, pending.name)
+    return True
+
+
+def _claim_phase(run: UpdateRun, pending: str, state: str) -> bool:
+    """Whether this caller carries the run into its update phase from its first
+    unfinished step `pending` (in `state`): not while its download runs (its success
+    carries on), never to a withdrawn release (the run fails before anything
+    disruptive is queued), and only once (a conditional UPDATE: the update entry, a late
+    download success and the second download round may all get here)."""
+    if pending == "download" and state == UpdateStep.State.RUNNING:
         return False
     if run.release.withdrawn_at is not None:
         from updates.runs.end import fail_run  # end builds on chains: imported when used
 
-        fail_run(run_id, run.release.withdrawn_reason)  # before anything disruptive is queued
+        fail_run(run.pk, run.release.withdrawn_reason)
         return False
-    # Claimed: the update entry, a late download success and the second download round may all get here.
-    if not UpdateRun.objects.filter(pk=run_id, update_phase_started=False).update(update_phase_started=True):
-        return False
-    queue_from(run_id, pending.name)
-    return True
+    return bool(UpdateRun.objects.filter(pk=run.pk, update_phase_started=False).update(update_phase_started=True))
+
+
+def start_update_phases(runs: Sequence[UpdateRun], *, arm: bool) -> list[int]:
+    """start_update_phase for many runs at once (a schedule's update entry: every node of
+    a cluster), loaded with their node, cluster and release: their plan entries and their
+    steps are read in one query each instead of four per run, the claims are one
+    transaction, and the chains of the runs carried on are queued from the objects at
+    hand, in one callback after the commit. Returns the ids of the runs carried on."""
+    if not runs:
+        return []
+    plans.attach_entries(runs)
+    now = timezone.now()
+    due, ahead = [], []
+    for run in runs:
+        if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING:
+            continue
+        at = update_phase_at(run)
+        if at is None or now >= at:
+            due.append(run)
+        elif arm and not run.update_phase_started:
+            ahead.append((run, at))
+    if not (due or ahead):
+        return []
+    steps: dict[int, list[tuple[str, str]]] = defaultdict(list)
+    rows = UpdateStep.objects.filter(run__in=due).order_by("run_id", "position").values_list("run_id", "name", "state")
+    for run_id, name, state in rows:
+        steps[run_id].append((name, state))
+    queued: list[QueueChain] = []
+    with transaction.atomic():
+        lifecycle.touch_all([run.pk for run, _ in ahead])  # resting until its time is not silence (the reaper)
+        for run, at in ahead:
+            wake_at_phase(run, at)
+        for run in due:
+            pending = next(((name, state) for name, state in steps[run.pk] if state not in UpdateStep.FINISHED), None)
+            if pending is not None and _claim_phase(run, *pending):
+                queued.append(QueueChain(run.pk, pending[0], run, tuple(name for name, _ in steps[run.pk])))
+        if queued:
+            transaction.on_commit(QueueStarted(tuple(queued)))
+    return [chain.run_id for chain in queued]
 
 
 # --- building a chain -------------------------------------------------------------------
@@ -215,9 +263,9 @@ def _running(run_id: int) -> UpdateRun | None:
 
 @dataclass(frozen=True)
 class QueueStarted:
-    """Queues the chains of runs just created, from the objects at hand: one query,
-    however many runs (a start of a whole cluster), to leave out any run that ended
-    before the commit."""
+    """Queues the chains of many runs (just created, or carried into their update
+    phase by a firing) from the objects at hand: one query, however many runs (a whole
+    cluster), to leave out any run that ended before the commit."""
 
     chains: tuple[QueueChain, ...]
 

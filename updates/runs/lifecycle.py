@@ -75,6 +75,14 @@ def touch(run_id: int, at: datetime | None = None) -> bool:
     return bool(UpdateRun.objects.running().filter(pk=run_id).update(last_activity_at=at or timezone.now()))
 
 
+def touch_all(run_ids: list[int], at: datetime | None = None) -> int:
+    """touch for many runs in one UPDATE (a firing's runs resting until their time);
+    returns how many are still running."""
+    if not run_ids:
+        return 0
+    return int(UpdateRun.objects.running().filter(pk__in=run_ids).update(last_activity_at=at or timezone.now()))
+
+
 # --- a step ----------------------------------------------------------------------------
 
 # A node step starts, or starts again: the agent restarted mid-step and the run was

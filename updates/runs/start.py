@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +14,7 @@ from django.db import IntegrityError, transaction
 from agent.shared.protocol import WHEN
 from nodes.models import Node, NodeKey
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
+from updates.plans import attach_entries
 from updates.runs.chains import queue_started, waiting
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,11 @@ log = logging.getLogger(__name__)
 
 class UpdateRefused(Exception):
     """The update cannot start; the message says why, for the operator."""
+
+
+class AlreadyStarted(UpdateRefused):
+    """The node has its run for this update time already (a second beat, a firing
+    twice): a schedule never starts a second one."""
 
 
 def default_message(release: Release) -> str:
@@ -41,19 +47,23 @@ class StartChecks:
     downloading: dict[int, int]  # node id -> its running download-only run
     newest: dict[str, Release | None]  # channel -> its newest release
     trusted: frozenset[int]  # ids of nodes with an accepted key (updates.trust)
+    # node id -> its run for the update time asked about (read only when there is one)
+    started: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def read(cls, nodes: Iterable[Node]) -> StartChecks:
+    def read(cls, nodes: Iterable[Node], scheduled_for: datetime | None = None) -> StartChecks:
         nodes = list(nodes)
         ids = [node.pk for node in nodes]
         locks = UpdateLock.objects.active().filter(node_id__in=ids)
         running = list(UpdateRun.objects.running().filter(node_id__in=ids).values_list("node_id", "pk", "trigger"))
+        slot = UpdateRun.objects.filter(node_id__in=ids, scheduled_for=scheduled_for) if scheduled_for else None
         return cls(
             locks=dict(locks.values_list("node_id", "reason")),
             busy=frozenset(node_id for node_id, _, _ in running),
             downloading={node_id: pk for node_id, pk, trigger in running if trigger == UpdateRun.Trigger.DOWNLOAD},
             newest={channel: Release.newest(channel) for channel in {node.channel for node in nodes}},
             trusted=frozenset(NodeKey.objects.accepted().filter(node_id__in=ids).values_list("node_id", flat=True)),
+            started=dict(slot.values_list("node_id", "pk")) if slot is not None else {},
         )
 
 
@@ -77,6 +87,8 @@ def check_can_start(
         raise UpdateRefused(f"The {release.withdrawn_reason}: it is never installed.")
     _check_packages(release, trigger, packages)
     checks = checks or StartChecks.read([node])
+    if node.pk in checks.started:
+        raise AlreadyStarted(f"{node} has its run for this update time already (run {checks.started[node.pk]}).")
     if node.pk not in checks.trusted:
         raise UpdateRefused(f"{node} has no accepted key: accept the key its agent offers on the node's page first.")
     if node.pk in checks.locks:
@@ -146,20 +158,54 @@ def start_update(
 ) -> UpdateRun:
     """Create the run and its steps, switch the node into maintenance, and queue
     the chain once the transaction has committed. UpdateRefused with the reason."""
-    runs, refused = _start(
-        [(node, release)], user=user, trigger=trigger, packages=sorted(packages or []), message=message,
-        schedule=schedule, scheduled_for=scheduled_for,
-    )  # fmt: skip
-    if refused:
-        raise UpdateRefused(refused[0])
-    return runs[0]
+    try:
+        (outcome,) = _start(
+            [(node, release)], user=user, trigger=trigger, packages=sorted(packages or []), message=message,
+            schedule=schedule, scheduled_for=scheduled_for,
+        )  # fmt: skip
+    except IntegrityError:
+        raise UpdateRefused(f"{node} is already updating.") from None
+    if isinstance(outcome, UpdateRefused):
+        raise outcome
+    return outcome
 
 
 def start_updates(targets: Sequence[tuple[Node, Release]], *, user: Any = None) -> tuple[list[UpdateRun], list[str]]:
     """The operator's Auto-Update of many nodes at once (a whole cluster, say): the
     runs of the nodes that may update, and the reasons for the ones that may not.
     One transaction and a fixed number of queries, however many nodes."""
-    return _start(targets, user=user, trigger=UpdateRun.Trigger.MANUAL)
+    try:
+        outcomes = _start(targets, user=user, trigger=UpdateRun.Trigger.MANUAL)
+    except IntegrityError:
+        if len(targets) == 1:
+            return [], [f"{targets[0][0]} is already updating."]
+        return [], ["Nothing was started: another start came first for one of these nodes. Try again."]
+    return [o for o in outcomes if isinstance(o, UpdateRun)], [str(o) for o in outcomes if isinstance(o, UpdateRefused)]
+
+
+def start_scheduled(
+    targets: Sequence[tuple[Node, Release]], *, trigger: str, schedule: Any, scheduled_for: datetime | None = None
+) -> list[UpdateRun | UpdateRefused]:
+    """A schedule's firing starts the runs of its nodes (a whole cluster) at once: one
+    transaction and a fixed number of queries however many nodes, where a start per
+    node cost some twenty. For each target, in order, its run or why it did not start;
+    a node that has its run for `scheduled_for` already is refused with AlreadyStarted
+    (read under the nodes' locks: a second beat firing the same entry at the same
+    moment waits for the first one's commit, then finds its runs)."""
+    try:
+        return _start(targets, user=None, trigger=trigger, schedule=schedule, scheduled_for=scheduled_for)
+    except IntegrityError:
+        # A start that locked other nodes first came between (cannot happen while every
+        # start goes through _start): node by node then, each with its own answer.
+        outcomes: list[UpdateRun | UpdateRefused] = []
+        for node, release in targets:
+            try:
+                outcomes.append(
+                    start_update(node, release, trigger=trigger, schedule=schedule, scheduled_for=scheduled_for)
+                )
+            except UpdateRefused as exc:
+                outcomes.append(exc)
+        return outcomes
 
 
 def _start(
@@ -171,43 +217,41 @@ def _start(
     message: str = "",
     schedule: Any = None,
     scheduled_for: datetime | None = None,
-) -> tuple[list[UpdateRun], list[str]]:
+) -> list[UpdateRun | UpdateRefused]:
+    """For each target, in order, its new run or why it may not start. IntegrityError
+    if a partial unique index lost a race with another start: nothing of this start
+    was kept."""
+    if not targets:
+        return []  # no transaction: on SQLite it would take the write lock for nothing
     packages = packages or []
-    try:
-        with transaction.atomic():
-            # Locked in id order: two starts of overlapping node sets never deadlock.
-            ids = [node.pk for node, _ in targets]
-            rows = Node.objects.select_for_update(of=("self",)).select_related("cluster").filter(pk__in=ids)
-            locked = {node.pk: node for node in rows.order_by("pk")}
-            checks = StartChecks.read(locked.values())
-            runs, refused = [], []
-            for given, release in targets:
-                node = locked.get(given.pk)
-                try:
-                    if node is None:
-                        raise UpdateRefused(f"{given} no longer exists.")
-                    check_can_start(node, release, trigger, packages, checks)
-                except UpdateRefused as exc:
-                    refused.append(str(exc))
-                    continue
-                checks = replace(checks, busy=checks.busy | {node.pk})  # the same node twice: once
-                runs.append(
-                    UpdateRun(
-                        node=node, release=release, trigger=trigger, packages=packages,
-                        started_by=user if getattr(user, "pk", None) else None,
-                        message=message or default_message(release),
-                        boot_id_before=node.boot_id, version_before=node.installed_version,
-                        schedule=schedule, scheduled_for=scheduled_for,
-                    )
-                )  # fmt: skip
-            _create(runs)
-    except IntegrityError:
-        # A partial unique index lost a race with another start (or a second beat
-        # fired the same slot): nothing of this start was kept.
-        if len(targets) == 1:
-            return [], [f"{targets[0][0]} is already updating."]
-        return [], ["Nothing was started: another start came first for one of these nodes. Try again."]
-    return runs, refused
+    with transaction.atomic():
+        # Locked in id order: two starts of overlapping node sets never deadlock.
+        ids = [node.pk for node, _ in targets]
+        rows = Node.objects.select_for_update(of=("self",)).select_related("cluster").filter(pk__in=ids)
+        locked = {node.pk: node for node in rows.order_by("pk")}
+        checks = StartChecks.read(locked.values(), scheduled_for)
+        outcomes: list[UpdateRun | UpdateRefused] = []
+        for given, release in targets:
+            node = locked.get(given.pk)
+            try:
+                if node is None:
+                    raise UpdateRefused(f"{given} no longer exists.")
+                check_can_start(node, release, trigger, packages, checks)
+            except UpdateRefused as exc:
+                outcomes.append(exc)
+                continue
+            checks = replace(checks, busy=checks.busy | {node.pk})  # the same node twice: once
+            outcomes.append(
+                UpdateRun(
+                    node=node, release=release, trigger=trigger, packages=packages,
+                    started_by=user if getattr(user, "pk", None) else None,
+                    message=message or default_message(release),
+                    boot_id_before=node.boot_id, version_before=node.installed_version,
+                    schedule=schedule, scheduled_for=scheduled_for,
+                )
+            )  # fmt: skip
+        _create([outcome for outcome in outcomes if isinstance(outcome, UpdateRun)])
+    return outcomes
 
 
 def _create(runs: list[UpdateRun]) -> None:
@@ -217,6 +261,7 @@ def _create(runs: list[UpdateRun]) -> None:
     the transaction has committed."""
     if not runs:
         return
+    attach_entries(runs)  # a firing's cluster runs: their plan entries in one query, not one each
     for run in runs:
         # Started at its update time: this chain carries the whole run.
         run.update_phase_started = run.scheduled_for is not None and not waiting(run)
