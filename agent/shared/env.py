@@ -188,18 +188,7 @@ def _read_secret_file(variable: str, name: str) -> str:
 
 
 def _read_url_file(name: str) -> str:
-    path = Path(name)
-    try:
-        mode = path.stat().st_mode
-        text = path.read_text()
-    except OSError as exc:
-        raise ConfigError(f"TGP_REDIS_URL_FILE={name!r} cannot be read: {exc.strerror}") from None
-    if mode & 0o007:
-        raise ConfigError(
-            f"TGP_REDIS_URL_FILE={name!r} is open to other users (mode {stat.S_IMODE(mode):04o}); "
-            f"it holds a password: chmod 600 {name}"
-        )
-    url = text.strip().splitlines()[0].strip() if text.strip() else ""
+    url = _read_secret_file("TGP_REDIS_URL_FILE", name)  # the broker user's password is in it
     if not url.startswith(("redis://", "rediss://", "unix://", "sentinel://")):
         raise ConfigError(f"TGP_REDIS_URL_FILE={name!r} does not hold a redis://, rediss:// or sentinel:// URL.")
     return url
