@@ -44,15 +44,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from agent.shared.protocol import CONTROL_QUEUE
 from bench import netns
 from bench.common import ROOT, SECRET, free_port, metric, percentile, spawn, stop_process
+from tgpadmin.broker_acl import queue_keys  # the control queue's lists, one per priority
 from tgpadmin.processes import die_with_parent
 
 OPTIONS = {"nodes", "minutes"}
 INTERVAL = 15.0  # the agents' production heartbeat interval (agent/config.py)
 STEP_SECONDS = 75.0  # five heartbeats of every node
 LAG_TARGET = 5.0
-QUEUE_KEYS = ("control", "control\x06\x163", "control\x06\x166", "control\x06\x169")  # kombu's priority lists
 PICTURE = ROOT / "docs" / "fleet.png"
 
 
@@ -214,7 +215,7 @@ class Observer:
     def sample(self) -> None:
         while not self.stopping.wait(1.0):
             info = self.redis.info()
-            length = sum(self.redis.llen(key) for key in QUEUE_KEYS)
+            length = sum(self.redis.llen(key) for key in queue_keys(CONTROL_QUEUE, literal=False))
             self.samples.append({
                 "at": time.time(), "queue": length, "memory_mb": info["used_memory"] / 2**20,
                 "clients": info["connected_clients"],
@@ -315,7 +316,7 @@ class Fleet:
         if self.running > size:
             self.stop_agents()
             assert self.observer is not None
-            self.observer.redis.delete(*QUEUE_KEYS)
+            self.observer.redis.delete(*queue_keys(CONTROL_QUEUE, literal=False))
             self.grow(size)
 
     def stop_agents(self) -> None:

@@ -9,10 +9,8 @@ env_secret is the control plane's own (the agents hold no such secret).
 from __future__ import annotations
 
 import re
-import stat
 from collections.abc import Callable
 from functools import wraps
-from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from django.core.exceptions import ImproperlyConfigured
@@ -49,40 +47,14 @@ _TOKEN_RE = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
 def env_secret(name: str, *, min_length: int) -> str:
-    """A secret from `name`, or from the file `name`_FILE names (its first line), so that
-    it need not be in the environment or the process list; "" if neither is set.
-
-    Fails loudly on both set, an unreadable or empty file or one open to other users, a secret
-    shorter than `min_length` or not a bearer token. The messages name the variable,
-    never the value."""
-    value, file_name = env_str(name, ""), env_str(f"{name}_FILE", "")
-    if value and file_name:
-        raise ImproperlyConfigured(f"{name} and {name}_FILE are both set: set one of them.")
-    if file_name:
-        name = f"{name}_FILE={file_name!r}"
-        value = _read_secret_file(name, Path(file_name))
-        if not value:
-            raise ImproperlyConfigured(f"{name} is empty.")
-    if not value:
-        return ""
-    if len(value) < min_length or not _TOKEN_RE.fullmatch(value):
+    """A bearer token from `name` or the file `name`_FILE names (agent/shared/env.py's
+    env_secret: one of them, the file its owner's only); "" if neither is set. Fails
+    loudly on one shorter than `min_length` or not a bearer token. The messages name
+    the variable, never the value."""
+    value = _django(shared.env_secret)(name)
+    if value and (len(value) < min_length or not _TOKEN_RE.fullmatch(value)):
         raise ImproperlyConfigured(
-            f"The secret in {name} must be at least {min_length} characters of A-Z a-z 0-9 - . _ ~ + / "
-            '(e.g. python -c "import secrets; print(secrets.token_urlsafe(32))").'
+            f"The secret in {name} (or {name}_FILE) must be at least {min_length} characters of "
+            'A-Z a-z 0-9 - . _ ~ + / (e.g. python -c "import secrets; print(secrets.token_urlsafe(32))").'
         )
     return value
-
-
-def _read_secret_file(name: str, path: Path) -> str:
-    try:
-        mode, text = path.stat().st_mode, path.read_text()
-    except OSError as exc:
-        raise ImproperlyConfigured(f"{name} cannot be read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise ImproperlyConfigured(f"{name} is not text.") from None
-    if mode & 0o007:
-        raise ImproperlyConfigured(
-            f"{name} is open to other users (mode {stat.S_IMODE(mode):04o}); it holds a secret: chmod 600 {path}"
-        )
-    lines = text.strip().splitlines()
-    return lines[0].strip() if lines else ""

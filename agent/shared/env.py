@@ -154,18 +154,21 @@ def env_redis_sentinel(url: str) -> sentinel.Sentinel | None:
                 "to the name they monitor the primary under (their `sentinel monitor NAME ...`)."
             )
         return None
-    password = env_str("TGP_REDIS_SENTINEL_PASSWORD", "")
-    password_file = env_str("TGP_REDIS_SENTINEL_PASSWORD_FILE", "")
-    if password and password_file:
-        raise ConfigError(
-            "TGP_REDIS_SENTINEL_PASSWORD and TGP_REDIS_SENTINEL_PASSWORD_FILE are both set: set one of them."
-        )
-    if password_file:
-        password = _read_secret_file("TGP_REDIS_SENTINEL_PASSWORD_FILE", password_file)
+    password = env_secret("TGP_REDIS_SENTINEL_PASSWORD")
     try:
         return sentinel.Sentinel(master, env_str("TGP_REDIS_SENTINEL_USER", "").strip(), password)
     except sentinel.SentinelConfigError as exc:
         raise ConfigError(f"TGP_REDIS_SENTINEL_MASTER: {exc}") from None
+
+
+def env_secret(name: str) -> str:
+    """A secret from `name`, or from the file `name`_FILE names (its first line, the file
+    readable by its owner only), so that it need not be in the environment or the
+    process list; "" if neither is set. The messages name the variable, never the value."""
+    value, file_name = env_str(name, ""), env_str(f"{name}_FILE", "")
+    if value and file_name:
+        raise ConfigError(f"{name} and {name}_FILE are both set: set one of them.")
+    return _read_secret_file(f"{name}_FILE", file_name) if file_name else value
 
 
 def _read_secret_file(variable: str, name: str) -> str:
@@ -176,10 +179,12 @@ def _read_secret_file(variable: str, name: str) -> str:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"{variable}={name!r} cannot be read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{variable}={name!r} is not text.") from None
     if mode & 0o007:
         raise ConfigError(
             f"{variable}={name!r} is open to other users (mode {stat.S_IMODE(mode):04o}); "
-            f"it holds a password: chmod 600 {name}"
+            f"it holds a secret: chmod 600 {name}"
         )
     lines = text.strip().splitlines()
     if not lines or not lines[0].strip():
