@@ -184,7 +184,7 @@ def _read_secret_file(variable: str, name: str) -> str:
     if mode & 0o007:
         raise ConfigError(
             f"{variable}={name!r} is open to other users (mode {stat.S_IMODE(mode):04o}); "
-            f"it holds a secret: chmod 600 {name}"
+            f"it holds a password: chmod 600 {name}"
         )
     lines = text.strip().splitlines()
     if not lines or not lines[0].strip():
