@@ -207,3 +207,59 @@ def test_the_plan_page_works_without_javascript(page_without_js, live_server, st
     row = page.locator(f"tr[data-node='{nodes[2].hostname}']")
     expect(row.locator("td.planned-at")).to_have_text(f"{later:%Y-%m-%d %H:%M:%S}")
     assert PlanEntry.objects.get(node=nodes[2]).planned_at == later
+
+
+def _running_run(make_node, releases):
+    from updates.models import UpdateRun, UpdateStep
+    from updates.runs import start
+
+    node = make_node("gw")
+    run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], message="m")
+    for i, name in enumerate(start.plan_steps(node, run.trigger)):
+        UpdateStep.objects.create(run=run, name=name, position=i)
+    return run
+
+
+def test_the_run_page_shows_progress_in_place_without_reloading(page, login, live_server, staff, make_node, releases):
+    from django.utils import timezone
+
+    from updates.models import UpdateRun, UpdateStep
+
+    run = _running_run(make_node, releases)
+    staff("op", "update")
+    login("op")
+    page.goto(f"{live_server.url}/admin/updates/updaterun/{run.pk}/change/")
+    expect(page.locator("#step-notify .step-state")).to_have_text("Pending")
+    page.evaluate("window.loadedOnce = true")  # gone if the page reloads
+
+    now = timezone.now()
+    UpdateStep.objects.filter(run=run, name="notify").update(state="succeeded", started_at=now, finished_at=now)
+    UpdateStep.objects.filter(run=run, name="download").update(
+        state="running", started_at=now, bytes_done=300, bytes_total=1000
+    )
+    expect(page.locator("#step-notify .step-state")).to_have_text("Succeeded")
+    expect(page.locator("#step-notify .step-duration")).to_have_text("0.0 s")
+    expect(page.locator("#step-download progress")).to_have_attribute("value", "30")
+    assert page.evaluate("window.loadedOnce") is True, "the steps changed in place: the page did not reload"
+
+    UpdateRun.objects.filter(pk=run.pk).update(state="succeeded", finished_at=timezone.now())
+    expect(page.locator("#run-state")).to_contain_text("Succeeded")
+    # Finished: the page loaded once more, so the run's own fields are final too.
+    expect(page.locator(".field-state .readonly")).to_have_text("Succeeded")
+
+
+def test_the_run_page_reloads_itself_without_javascript(page_without_js, live_server, staff, make_node, releases):
+    from updates.models import UpdateStep
+
+    page = page_without_js
+    run = _running_run(make_node, releases)
+    staff("op", "update")
+    page.goto(f"{live_server.url}/admin/")
+    page.fill("#id_username", "op")
+    page.fill("#id_password", PASSWORD)
+    page.click("input[type=submit]")
+    page.goto(f"{live_server.url}/admin/updates/updaterun/{run.pk}/change/")
+    expect(page.locator("#step-notify .step-state")).to_have_text("Pending")
+
+    UpdateStep.objects.filter(run=run, name="notify").update(state="succeeded")
+    expect(page.locator("#step-notify .step-state")).to_have_text("Succeeded")

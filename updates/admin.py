@@ -5,13 +5,15 @@ from functools import partial
 from typing import Any, cast
 
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
-from django.http import HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
 
 from nodes.admin import refuse_hidden_action, require
-from updates import announced, plan_views
+from updates import announced, plan_views, run_page
 from updates.models import (
     MaintenanceNotice,
     Package,
@@ -21,7 +23,6 @@ from updates.models import (
     UpdateRun,
     UpdateRunQuerySet,
     UpdateSchedule,
-    UpdateStep,
 )
 from updates.runs.locks import remove_lock
 from updates.schedules import set_time_control, upcoming, zone
@@ -111,9 +112,24 @@ class UpdateRunAdmin(ReadOnlyAdmin):
     def current(self, obj: UpdateRun) -> str:
         return obj.current_step
 
+    def get_urls(self) -> list[Any]:
+        progress = self.admin_site.admin_view(self.progress_view)
+        return [path("<int:pk>/progress/", progress, name="updates_updaterun_progress"), *super().get_urls()]
+
     def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
-        steps = UpdateStep.objects.filter(run_id=int(object_id)).order_by("position")
-        return super().change_view(request, object_id, form_url, {"steps": steps, **(extra_context or {})})
+        rows = run_page.step_rows(int(object_id)) if object_id.isdigit() else []
+        return super().change_view(request, object_id, form_url, {"step_rows": rows, **(extra_context or {})})
+
+    def progress_view(self, request: HttpRequest, pk: int) -> HttpResponse:
+        """The run's state and steps as an HTML fragment, for the run page's script."""
+        # One query for the run, its node and release: every open run page asks every 2 s.
+        run = UpdateRun.objects.select_related("node", "release").filter(pk=pk).first()
+        if run is None:
+            raise Http404("No such run.")
+        if not self.has_view_permission(request, run):
+            raise PermissionDenied
+        context = {"run": run, "step_rows": run_page.step_rows(run.pk)}
+        return TemplateResponse(request, "admin/updates/updaterun/progress.html", context)
 
 
 @admin.register(UpdateLock)
