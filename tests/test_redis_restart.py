@@ -48,6 +48,7 @@ def test_redis_restarted_during_a_rollout_no_node_installs_twice_no_run_is_lost(
 ):
     redis = PrivateRedis(tmp_path / "redis")
     redis.start()
+    agents: list[subprocess.Popen] = []
     repo = Repo(tmp_path / "repo", package_bytes=256 * 1024)
     repo.import_releases()
     cluster = Cluster.objects.create(name="restart", max_parallel_updates=2)
@@ -63,9 +64,11 @@ def test_redis_restarted_during_a_rollout_no_node_installs_twice_no_run_is_lost(
     try:
         control.start()
         with RepoServer(repo.dir, rate=400 * 1024) as server:
-            for node in nodes:
+            agents += [
                 start_agent(node.hostname, repo_url=server.url, root=repo.root_file, REDIS_URL=redis.url,
-                            TGP_SIM_STEP_SECONDS="0.3-0.6")  # fmt: skip
+                            TGP_SIM_STEP_SECONDS="0.3-0.6")
+                for node in nodes
+            ]  # fmt: skip
             for node in nodes:
                 wait_for(lambda n=node: Node.objects.get(pk=n.pk).agent_instance, 60, f"the agent of {node}")
                 subprocess.run(
@@ -79,6 +82,10 @@ def test_redis_restarted_during_a_rollout_no_node_installs_twice_no_run_is_lost(
             runs = UpdateRun.objects.filter(node__in=nodes)
             wait_for(lambda: not runs.filter(state="running").exists(), 180, "every run to end")
     finally:
+        # Agents and workers first, while their Redis still answers: stopped after it,
+        # each agent's worker would try to reconnect until stop_process kills it (15 s each).
+        for agent in agents:
+            stop_process(agent)
         stop_process(beat)
         control.stop()
         if redis.proc:
