@@ -1,6 +1,9 @@
 """4. Admin at scale: 10,000 nodes and 200,000 runs on SQLite.
 
-Four pages as a superuser through Django's test Client (server time, no browser):
+Five pages as a superuser through Django's test Client (server time, no browser):
+the fleet overview (the admin's home page: its counts, the clusters' slot use from
+a Redis of its own, the next updates of 10 cluster schedules and, on the large fleet,
+2,000 single systems' schedules, the last day's runs),
 the node list, a node page, the run list, and the confirmation of an Auto-Update of
 200 selected nodes (every user of each node is listed there). For each: SQL queries per request and
 the median of a few requests' time. The same pages on a 10-node fleet (200 runs)
@@ -26,12 +29,13 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from bench.common import metric, setup_django
+from bench.common import metric, redis_server, setup_django
 
 OPTIONS = {"nodes"}
 RUNS_PER_NODE = 20
 REQUESTS = 5
 TARGET_MS = 250.0
+SCHEDULES = 2_000  # single systems' schedules on the large fleet (10 clusters' on both)
 SELECTED = 200  # nodes selected for an Auto-Update (a large cluster); all of them on the 10-node fleet
 STEPS = ["notify", "download", "drain", "install", "reboot", "verify", "resume"]
 
@@ -40,8 +44,9 @@ def run(nodes: int = 10_000) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tgp-bench-admin-"))
     os.environ["DJANGO_ALLOWED_HOSTS"] = "testserver,127.0.0.1,localhost"
     try:
-        setup_django(work / "var")
-        return measure(nodes)
+        with redis_server(work):
+            setup_django(work / "var")
+            return measure(nodes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -92,6 +97,25 @@ def add_fleet(first: int, count: int, rels: list[Any]) -> None:
         UpdateRun.objects.bulk_create(runs, batch_size=2000)
     finally:
         created_at.auto_now_add = True  # type: ignore[attr-defined]
+
+
+def add_schedules(count: int = 10) -> None:
+    """Nightly updates of the first clusters, for the overview's next updates."""
+    from nodes.models import Cluster
+    from updates.models import UpdateSchedule
+
+    for cluster in Cluster.objects.order_by("name")[:count]:
+        UpdateSchedule.objects.create(name=f"{cluster} nightly", cluster=cluster, cron=f"0 {cluster.pk % 6} * * *")
+
+
+def add_node_schedules(count: int) -> None:
+    """A weekly window for `count` single systems: a large fleet has thousands of
+    schedules, and the overview names the next updates across all of them."""
+    from nodes.models import Node
+    from updates.models import UpdateSchedule
+
+    for node in Node.objects.filter(cluster=None).order_by("pk")[:count]:
+        UpdateSchedule.objects.create(name=f"{node} weekly", node=node, cron=f"{node.pk % 60} {node.pk % 24} * * 0")
 
 
 def add_steps(node_ids: list[int]) -> None:
@@ -162,6 +186,7 @@ def pages(c: Any) -> dict[str, dict[str, Any]]:
     assert node is not None
     selected = ",".join(str(pk) for pk in Node.objects.order_by("pk").values_list("pk", flat=True)[:SELECTED])
     return {
+        "overview": page(c, reverse("admin:index")),
         "node list": page(c, "/admin/nodes/node/"),
         "node page": page(c, f"/admin/nodes/node/{node.pk}/change/"),
         "run list": page(c, "/admin/updates/updaterun/"),
@@ -174,11 +199,13 @@ def measure(nodes: int) -> dict[str, Any]:
 
     rels = releases()
     add_fleet(0, 10, rels)
+    add_schedules()
     c = client()
     small = pages(c)
     started = time.monotonic()
     add_fleet(10, nodes - 10, rels)
     add_steps(list(Node.objects.order_by("pk").values_list("pk", flat=True)[:50]))
+    add_node_schedules(SCHEDULES)
     load_s = time.monotonic() - started
     from django.db import connection
 

@@ -50,7 +50,7 @@ ALLOWED_HOSTS = env_list("DJANGO_ALLOWED_HOSTS", "127.0.0.1,localhost")
 CSRF_TRUSTED_ORIGINS = env_list("DJANGO_CSRF_TRUSTED_ORIGINS", "")
 
 INSTALLED_APPS = [
-    "django.contrib.admin",
+    "tgpadmin.apps.AdminConfig",  # django.contrib.admin, with the fleet overview as its home page
     "django.contrib.auth",
     "django.contrib.contenttypes",
     "django.contrib.sessions",

@@ -17,7 +17,7 @@ import functools
 import logging
 from collections.abc import Iterable, Iterator
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import redis
 from django.conf import settings
@@ -91,18 +91,32 @@ def _seconds(value: timedelta | None) -> float:
 # --- nodes --------------------------------------------------------------------------
 
 
-def nodes_by_state() -> GaugeMetricFamily:
+class NodeGroup(NamedTuple):
+    status: str
+    version: str
+    channel: str
+    nodes: int
+
+
+def node_groups() -> list[NodeGroup]:
     """Node.status as the admin derives it (NodeQuerySet.in_status, the list filter's):
-    one query per state, grouped by version and channel."""
+    one query per state, grouped by version and channel. The admin's overview
+    (updates/overview.py) counts from the same rows."""
+    groups = []
+    for state in Node.Status.values:
+        rows = Node.objects.in_status(state).values("installed_version", "channel").annotate(n=Count("pk"))
+        groups += [NodeGroup(state, row["installed_version"], row["channel"], row["n"]) for row in rows.order_by()]
+    return groups
+
+
+def nodes_by_state() -> GaugeMetricFamily:
     family = GaugeMetricFamily(
         _name("nodes"),
         "Nodes by state (never_reported, updating, online: Node.status), installed version and channel.",
         labels=["state", "version", "channel"],
     )
-    for state in Node.Status.values:
-        rows = Node.objects.in_status(state).values("installed_version", "channel").annotate(n=Count("pk"))
-        for row in rows.order_by():
-            family.add_metric([state, row["installed_version"], row["channel"]], row["n"])
+    for group in node_groups():
+        family.add_metric([group.status, group.version, group.channel], group.nodes)
     return family
 
 
@@ -119,6 +133,13 @@ def flags() -> Iterator[GaugeMetricFamily]:
     )
 
 
+def silent_before(now: datetime) -> datetime:
+    """Reported nodes last seen before this are silent (the admin's overview and its
+    node filter count them so too)."""
+    interval = settings.TGP_HEARTBEAT_INTERVAL
+    return now - timedelta(seconds=SILENT_AFTER_INTERVALS * interval + settings.TGP_SEEN_RESOLUTION)
+
+
 def heartbeats(now: datetime) -> Iterator[Metric]:
     """How long ago each reported node was last seen, as a distribution (a gauge
     histogram: the fleet now, not events), and how many are silent. last_seen may lag
@@ -126,12 +147,11 @@ def heartbeats(now: datetime) -> Iterator[Metric]:
     most that often), so silence is counted beyond it."""
     interval = settings.TGP_HEARTBEAT_INTERVAL
     edges = [m * interval for m in HEARTBEAT_MULTIPLES]
-    silent_after = SILENT_AFTER_INTERVALS * interval + settings.TGP_SEEN_RESOLUTION
     age = ExpressionWrapper(Value(now, output_field=DateTimeField()) - F("last_seen"), output_field=DurationField())
     found = Node.objects.filter(last_seen__isnull=False).aggregate(
         count=Count("pk"),
         total=Sum(age),
-        silent=Count("pk", filter=Q(last_seen__lt=now - timedelta(seconds=silent_after))),
+        silent=Count("pk", filter=Q(last_seen__lt=silent_before(now))),
         **{f"le{i}": Count("pk", filter=Q(last_seen__gte=now - timedelta(seconds=e))) for i, e in enumerate(edges)},
     )
     histogram = GaugeHistogramMetricFamily(
@@ -243,17 +263,23 @@ def _read_redis(clusters: list[str]) -> tuple[int, dict[str, tuple[int, int]]]:
     return sum(answers[: len(lists)]), {c: (held[2 * i], held[2 * i + 1]) for i, c in enumerate(clusters)}
 
 
+def read_broker(clusters: list[str]) -> tuple[int, dict[str, tuple[int, int]]] | None:
+    """_read_redis, or None if the broker did not answer (within REDIS_TIMEOUT): the
+    caller shows what it has without it (the admin's overview: "unknown")."""
+    try:
+        return _read_redis(clusters)
+    except (redis.RedisError, OSError) as exc:
+        # The class only: a connection error's text may carry the host, never the URL's password.
+        log.warning("the broker did not answer (%s): queue and slot use unknown", type(exc).__name__)
+        return None
+
+
 def broker_and_slots() -> Iterator[GaugeMetricFamily]:
     """Slots are per cluster: the cap they count against is the cluster's own, so a sum
     over clusters would say nothing. Clusters are few (each is many nodes), so the
     label stays small. Without Redis the caps are still known, the use is not."""
     clusters = list(Cluster.objects.order_by("name"))
-    try:
-        queued, held = _read_redis([c.name for c in clusters])
-    except (redis.RedisError, OSError) as exc:
-        # The class only: a connection error's text may carry the host, never the URL's password.
-        log.warning("metrics: the broker did not answer (%s): tgpadmin_broker_up 0", type(exc).__name__)
-        queued, held = None, None
+    queued, held = read_broker([c.name for c in clusters]) or (None, None)
     up = int(held is not None)
     yield GaugeMetricFamily(_name("broker_up"), "1 if the broker (Redis) answered this scrape, else 0.", value=up)
     if queued is not None:
