@@ -165,8 +165,6 @@ class StatusFilter(admin.SimpleListFilter):
         return cast(NodeQuerySet, queryset).in_status(value) if value in Node.Status.values else queryset
 
 
-@admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
 class StateFilter(admin.SimpleListFilter):
     """The states of the fleet overview (the admin's home page) that no other filter
     here covers, by the overview's own conditions: its counts are the counts of these lists."""
@@ -199,6 +197,8 @@ class InstalledVersionFilter(admin.SimpleListFilter):
         return queryset if value is None else queryset.filter(installed_version=value)
 
 
+@admin.register(Node)
+class NodeAdmin(admin.ModelAdmin):
     list_display = [
         "hostname", "cluster", "installed_version", "status", "maintenance_mode", "appliance_maintenance",
         "logon_enabled", "in_load_balancer", "users", "locked", "last_seen",
