@@ -13,6 +13,8 @@ from django.db.models import Count, Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.utils.html import format_html_join
 
+from audit.edits import AuditedAdmin
+from audit.records import Operation
 from hotfixes import services
 from hotfixes.models import Contact, Delivery, HotfixNotice
 from updates.admin import ReadOnlyAdmin
@@ -27,7 +29,8 @@ def require(request: HttpRequest, perm: str) -> None:
 
 
 @admin.register(Contact)
-class ContactAdmin(admin.ModelAdmin):
+class ContactAdmin(AuditedAdmin):
+    audit_operations = (Operation.CONTACT_ADD, Operation.CONTACT_CHANGE, Operation.CONTACT_DELETE)
     list_display = ["name", "email", "phone", "wants_calls", "active"]
     list_filter = ["active", "wants_calls"]
     search_fields = ["name", "email", "phone"]

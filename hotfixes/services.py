@@ -18,6 +18,7 @@ from django.db.models import F, Q, QuerySet
 from django.utils import timezone
 
 from agent.shared.protocol import CONTROL_QUEUE
+from audit.records import Operation, record
 from hotfixes import mail, phone
 from hotfixes.errors import PermanentDeliveryError, TemporaryDeliveryError, scrub
 from hotfixes.models import Contact, Delivery, HotfixNotice
@@ -91,8 +92,10 @@ def send_notification(notice: HotfixNotice) -> int:
     with transaction.atomic():
         plan_deliveries(notice)
         ids = list(notice.deliveries.filter(state=Delivery.State.PENDING).values_list("pk", flat=True))
-        HotfixNotice.objects.filter(pk=notice.pk, sent_at__isnull=True).update(sent_at=timezone.now())
+        first = HotfixNotice.objects.filter(pk=notice.pk, sent_at__isnull=True).update(sent_at=timezone.now())
         _queue_on_commit(ids)
+        if ids or first:  # sent again with nothing new to send: nothing happened
+            record(Operation.HOTFIX_SEND, notice, release=notice.release.version, queued=len(ids))
     log.info("hotfix notice %s: queued %d deliveries", notice.pk, len(ids))
     return len(ids)
 
@@ -106,6 +109,8 @@ def resend_failed(notice: HotfixNotice) -> int:
             state=Delivery.State.PENDING, updated_at=timezone.now()
         )
         _queue_on_commit(ids)
+        if ids:
+            record(Operation.HOTFIX_RESEND, notice, release=notice.release.version, queued=len(ids))
     log.info("hotfix notice %s: queued %d failed deliveries again", notice.pk, len(ids))
     return len(ids)
 

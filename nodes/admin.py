@@ -20,6 +20,8 @@ from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from audit.edits import AuditedAdmin
+from audit.records import Operation
 from nodes import keys, services
 from nodes.models import Cluster, Node, NodeKey, NodeQuerySet
 from updates import announced, overview
@@ -50,7 +52,8 @@ def refuse_hidden_action(request: HttpRequest, role_actions: dict[str, str]) -> 
 
 
 @admin.register(Cluster)
-class ClusterAdmin(admin.ModelAdmin):
+class ClusterAdmin(AuditedAdmin):
+    audit_operations = (Operation.CLUSTER_ADD, Operation.CLUSTER_CHANGE, Operation.CLUSTER_DELETE)
     list_display = ["name", "max_parallel_updates", "lb_lead_time", "node_count"]
     search_fields = ["name"]
     change_form_template = "admin/nodes/cluster/change_form.html"
@@ -79,9 +82,8 @@ class ClusterAdmin(admin.ModelAdmin):
         require(request, "nodes.start_update")
         cluster = get_object_or_404(Cluster, pk=pk)
         node = request.POST.get("node", "")
-        if request.method == "POST" and cluster_slots().force_release(cluster.name, node):
+        if request.method == "POST" and node and services.force_release_slot(cluster, node, request.user):
             self.message_user(request, f"Released the update slot of {node} in {cluster}.", messages.SUCCESS)
-            wake_waiters(cluster)
         return HttpResponseRedirect(reverse("admin:nodes_cluster_change", args=[pk]))
 
     def save_model(self, request: HttpRequest, obj: Cluster, form: Any, change: bool) -> None:
@@ -345,6 +347,8 @@ class NodeAdmin(admin.ModelAdmin):
                 self.message_user(request, f"Auto-Update started on {len(runs)} node(s).", messages.SUCCESS)
             if len(runs) == 1:
                 return HttpResponseRedirect(reverse("admin:updates_updaterun_change", args=[runs[0].pk]))
+            if runs and runs[0].rollout_id:  # several nodes started together: their rollout's page
+                return HttpResponseRedirect(reverse("admin:updates_rollout_change", args=[runs[0].rollout_id]))
             return HttpResponseRedirect(reverse("admin:updates_updaterun_changelist"))
         return self._autoupdate_page(request, nodes)
 

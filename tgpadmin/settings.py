@@ -62,6 +62,8 @@ INSTALLED_APPS = [
     "nodes",
     "updates",
     "hotfixes",
+    "auditlog",  # django-auditlog: the audit trail's rows (LogEntry)
+    "audit",  # which operator actions it records, and its admin
 ]
 
 MIDDLEWARE = [
@@ -72,6 +74,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.auth.middleware.LoginRequiredMiddleware",
+    "audit.middleware.AuditMiddleware",  # the operator and their address, for the audit trail
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
@@ -285,6 +288,14 @@ TGP_MAINTENANCE_NOTICE_LEAD = env_float("TGP_MAINTENANCE_NOTICE_LEAD", 2 * 3600.
 # An announced update that could not start within this many seconds of its time (beat or
 # the control worker down) is refused, not started late: users who logged on since were not told.
 TGP_ANNOUNCED_UPDATE_GRACE = env_float("TGP_ANNOUNCED_UPDATE_GRACE", 900.0, minimum=1.0)
+
+# --- Audit trail (audit/, django-auditlog) ---------------------------------------------
+# How many reverse proxies in front of the web process append to X-Forwarded-For: the
+# address recorded is the one the outermost of them saw. 0: the connection's address
+# (a header the client sends itself is never trusted).
+TGP_PROXY_COUNT = env_int("TGP_PROXY_COUNT", 0, minimum=0)
+# One correlation id per request or command (ties a bulk action's rows), never the client's header.
+AUDITLOG_CID_GETTER = "audit.context.correlation_id"
 
 # --- E-mail (hotfix notices) -------------------------------------------------------
 EMAIL_HOST = env_str("TGP_EMAIL_HOST", "localhost")

@@ -12,18 +12,22 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
 
+from audit.edits import AuditedAdmin, form_changes
+from audit.records import Operation, record
 from nodes.admin import refuse_hidden_action, require
-from updates import announced, plan_views, run_page
+from updates import announced, plan_views, rollout_views, run_page
 from updates.models import (
     MaintenanceNotice,
     Package,
     Release,
+    Rollout,
     UpdateLock,
     UpdateLockQuerySet,
     UpdateRun,
     UpdateRunQuerySet,
     UpdateSchedule,
 )
+from updates.runs import rollouts
 from updates.runs.locks import remove_lock
 from updates.schedules import set_time_control, upcoming, zone
 
@@ -197,7 +201,8 @@ class MaintenanceNoticeAdmin(ReadOnlyAdmin):
 
 
 @admin.register(UpdateSchedule)
-class UpdateScheduleAdmin(admin.ModelAdmin):
+class UpdateScheduleAdmin(AuditedAdmin):
+    audit_operations = (Operation.SCHEDULE_ADD, Operation.SCHEDULE_CHANGE, Operation.SCHEDULE_DELETE)
     list_display = ["name", "target", "window", "next_update", "time_control", "last_checked_at", "last_result"]
     list_filter = ["time_control"]
     list_select_related = ["node", "cluster"]
@@ -305,3 +310,74 @@ def cap_warnings(schedule: UpdateSchedule) -> list[str]:
         names = ", ".join(o.name for o in others)
         warnings.append(f"{cluster} has other active schedules ({names}): they share its update slots.")
     return warnings
+
+
+@admin.register(Rollout)
+class RolloutAdmin(admin.ModelAdmin):
+    """The runs of one start of several nodes, or of a cluster schedule's occurrence: its
+    page shows their progress and picture, and group `update` pauses, resumes or cancels
+    it there (updates/rollout_views.py). Only its failure threshold is edited here; its
+    state changes in updates/runs/rollouts.py only."""
+
+    list_display = ["id", "title", "shown_state", "progress", "created_by", "created_at"]
+    list_filter = ["state"]
+    search_fields = ["title"]
+    fields = [
+        "title", "failure_threshold", "failure_threshold_unit", "state_reason", "state_changed_at", "state_changed_by",
+        "cluster", "schedule", "scheduled_for", "created_by", "created_at",
+    ]  # fmt: skip
+    readonly_fields = [
+        "title", "state_reason", "state_changed_at", "state_changed_by", "cluster", "schedule", "scheduled_for",
+        "created_by", "created_at",
+    ]  # fmt: skip
+    change_form_template = "admin/updates/rollout/change_form.html"
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Rollout]:
+        return super().get_queryset(request).with_progress().select_related("created_by")  # type: ignore[attr-defined]
+
+    @admin.display(description="state")
+    def shown_state(self, obj: Rollout) -> str:
+        return obj.get_shown_state_display()
+
+    @admin.display(description="progress")
+    def progress(self, obj: Rollout) -> str:
+        p = obj.progress
+        return (
+            f"{p.done} done, {p.running} running, {p.waiting} waiting, {p.failed} failed, {p.cancelled} cancelled "
+            f"of {p.total}"
+        )
+
+    def get_urls(self) -> list[Any]:
+        wrap = self.admin_site.admin_view
+        views = [("pause", rollout_views.pause_view), ("resume", rollout_views.resume_view),
+                 ("cancel", rollout_views.cancel_view)]  # fmt: skip
+        return [
+            *(path(f"<int:pk>/{name}/", wrap(partial(view, self)), name=f"updates_rollout_{name}")
+              for name, view in views),
+            *super().get_urls(),
+        ]  # fmt: skip
+
+    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: Any = None):  # type: ignore[no-untyped-def]
+        extra = {
+            "page": rollout_views.rollout_page(int(object_id)) if object_id.isdigit() else None,
+            "can_act": request.user.has_perm(rollout_views.PERM),
+            **(extra_context or {}),
+        }
+        return super().change_view(request, object_id, form_url, extra)
+
+    def save_model(self, request: HttpRequest, obj: Rollout, form: Any, change: bool) -> None:
+        # Only the threshold: a full save would write back a state read before a pause.
+        obj.save(update_fields=["failure_threshold", "failure_threshold_unit"])
+        changes = form_changes(form, added=False)
+        if changes:
+            record(Operation.ROLLOUT_CHANGE, obj, user=request.user, changes=changes)
+        rollouts.pause_on_failures(obj.pk)  # a lowered threshold may be reached already
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # made when runs start together
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return request.user.has_perm(rollout_views.PERM)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # the history stays

@@ -24,6 +24,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from agent.shared.protocol import WHEN
+from audit.records import Operation, record_each
 from nodes.models import Node
 from updates.models import MaintenanceNotice, Release, UpdateRun
 from updates.notices import send_notice
@@ -96,12 +97,15 @@ def announce_updates(
                 )
             )  # fmt: skip
         MaintenanceNotice.objects.bulk_create(notices)
+        rows = []
         for notice in notices:
-            assert notice.node is not None
+            assert notice.node is not None and notice.release is not None
             send_notice(notice.node, f"notice-{notice.pk}", notice.message, starts_at)
+            rows.append((notice, {"release": notice.release.version, "starts_at": starts_at}))
             log.info(
                 "update of %s to %s announced for %s (notice %s)", notice.node, notice.release, starts_at, notice.pk
             )
+        record_each(Operation.ANNOUNCE_UPDATE, rows, user=user)
     return notices, refused
 
 
@@ -148,7 +152,7 @@ def cancel(notices: Sequence[MaintenanceNotice], user: Any, now: datetime | None
     """Cancel announced updates that have not started (and notices whose time lies ahead);
     their users are told that the maintenance is off. Returns how many were cancelled."""
     now = now or timezone.now()
-    cancelled = 0
+    cancelled: list[MaintenanceNotice] = []
     with transaction.atomic():
         for notice in notices:
             cancellable = MaintenanceNotice.objects.filter(pk=notice.pk, state=MaintenanceNotice.State.PENDING) | (
@@ -159,7 +163,7 @@ def cancel(notices: Sequence[MaintenanceNotice], user: Any, now: datetime | None
             )
             if not moved:
                 continue
-            cancelled += 1
+            cancelled.append(notice)
             nodes = [notice.node] if notice.node else list(Node.objects.filter(cluster=notice.cluster))
             for node in nodes:
                 send_notice(
@@ -169,4 +173,6 @@ def cancel(notices: Sequence[MaintenanceNotice], user: Any, now: datetime | None
                     notice.starts_at,
                     withdraws=f"notice-{notice.pk}",
                 )
-    return cancelled
+        cancelled_items = [(notice, {"starts_at": notice.starts_at}) for notice in cancelled]
+        record_each(Operation.CANCEL_ANNOUNCEMENT, cancelled_items, user=user)
+    return len(cancelled)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -9,7 +10,7 @@ from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.validators import MinValueValidator, RegexValidator
 from django.db import models, transaction
-from django.db.models import Case, OuterRef, Q, Subquery, Value, When
+from django.db.models import Case, Count, Exists, OuterRef, Q, Subquery, Value, When
 from django.db.models.functions import Coalesce
 from django.urls import reverse
 from django.utils import timezone
@@ -84,9 +85,166 @@ class Package(models.Model):
         return f"{self.name} {self.version}"
 
 
+@dataclass(frozen=True)
+class RolloutProgress:
+    """Where a rollout's runs stand, counted from them (never stored): `waiting` runs
+    have not reached the point where they disrupt their node (UpdateRunQuerySet.unstarted),
+    `running` ones have."""
+
+    total: int
+    done: int
+    running: int
+    waiting: int
+    failed: int
+    cancelled: int
+
+    @property
+    def finished(self) -> bool:
+        return not (self.running or self.waiting)
+
+
+PROGRESS_FIELDS = ("runs_total", "runs_done", "runs_active", "runs_waiting", "runs_failed", "runs_cancelled")
+
+
+class RolloutQuerySet(models.QuerySet["Rollout"]):
+    def paused(self) -> RolloutQuerySet:
+        return self.filter(state=Rollout.State.PAUSED)
+
+    def with_progress(self) -> RolloutQuerySet:
+        """Each rollout with the counts of its runs (Rollout.progress) in the same query."""
+        runs = UpdateRun.State
+        # Running runs are few (an index on state): the subquery stays small however many runs there were.
+        waiting = Q(runs__in=UpdateRun.objects.running().unstarted().values("pk"))
+        return self.annotate(
+            runs_total=Count("runs"),
+            runs_done=Count("runs", filter=Q(runs__state=runs.SUCCEEDED)),
+            runs_active=Count("runs", filter=Q(runs__state=runs.RUNNING)),
+            runs_waiting=Count("runs", filter=waiting),
+            runs_failed=Count("runs", filter=Q(runs__state=runs.FAILED)),
+            runs_cancelled=Count("runs", filter=Q(runs__state=runs.CANCELLED)),
+        )
+
+
+class Rollout(models.Model):
+    """The runs of one start of several nodes (an operator's selection, a whole cluster)
+    or of one occurrence of a cluster schedule, as one thing to watch, pause, resume or
+    cancel. Its state changes in updates/runs/rollouts.py only (conditional UPDATEs);
+    "finished" is not a state of its own: none of its runs is running (progress)."""
+
+    class State(models.TextChoices):
+        RUNNING = "running", "Running"
+        # No node of it starts (passes the point where it disrupts its node); started ones finish.
+        PAUSED = "paused", "Paused"
+        # Its nodes that had not started were called off; started ones finish.
+        CANCELLED = "cancelled", "Cancelled"
+
+    class ThresholdUnit(models.TextChoices):
+        COUNT = "count", "failed nodes"
+        PERCENT = "percent", "% of its nodes failed"
+
+    title = models.CharField(max_length=200)
+    cluster = models.ForeignKey(
+        Cluster, null=True, blank=True, on_delete=models.SET_NULL, related_name="rollouts",
+        help_text="The cluster, when every node of it belongs to one.",
+    )  # fmt: skip
+    schedule = models.ForeignKey(
+        "UpdateSchedule", null=True, blank=True, on_delete=models.SET_NULL, related_name="rollouts"
+    )
+    scheduled_for = models.DateTimeField(null=True, blank=True, help_text="The schedule's occurrence.")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.RUNNING, editable=False)
+    state_changed_at = models.DateTimeField(null=True, blank=True, editable=False)
+    state_changed_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+", editable=False
+    )
+    state_reason = models.CharField(max_length=300, blank=True, editable=False)
+    # hawkBit's error threshold: the first failure pauses it unless set otherwise.
+    failure_threshold = models.PositiveSmallIntegerField(
+        "pause after", default=1, validators=[MinValueValidator(1)],
+        help_text="It pauses by itself once this many of its nodes failed (or this percentage of them).",
+    )  # fmt: skip
+    failure_threshold_unit = models.CharField(
+        "unit", max_length=8, choices=ThresholdUnit.choices, default=ThresholdUnit.COUNT
+    )
+
+    objects = RolloutQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["schedule", "scheduled_for"],
+                condition=Q(schedule__isnull=False),
+                name="one_rollout_per_occurrence",
+            ),
+            models.CheckConstraint(
+                condition=Q(failure_threshold__gte=1)
+                & (Q(failure_threshold_unit="count") | Q(failure_threshold__lte=100)),
+                name="rollout_threshold_in_range",
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"rollout {self.pk}: {self.title}"
+
+    def get_absolute_url(self) -> str:
+        return reverse("admin:updates_rollout_change", args=[self.pk])
+
+    def clean(self) -> None:
+        if self.failure_threshold_unit == self.ThresholdUnit.PERCENT and (self.failure_threshold or 0) > 100:
+            raise ValidationError({"failure_threshold": "A percentage of its nodes: at most 100."})
+
+    @cached_property
+    def progress(self) -> RolloutProgress:
+        """Counted from its runs; Rollout.objects.with_progress() counts them in the list's query."""
+        if "runs_total" not in self.__dict__:
+            self.__dict__.update(Rollout.objects.with_progress().filter(pk=self.pk).values(*PROGRESS_FIELDS).get())
+        total, done, active, waiting, failed, cancelled = (self.__dict__[name] for name in PROGRESS_FIELDS)
+        return RolloutProgress(total, done, active - waiting, waiting, failed, cancelled)
+
+    @property
+    def shown_state(self) -> str:
+        """Its state as the operator sees it: a running or paused rollout none of whose
+        runs is running any more has finished."""
+        if self.state != self.State.CANCELLED and self.progress.finished:
+            return "finished"
+        return str(self.state)
+
+    def get_shown_state_display(self) -> str:
+        return "Finished" if self.shown_state == "finished" else self.State(self.state).label
+
+    def threshold_reached(self, failed: int, total: int) -> bool:
+        if self.failure_threshold_unit == self.ThresholdUnit.PERCENT:
+            return total > 0 and 100 * failed >= self.failure_threshold * total
+        return failed >= self.failure_threshold
+
+    @property
+    def threshold_display(self) -> str:
+        if self.failure_threshold_unit == self.ThresholdUnit.PERCENT:
+            return f"{self.failure_threshold} % of its nodes failed"
+        return f"{self.failure_threshold} failed node{'s' if self.failure_threshold != 1 else ''}"
+
+
 class UpdateRunQuerySet(models.QuerySet["UpdateRun"]):
     def running(self) -> UpdateRunQuerySet:
         return self.filter(state=UpdateRun.State.RUNNING)
+
+    def unstarted(self) -> UpdateRunQuerySet:
+        """Runs that have not reached the point where they disrupt their node: a
+        scheduled run before its update phase, a cluster node before it took its first
+        gate (a place out of the load balancer, else an update slot). Combine with
+        running(). An Auto-Update of a single system starts at once."""
+        gates = UpdateStep.objects.filter(run=OuterRef("pk"), name__in=UpdateStep.GATES)
+        before_phase = Q(trigger=UpdateRun.Trigger.SCHEDULED, update_phase_started=False)
+        return self.filter(before_phase | (Exists(gates) & ~Exists(gates.filter(state=UpdateStep.State.SUCCEEDED))))
+
+    def held_by_pause(self) -> UpdateRunQuerySet:
+        """Running runs of a paused rollout that wait for its resume (in line at their
+        first gate, or before their update phase): nobody wakes them but the resume."""
+        return self.running().unstarted().filter(rollout__state=Rollout.State.PAUSED)
 
     def with_current_step(self) -> UpdateRunQuerySet:
         """Each run with its current step (see UpdateRun.current_step) in the same query:
@@ -139,6 +297,8 @@ class UpdateRun(models.Model):
     # Claimed (conditional UPDATE) by whoever carries a scheduled run into its update
     # phase: the update entry, a late download success or the second download round.
     update_phase_started = models.BooleanField(default=False)
+    # The rollout it belongs to (a start of several nodes, a cluster schedule's occurrence); none for a single start.
+    rollout = models.ForeignKey(Rollout, null=True, blank=True, on_delete=models.PROTECT, related_name="runs")
 
     # States change in updates/runs/lifecycle.py only: conditional UPDATEs from the states each transition allows.
     objects = UpdateRunQuerySet.as_manager()
@@ -217,6 +377,8 @@ class UpdateStep(models.Model):
         FAILED = "failed", "Failed"
 
     FINISHED = (State.SUCCEEDED, State.SKIPPED)  # done, and the run goes on
+    # Where a cluster node starts disrupting (the first of them in its run): a rollout's pause holds it there.
+    GATES = (Name.LEAVE, Name.SLOT)
 
     run = models.ForeignKey(UpdateRun, on_delete=models.CASCADE, related_name="steps")
     name = models.CharField(max_length=16, choices=Name.choices)

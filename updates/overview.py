@@ -28,7 +28,7 @@ from nodes.models import Channel, Cluster, Node
 from updates.metrics import NodeGroup, node_groups, read_broker, silent_before
 from updates.models import UpdateLock, UpdateRun, UpdateSchedule, UpdateStep
 from updates.nagios import newest_by_channel
-from updates.schedules import NEVER, update_entry_lead
+from updates.schedules import NEVER, armed_at, update_entry_lead
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,7 @@ def next_updates(now: datetime, count: int = NEXT_UPDATES) -> tuple[Occurrence, 
         .order_by(armed)
     )
     # An entry armed in the past is overdue (beat down): shown, it says so by its time.
-    found = [Occurrence(s.update_task.clocked.clocked_time + update_entry_lead(s), s) for s in schedules[:count]]
+    found = [Occurrence(at + update_entry_lead(s), s) for s in schedules[:count] if (at := armed_at(s.update_task))]
     return tuple(sorted(found, key=lambda o: o.at))
 
 

@@ -19,6 +19,7 @@ from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.utils.safestring import SafeString
 
+from audit.records import Operation, record
 from nodes.admin import require
 from updates import plans
 from updates.models import LeftSchedule, PlanEntry, UpdateLock, UpdatePlan, UpdateRun, UpdateSchedule
@@ -216,6 +217,7 @@ def put_back_view(model_admin: Any, request: HttpRequest, pk: int) -> HttpRespon
             raise BadInput(f"No such node has left {schedule}.")
         if UpdateLock.objects.active().filter(node_id=left.node_id).exists():
             raise BadInput(f"{left.node} has an update lock: remove it first (the node's page).")
+        record(Operation.SCHEDULE_REJOIN, schedule, user=request.user, node=left.node.hostname)
         left.delete()
         return f"{left.node} is back in {schedule}."
 

@@ -23,6 +23,7 @@ from django.db import IntegrityError, transaction
 from django.db.models import OuterRef, Subquery
 from django.utils import timezone
 
+from audit.records import Operation, record
 from nodes.models import Cluster, Node, NodeKey
 from updates.models import (
     LeftSchedule,
@@ -268,9 +269,20 @@ def move(entry: PlanEntry, planned_at: datetime, user: Any, now: datetime | None
     why = problem(_bounds(entry.plan), others, slot)
     if why:
         raise PlanRefused(f"{entry.node} cannot update at {timezone.localtime(planned_at):%Y-%m-%d %H:%M}: {why}.")
+    before = entry.planned_at
     entry.planned_at, entry.changed_by = planned_at, user if getattr(user, "pk", None) else None
     entry.note = f"moved by {user}"
-    entry.save(update_fields=["planned_at", "changed_by", "note"])
+    with transaction.atomic():
+        entry.save(update_fields=["planned_at", "changed_by", "note"])
+        _record(Operation.PLAN_MOVE, entry, user, changes={"planned_at": [before, planned_at]})
+
+
+def _record(operation: Operation, entry: PlanEntry, user: Any, changes: dict[str, Any] | None = None) -> None:
+    """A row about the schedule (its page shows the plan), naming the node and the occurrence."""
+    record(
+        operation, entry.plan.schedule, user=user, changes=changes, node=entry.node.hostname,
+        occurrence=entry.plan.occurrence,
+    )  # fmt: skip
 
 
 def set_excluded(entry: PlanEntry, excluded: bool, user: Any, now: datetime | None = None) -> None:
@@ -289,6 +301,7 @@ def set_excluded(entry: PlanEntry, excluded: bool, user: Any, now: datetime | No
     entry.note = f"{'left out' if excluded else 'put back'} by {user}"
     with transaction.atomic():
         entry.save(update_fields=["excluded", "changed_by", "note"])
+        _record(Operation.PLAN_LEAVE_OUT if excluded else Operation.PLAN_PUT_BACK, entry, user)
         if excluded:
             run = (
                 UpdateRun.objects.running()

@@ -2,7 +2,7 @@
 
 ``update`` runs updates, removes update locks, accepts and revokes node keys and
 sends hotfix notices;
-``maint`` ends maintenance mode. Both may look at the fleet and its runs.
+``maint`` ends maintenance mode. Both may look at the fleet, its runs and the audit trail.
 Applied after every ``migrate`` (post_migrate, like Django's own permissions):
 permissions are only ever added, so grants made by hand survive.
 """
@@ -14,8 +14,8 @@ from typing import Any
 VIEW = [
     "nodes.view_cluster", "nodes.view_node", "nodes.view_nodekey", "updates.view_release", "updates.view_package",
     "updates.view_updaterun", "updates.view_updatestep", "updates.view_updatelock",
-    "updates.view_maintenancenotice", "hotfixes.view_contact", "hotfixes.view_hotfixnotice",
-    "hotfixes.view_delivery",
+    "updates.view_maintenancenotice", "updates.view_rollout", "hotfixes.view_contact", "hotfixes.view_hotfixnotice",
+    "hotfixes.view_delivery", "auditlog.view_logentry",
 ]  # fmt: skip
 ROLES = {
     "update": [

@@ -308,9 +308,13 @@ def set_time_control(schedules: Any, enabled: bool) -> int:
     from django.utils import timezone
     from django_celery_beat.models import PeriodicTask, PeriodicTasks
 
+    from audit.records import Operation, record_each
+
     ids = list(schedules.values_list("pk", flat=True))
     with transaction.atomic():
         count = schedules.model.objects.filter(pk__in=ids).update(time_control=enabled, disabled_reason="")
+        switched = schedules.model.objects.filter(pk__in=ids).select_related("node", "cluster")
+        record_each(Operation.TIME_CONTROL_ON if enabled else Operation.TIME_CONTROL_OFF, [(s, {}) for s in switched])
         if enabled:
             for schedule in schedules.model.objects.filter(pk__in=ids).select_related("cluster"):
                 sync_beat(schedule, timezone.now())

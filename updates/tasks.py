@@ -28,7 +28,7 @@ from agent.shared.protocol import (
 from nodes import keys
 from nodes.models import Node
 from updates import trust
-from updates.runs import chains, cluster_cap, end, recovery, reports
+from updates.runs import chains, cluster_cap, end, recovery, reports, rollouts
 from updates.runs import verify as verification
 from updates.runs.snapshots import STORED_FIELDS
 
@@ -152,6 +152,12 @@ def hold(self: Any, handoff: dict[str, Any]) -> None:
 def update_phase(run_id: int) -> bool:
     """A scheduled run's update phase begins at its time (see chains.wake_at_phase)."""
     return chains.start_update_phase(run_id, arm=True)
+
+
+@shared_task(name="control.wake_rollout")
+def wake_rollout(rollout_id: int) -> int:
+    """A resumed rollout's waiting nodes go on (rollouts.WakeRollout queues it at the resume's commit)."""
+    return rollouts.wake(rollout_id)
 
 
 @shared_task(name=COMPLETE)

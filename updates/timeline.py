@@ -8,12 +8,13 @@ database): every name and note in it is escaped.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from html import escape
 from typing import Any
 
-from django.db.models import OuterRef, Subquery
+from django.db.models import OuterRef, QuerySet, Subquery
 from django.utils import timezone
 from django.utils.safestring import SafeString, mark_safe
 
@@ -46,8 +47,13 @@ class Actual:
 
 def actual_times(schedule_id: int, occurrence: datetime) -> dict[int, Actual]:
     """The runs of one occurrence, by node id: one query however many nodes."""
+    return actual_of(UpdateRun.objects.filter(schedule_id=schedule_id, scheduled_for=occurrence))
+
+
+def actual_of(runs: QuerySet[UpdateRun]) -> dict[int, Actual]:
+    """What these runs (one per node: an occurrence's, a rollout's) did, by node id: one query."""
     steps = UpdateStep.objects.filter(run=OuterRef("pk"))
-    runs = UpdateRun.objects.filter(schedule_id=schedule_id, scheduled_for=occurrence).annotate(
+    runs = runs.annotate(
         out=Subquery(steps.filter(name=UpdateStep.Name.EXCLUDE).values("started_at")[:1]),
         off=Subquery(steps.filter(name=UpdateStep.Name.DRAIN).values("started_at")[:1]),
         back=Subquery(steps.filter(name=UpdateStep.Name.RESUME).values("finished_at")[:1]),
@@ -72,9 +78,17 @@ def _counts(intervals: list[tuple[datetime, datetime]]) -> list[tuple[datetime, 
 
 
 def timeline_svg(
-    preview: Any, actual: dict[int, Actual], now: datetime | None = None, *, id_prefix: str = "plan", width: int = 960
+    preview: Any,
+    actual: dict[int, Actual],
+    now: datetime | None = None,
+    *,
+    id_prefix: str = "plan",
+    width: int = 960,
+    caption: str = "",
 ) -> SafeString:
-    """The plan (`updates.plans.Preview`) as an inline SVG. `actual`: node id -> Actual."""
+    """The plan (`updates.plans.Preview`) as an inline SVG. `actual`: node id -> Actual.
+    An entry whose `planned_at` is None has no plan (a rollout started by hand): only
+    what happened is drawn for it."""
     now = now or timezone.now()
     bounds = preview.bounds
     entries = list(preview.entries)
@@ -87,7 +101,7 @@ def timeline_svg(
     # the time span shown: everything planned and everything that happened
     moments = [bounds.occurrence - bounds.lead, bounds.occurrence + timedelta(minutes=10)]
     for entry in entries:
-        moments += [entry.out_at, entry.back_at]
+        moments += [t for t in (entry.out_at, entry.back_at) if t]
         seen = actual.get(entry.node_id)
         if seen:
             moments += [t for t in (seen.out, seen.off, seen.back, seen.ended) if t]
@@ -102,7 +116,7 @@ def timeline_svg(
     def x(moment: datetime) -> float:
         return round(name_w + plot_w * (moment - start).total_seconds() / span, 1)
 
-    caption = (
+    caption = caption or (
         f"Plan of {preview.schedule} for {local(bounds.occurrence, '%Y-%m-%d %H:%M')}: {len(entries)} node(s), "
         f"at most {bounds.cap} updating and {bounds.out_bound} out of the load balancer at once, "
         f"lead time {bounds.lead}."
@@ -191,7 +205,7 @@ def timeline_svg(
                 f"this occurrence{': ' + escape(entry.note) if entry.note else ''}</title></rect>"
             )
             out.append(f'<text x="{x(entry.out_at) + 4}" y="{y + 12}" fill="#555">left out</text>')
-        else:
+        elif entry.planned_at is not None:
             waiting = _span(entry.out_at, entry.planned_at)
             updating = _span(entry.planned_at, entry.back_at)
             out += _bar("planned-out", x(entry.out_at), x(entry.planned_at), y + 2, 12, OUT_COLOURS[0],
@@ -203,10 +217,15 @@ def timeline_svg(
             out += _actual_bars(name, seen, now, x, y + 16)
 
     # the bounds: how many nodes are updating / out of the load balancer over time
-    live = [e for e in entries if not e.excluded]
-    strips = [
-        ("updating", [(e.planned_at, e.back_at) for e in live], bounds.cap, OFF_COLOURS[1]),
-        ("out of LB", [(e.out_at, e.back_at) for e in live], bounds.out_bound, OUT_COLOURS[1]),
+    live = [e for e in entries if not e.excluded and e.planned_at is not None]
+    off_spans = [(e.planned_at, e.back_at) for e in live]
+    out_spans = [(e.out_at, e.back_at) for e in live]
+    counted = "planned"
+    if entries and not live:  # nothing planned (a rollout started by hand): count what happened
+        (off_spans, out_spans), counted = _happened(actual.values(), now), "actual"
+    strips: list[tuple[str, list[tuple[datetime, datetime]], int, str]] = [
+        ("updating", off_spans, bounds.cap, OFF_COLOURS[1]),
+        ("out of LB", out_spans, bounds.out_bound, OUT_COLOURS[1]),
     ]
     for k, (label, intervals, bound, colour) in enumerate(strips):
         y0 = strips_top + k * (strip_h + strip_gap)
@@ -217,7 +236,7 @@ def timeline_svg(
         out.append(f'<text x="{name_w - 6}" y="{y0 + 12}" text-anchor="end">{escape(label)}</text>')
         out.append(
             f'<text x="{name_w - 6}" y="{y0 + 26}" text-anchor="end" fill="#555">at most {bound}, '
-            f"planned peak {most}</text>"
+            f"{counted} peak {most}</text>"
         )
         points: list[tuple[float, float]] = [(name_w, y0 + strip_h)]
         for moment, count in _counts(intervals):
@@ -227,7 +246,7 @@ def timeline_svg(
         path = " ".join(f"{px},{round(py, 1)}" for px, py in points)
         out.append(
             f'<polyline class="count" points="{path}" fill="none" stroke="{colour}" stroke-width="2">'
-            f"<title>nodes {escape(label)} over time (planned): at most {most}</title></polyline>"
+            f"<title>nodes {escape(label)} over time ({counted}): at most {most}</title></polyline>"
         )
         out.append(
             f'<line class="bound" x1="{name_w}" y1="{round(by, 1)}" x2="{name_w + plot_w}" y2="{round(by, 1)}" '
@@ -235,6 +254,22 @@ def timeline_svg(
         )
     out.append("</svg>")
     return mark_safe("\n".join(out))  # noqa: S308  (every text in it went through escape())
+
+
+def _happened(
+    seen: Iterable[Actual], now: datetime
+) -> tuple[list[tuple[datetime, datetime]], list[tuple[datetime, datetime]]]:
+    """What the runs did, as intervals: updating (users logged off until back, or the run's
+    end), and out of the load balancer (from leaving it, else from being logged off)."""
+    updating: list[tuple[datetime, datetime]] = []
+    out_of_lb: list[tuple[datetime, datetime]] = []
+    for run in seen:
+        until, left = run.back or run.ended or now, run.out or run.off
+        if run.off:
+            updating.append((run.off, until))
+        if left:
+            out_of_lb.append((left, until))
+    return updating, out_of_lb
 
 
 def _bar(cls: str, x0: float, x1: float, y: float, h: int, colour: str, title: str) -> list[str]:

@@ -23,7 +23,7 @@ from django.utils import timezone
 from agent.shared.protocol import CONTROL_QUEUE, NODE_STEPS, SLOT_PRIORITY, StepCommand, control_task, node_task
 from updates import plans, trust
 from updates.models import UpdateRun, UpdateStep
-from updates.runs import lifecycle
+from updates.runs import lifecycle, rollouts
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
             lifecycle.touch(run_id)  # resting until its time is not silence (the reaper)
             wake_at_phase(run, at)
         return False
+    if not run.update_phase_started and rollouts.at_gate(run) != rollouts.GO:
+        return False  # its rollout is paused (its resume carries it on) or cancelled (so is the run)
     pending = first_unfinished(run)
     if pending is None or not _claim_phase(run, pending.name, pending.state):
         return False
@@ -168,6 +170,9 @@ def start_update_phases(runs: Sequence[UpdateRun], *, arm: bool) -> list[int]:
             due.append(run)
         elif arm and not run.update_phase_started:
             ahead.append((run, at))
+    # A paused rollout's runs wait for its resume, a cancelled one's are called off.
+    gates = rollouts.at_gates(run for run in due if not run.update_phase_started)
+    due = [run for run in due if gates.get(run.pk, rollouts.GO) == rollouts.GO]
     if not (due or ahead):
         return []
     steps: dict[int, list[tuple[str, str]]] = defaultdict(list)

@@ -15,13 +15,17 @@ from django.utils import timezone
 from agent.shared.protocol import OUT_PREFIX
 from nodes.models import Cluster, Node
 from updates.models import UpdateRun, UpdateStep
-from updates.runs import lifecycle
+from updates.runs import lifecycle, rollouts
 from updates.runs.chains import RunFailed, queue_from
 from updates.slots import ClusterSlots, shared_slots
 
 
 class SlotWait(Exception):
     """Every update slot of the cluster is taken: the node waits in line (it does not fail)."""
+
+
+class RolloutPaused(SlotWait):
+    """The node's rollout is paused: it waits in line, holding nothing, until its resume."""
 
 
 class HoldOn(Exception):
@@ -66,6 +70,9 @@ def take_slot(run_id: int, step: str = "slot") -> None:
         return
     if state == UpdateStep.State.PENDING:
         lifecycle.wait_step(run_id, step, timezone.now())
+    # Asked only once in line (above): a resume from now on finds it there and wakes it.
+    if step == next(name for name in names if name in UpdateStep.GATES) and _held(run, step):
+        return
     cluster, node = run.node.cluster, run.node
     assert cluster is not None
     semaphore, bound, what = _semaphore(step, cluster)
@@ -83,15 +90,41 @@ def take_slot(run_id: int, step: str = "slot") -> None:
     # the step's end must never come before the release that made room for it.
     held_at = timezone.now()
     with transaction.atomic():
-        if not lifecycle.claim_step(run_id, step, held_at, f"held, token {token}"):
-            return  # a duplicate was faster
+        # The run's row before its step's (run, steps, node), as a cancellation locks them.
         fields = {"slot_token": token} if step == "slot" else {}
-        if not UpdateRun.objects.running().filter(pk=run_id).update(last_activity_at=held_at, **fields):
-            return  # ended meanwhile: not carried on; its node keeps the slot until maintenance ends
-        if step == "slot":
-            run.slot_token = token
-        # Named, not "the first unfinished step": an earlier step's report may still be queued.
-        queue_from(run, names[names.index(step) + 1], names=names)
+        ended = not UpdateRun.objects.running().filter(pk=run_id).update(last_activity_at=held_at, **fields)
+        if not ended:
+            if not lifecycle.claim_step(run_id, step, held_at, f"held, token {token}"):
+                return  # a duplicate was faster
+            if step == "slot":
+                run.slot_token = token
+            # Named, not "the first unfinished step": an earlier step's report may still be queued.
+            queue_from(run, names[names.index(step) + 1], names=names)
+    if ended:
+        _give_back(run_id, cluster, node, step, token)  # not carried on
+
+
+def _held(run: UpdateRun, step: str) -> bool:
+    """At its first gate: whether its rollout keeps the node from starting (RolloutPaused
+    while paused) or called it off (True: nothing more to do)."""
+    gate = rollouts.at_gate(run)
+    if gate == rollouts.WAIT:
+        # No last_activity_at: a waiting run is not silent (the reaper, the reconciler).
+        UpdateStep.objects.filter(run_id=run.pk, name=step).update(
+            detail=f"waiting: its rollout {run.rollout_id} is paused"
+        )
+        raise RolloutPaused(f"{run.node} waits for its rollout {run.rollout_id} to resume")
+    return gate == rollouts.CALLED_OFF
+
+
+def _give_back(run_id: int, cluster: Cluster, node: Node, step: str, token: int) -> None:
+    """A run that ended while it took a slot or place: a failed one keeps it until its
+    maintenance ends; a cancelled one never disrupted its node, so it goes to the next waiter."""
+    if not UpdateRun.objects.filter(pk=run_id, state=UpdateRun.State.CANCELLED).exists():
+        return
+    semaphore, _, _ = _semaphore(step, cluster)
+    if semaphore.release(cluster.name, node.hostname, token if step == "slot" else None):
+        wake_waiters(cluster)
 
 
 def hold(run_id: int) -> None:
@@ -144,8 +177,10 @@ def wake_waiters(cluster: Cluster) -> int:
     waiting node has no task of its own (control.leave and control.slot end when all
     are taken): it goes on when a release calls this, or when the reconciler does,
     should a release have been lost. Returns how many waiters went on."""
-    # One query for both lines, longest waiter first (a line is a cluster's nodes at most).
+    # One query for both lines, longest waiter first (a line is a cluster's nodes at most);
+    # nodes of a paused rollout wait for its resume, they take no free slot from those behind them.
     line = UpdateStep.objects.in_line().filter(run__node__cluster=cluster).order_by("started_at")
+    line = line.exclude(run__in=UpdateRun.objects.held_by_pause().values("pk"))
     waiters = list(line.values_list("name", "run_id", "run__node__hostname"))
     woken = 0
     for step in ("leave", "slot"):

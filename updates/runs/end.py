@@ -4,6 +4,8 @@ waiter) or failed (the node locked and left in maintenance mode)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from django.db import transaction
@@ -11,7 +13,7 @@ from django.utils import timezone
 
 from nodes.models import Node
 from updates.models import UpdateRun
-from updates.runs import lifecycle
+from updates.runs import lifecycle, rollouts
 from updates.runs.cluster_cap import release_slot
 from updates.runs.locks import set_lock
 from updates.runs.snapshots import store_snapshot
@@ -58,6 +60,8 @@ def fail_run(run_id: int, reason: str) -> bool:
         lifecycle.abort_steps(run_id, now)
         set_lock(run.node, f"Update to run {run_id} failed: {reason}", run=run)
     log.error("run %s failed: %s", run_id, reason)
+    if run.rollout_id is not None:
+        rollouts.pause_on_failures(run.rollout_id)  # last: a rollout's row is locked after its runs', never before
     return True
 
 
@@ -65,13 +69,27 @@ def cancel_run(run_id: int, reason: str) -> bool:
     """Call a scheduled run off before its update phase (an operator left its node out
     of the plan): no lock; maintenance mode ends, on the appliance too. False if the
     run has ended or its update phase has begun."""
-    from nodes.services import end_maintenance  # the operator's own action, with the agent's command
+    return _cancel(run_id, reason, lifecycle.cancel_run)
+
+
+def cancel_unstarted_run(run_id: int, reason: str) -> bool:
+    """Call a run off before it disrupts its node (its rollout was cancelled), as a plan's
+    cancel_run does. False if the run has ended or started."""
+    return _cancel(run_id, reason, lifecycle.cancel_unstarted_run)
+
+
+def _cancel(run_id: int, reason: str, transition: Callable[[int, str, datetime], bool]) -> bool:
+    # The operator's own action, with the agent's command; its audit row is the call-off's.
+    from nodes.services import leave_maintenance
 
     with transaction.atomic():
-        if not lifecycle.cancel_run(run_id, reason, timezone.now()):
+        # The run's row first (run, steps, node): a slot being claimed for it meanwhile
+        # (cluster_cap.take_slot) commits before the transition looks at its steps.
+        list(UpdateRun.objects.select_for_update().filter(pk=run_id).values_list("pk"))
+        if not transition(run_id, reason, timezone.now()):
             return False
         run = UpdateRun.objects.select_related("node").get(pk=run_id)
         lifecycle.cancel_steps(run_id)
-        end_maintenance(run.node)
+        leave_maintenance(run.node)
     log.info("run %s cancelled: %s", run_id, reason)
     return True

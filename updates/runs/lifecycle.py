@@ -11,6 +11,8 @@ way round. A run is created running, its steps pending (updates.runs.start).
            fail_run        running -> failed           any failure, the reaper, verify's timeout
            cancel_run      running -> cancelled        an operator leaves the node out of a plan
                                                        (only before its update phase)
+           cancel_unstarted_run  running -> cancelled  its rollout was cancelled (only before
+                                                       the run disrupts its node)
     step   start_step      pending, running -> running                       a node step's start (again)
            wait_step       pending -> running                                slot, verify: their first attempt
            claim_step      running -> succeeded                              slot held, node back: who carries on
@@ -66,6 +68,16 @@ def cancel_run(run_id: int, reason: str, at: datetime) -> bool:
     """The run is called off before anything disruptive: only while its update phase
     has not begun (a scheduled run that downloaded, or is downloading)."""
     runs = UpdateRun.objects.filter(pk=run_id, state__in=CANCEL_RUN_FROM, update_phase_started=False)
+    return bool(runs.update(state=RunState.CANCELLED, error=reason[:4000], finished_at=at))
+
+
+CANCEL_UNSTARTED_FROM = frozenset({RunState.RUNNING})
+
+
+def cancel_unstarted_run(run_id: int, reason: str, at: datetime) -> bool:
+    """The run is called off before it disrupts its node (UpdateRunQuerySet.unstarted: a
+    scheduled run before its update phase, a cluster node before its first gate)."""
+    runs = UpdateRun.objects.filter(pk=run_id, state__in=CANCEL_UNSTARTED_FROM).unstarted()
     return bool(runs.update(state=RunState.CANCELLED, error=reason[:4000], finished_at=at))
 
 

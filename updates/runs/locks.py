@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db import transaction
 from django.utils import timezone
 
+from audit.records import Operation, record
 from nodes.models import Node
 from updates.models import UpdateLock, UpdateRun
 
@@ -23,9 +25,15 @@ def set_lock(node: Node, reason: str, run: UpdateRun | None = None) -> UpdateLoc
 
 
 def remove_lock(node: Node, user: Any) -> bool:
-    """Remove the node's active lock, keeping it as history. False if there was none."""
-    return bool(
-        UpdateLock.objects.active()
-        .filter(node=node)
-        .update(removed_at=timezone.now(), removed_by=user if getattr(user, "pk", None) else None)
-    )
+    """Remove the node's active lock, keeping it as history (and in the audit trail).
+    False if there was none."""
+    with transaction.atomic():
+        lock = UpdateLock.objects.active().filter(node=node).select_related("node").first()
+        if lock is None:
+            return False
+        by = user if getattr(user, "pk", None) else None
+        # Conditional: of two removals at once, one removes it (and is recorded).
+        if not UpdateLock.objects.active().filter(pk=lock.pk).update(removed_at=timezone.now(), removed_by=by):
+            return False
+        record(Operation.REMOVE_LOCK, lock, user=user, run=lock.run_id)  # its reason stays on the lock
+    return True

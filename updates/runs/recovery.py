@@ -66,7 +66,9 @@ def reconcile() -> int:
     cutoff = timezone.now() - timedelta(seconds=settings.TGP_RECONCILE_AFTER)
     touched = 0
     in_line = UpdateStep.objects.in_line()
-    quiet = UpdateRun.objects.running().filter(last_activity_at__lt=cutoff)
+    # Runs held by a paused rollout wait for its resume, which carries them on.
+    held = UpdateRun.objects.held_by_pause().values("pk")
+    quiet = UpdateRun.objects.running().filter(last_activity_at__lt=cutoff).exclude(pk__in=held)
     # A node waiting in line is not lost, and may wait long: not walked one by one here.
     for run in quiet.exclude(pk__in=in_line.values("run_id")).select_related("node__cluster", "release"):
         touched += _carry_on(run, cutoff)
@@ -112,6 +114,7 @@ def reap_stale_runs() -> int:
         .filter(last_activity_at__lt=cutoff)
         .filter(Q(scheduled_for__isnull=True) | Q(scheduled_for__lt=cutoff))  # may rest until its update time
         .exclude(pk__in=UpdateStep.objects.in_line().values("run_id"))  # waiting in line is not silence
+        .exclude(pk__in=UpdateRun.objects.held_by_pause().values("pk"))  # nor waiting for a rollout's resume
     )
     for run_id in stale.values_list("pk", flat=True):
         reason = f"no word from the node for {settings.TGP_RUN_STALL_TIMEOUT:.0f} s"

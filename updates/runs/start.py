@@ -16,6 +16,7 @@ from nodes.models import Node, NodeKey
 from updates.models import Release, UpdateLock, UpdateRun, UpdateStep
 from updates.plans import attach_entries
 from updates.runs.chains import queue_started, waiting
+from updates.runs.rollouts import group
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +266,7 @@ def _create(runs: list[UpdateRun]) -> None:
     for run in runs:
         # Started at its update time: this chain carries the whole run.
         run.update_phase_started = run.scheduled_for is not None and not waiting(run)
+    group(runs, runs[0].started_by)  # several nodes, or a cluster schedule's occurrence: one rollout
     UpdateRun.objects.bulk_create(runs)
     names = {run.pk: plan_steps(run.node, run.trigger, reboot=run.release.needs_reboot) for run in runs}
     UpdateStep.objects.bulk_create(

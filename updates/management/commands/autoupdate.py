@@ -3,16 +3,17 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 from django.utils import timezone
 
+from audit.context import AuditedCommand
 from nodes.models import Cluster, Node
 from nodes.services import UpdatePlan, announce_planned, plan_updates, start_planned
 from updates.cli import parse_update_time, wait_for_runs
 from updates.runs.start import UpdateRefused
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):  # recorded with the OS user who ran it
     help = (
         "Auto-Update nodes to the newest release of their channel (logs their users off): "
         "the nodes named, and with --cluster every node of a cluster, started at once within its cap. "

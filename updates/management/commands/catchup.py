@@ -2,15 +2,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from audit.context import AuditedCommand
 from nodes import services
 from nodes.models import Node
 from updates.cli import wait_for_run
 from updates.runs.start import UpdateRefused
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):  # recorded with the OS user who ran it
     help = "Catch up on an omitted update from Oldstable: --full, or --packages NAME[,NAME...]."
 
     def add_arguments(self, parser: CommandParser) -> None:

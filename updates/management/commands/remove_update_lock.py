@@ -3,13 +3,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.contrib.auth import get_user_model
-from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.core.management.base import CommandError, CommandParser
 
+from audit.context import AuditedCommand
 from nodes.models import Node
 from updates.runs.locks import remove_lock
 
 
-class Command(BaseCommand):
+class Command(AuditedCommand):  # recorded with the OS user who ran it
     help = "Remove the update lock of a node (kept as history)."
 
     def add_arguments(self, parser: CommandParser) -> None:
