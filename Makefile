@@ -30,7 +30,7 @@ run: $(STAMP)
 	  TGP_EMAIL_HOST=127.0.0.1 TGP_EMAIL_PORT=1025 $(BIN)/honcho start -f Procfile
 
 test: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=25
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from tests.servers import RepoServer, free_port
-from tgpadmin.processes import die_with_parent, stop_process, wait_for
+from tgpadmin.processes import die_with_parent, stop_process, stop_processes, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 _names = itertools.count(1)
@@ -317,8 +317,7 @@ def start_agent(redis_url: str, state_dir: Path, logs_dir: Path) -> Iterator[Cal
         return proc
 
     yield start
-    for proc in procs:
-        stop_process(proc)
+    stop_processes(procs)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from nodes.models import Cluster, Node
 from tests.conftest import ROOT, ControlWorker, Repo, process_env, stop_process, test_database_url, wait_for
 from tests.servers import RepoServer, free_port
 from tgpadmin import embedded_redis
-from tgpadmin.processes import die_with_parent
+from tgpadmin.processes import die_with_parent, stop_processes
 from updates.models import UpdateLock, UpdateRun, UpdateStep
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.workflow, pytest.mark.timeout(300)]
@@ -84,8 +84,7 @@ def test_redis_restarted_during_a_rollout_no_node_installs_twice_no_run_is_lost(
     finally:
         # Agents and workers first, while their Redis still answers: stopped after it,
         # each agent's worker would try to reconnect until stop_process kills it (15 s each).
-        for agent in agents:
-            stop_process(agent)
+        stop_processes(agents)
         stop_process(beat)
         control.stop()
         if redis.proc:

@@ -12,7 +12,7 @@ from typing import Any
 
 from agent.shared.processes import die_with_parent
 
-__all__ = ["die_with_parent", "stop_process", "wait_for"]
+__all__ = ["die_with_parent", "stop_process", "stop_processes", "wait_for"]
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
@@ -25,6 +25,21 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(5)
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float = 15.0) -> None:
+    """stop_process for many at once: all are told first, then waited for, so that N
+    processes that each take a few seconds to shut down take a few seconds, not N times that."""
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        try:
+            proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
 
 
 def wait_for(
