@@ -436,3 +436,17 @@ class _FlakyHandler(_RepoHandler):
             self.send_error(500)
             return
         super().do_GET()
+
+
+@pytest.fixture
+def running_run(make_node: Callable[..., Any], releases: dict[str, Any]) -> Any:
+    """A running Auto-Update run of a new node, its steps pending; no worker behind it."""
+    from updates.models import UpdateRun, UpdateStep
+    from updates.runs import start
+
+    node = make_node("gw")
+    run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], message="m")
+    UpdateStep.objects.bulk_create(
+        UpdateStep(run=run, name=name, position=i) for i, name in enumerate(start.plan_steps(node, run.trigger))
+    )
+    return run

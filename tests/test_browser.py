@@ -209,23 +209,12 @@ def test_the_plan_page_works_without_javascript(page_without_js, live_server, st
     assert PlanEntry.objects.get(node=nodes[2]).planned_at == later
 
 
-def _running_run(make_node, releases):
-    from updates.models import UpdateRun, UpdateStep
-    from updates.runs import start
-
-    node = make_node("gw")
-    run = UpdateRun.objects.create(node=node, release=releases["2.2.0"], message="m")
-    for i, name in enumerate(start.plan_steps(node, run.trigger)):
-        UpdateStep.objects.create(run=run, name=name, position=i)
-    return run
-
-
-def test_the_run_page_shows_progress_in_place_without_reloading(page, login, live_server, staff, make_node, releases):
+def test_the_run_page_shows_progress_in_place_without_reloading(page, login, live_server, staff, running_run):
     from django.utils import timezone
 
     from updates.models import UpdateRun, UpdateStep
 
-    run = _running_run(make_node, releases)
+    run = running_run
     staff("op", "update")
     login("op")
     page.goto(f"{live_server.url}/admin/updates/updaterun/{run.pk}/change/")
@@ -248,11 +237,11 @@ def test_the_run_page_shows_progress_in_place_without_reloading(page, login, liv
     expect(page.locator(".field-state .readonly")).to_have_text("Succeeded")
 
 
-def test_the_run_page_reloads_itself_without_javascript(page_without_js, live_server, staff, make_node, releases):
+def test_the_run_page_reloads_itself_without_javascript(page_without_js, live_server, staff, running_run):
     from updates.models import UpdateStep
 
     page = page_without_js
-    run = _running_run(make_node, releases)
+    run = running_run
     staff("op", "update")
     page.goto(f"{live_server.url}/admin/")
     page.fill("#id_username", "op")

@@ -433,3 +433,13 @@ def test_a_cluster_whose_first_node_fails_pauses_by_itself_and_no_other_node_sta
     wait_for(lambda: Rollout.objects.get(pk=rollout.pk).state == "paused", 10, "the rollout to pause again")
     (third,) = UpdateRun.objects.filter(rollout=rollout, state="running")
     assert step(third, "drain").state == "pending" and in_service(state_dir, third)
+
+
+def test_a_percentage_threshold_above_100_is_a_form_error_and_changes_nothing(operator, releases):
+    rollout = start(cluster_of(2))[0].rollout
+    page = reverse("admin:updates_rollout_change", args=[rollout.pk])
+    response = operator.post(page, {"failure_threshold": "150", "failure_threshold_unit": "percent"})
+    assert response.status_code == 200
+    assert "A percentage of its nodes: at most 100." in response.text
+    rollout.refresh_from_db()
+    assert (rollout.failure_threshold, rollout.failure_threshold_unit) == (1, "count")

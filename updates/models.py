@@ -107,9 +107,6 @@ PROGRESS_FIELDS = ("runs_total", "runs_done", "runs_active", "runs_waiting", "ru
 
 
 class RolloutQuerySet(models.QuerySet["Rollout"]):
-    def paused(self) -> RolloutQuerySet:
-        return self.filter(state=Rollout.State.PAUSED)
-
     def with_progress(self) -> RolloutQuerySet:
         """Each rollout with the counts of its runs (Rollout.progress) in the same query."""
         runs = UpdateRun.State

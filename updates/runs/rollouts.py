@@ -15,7 +15,8 @@ A node *starts* when its run passes the point where it disrupts its node: a clus
 node takes its first gate (a place out of the load balancer, else an update slot:
 cluster_cap.take_slot), a scheduled run begins its update phase
 (chains.start_update_phase). There, and only there, `at_gate` asks the rollout: one
-query by primary key, reading only. A paused rollout's node waits (in line, holding
+query by primary key (and, for a cancelled rollout, the run's own call-off). A paused
+rollout's node waits (in line, holding
 nothing; before its update phase) until `resume` wakes it the way a released slot
 wakes a waiter (cluster_cap.wake_waiters); a cancelled rollout's node is called off.
 """
