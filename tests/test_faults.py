@@ -115,15 +115,23 @@ def test_two_beats_start_one_run_per_node(demo_repo, make_node, agent_for, beat,
         cwd=ROOT, env=process_env(redis_url, DATABASE_URL=test_database_url()),
         stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    # Both schedules due at one instant: each beat sends both entries of each kind, and
+    # the first task to run starts both nodes' runs (updates/scheduled.py: claim).
+    run_at = timezone.now().replace(microsecond=0) + timedelta(seconds=9)
     try:
-        for node in nodes:
+        schedules = [
             UpdateSchedule.objects.create(
-                name=f"twice {node}", node=node, run_at=timezone.now() + timedelta(seconds=8),
-                download_lead=timedelta(seconds=4),
-            )  # fmt: skip
+                name=f"twice {node}", node=node, run_at=run_at, download_lead=timedelta(seconds=4)
+            )
+            for node in nodes
+        ]
         runs = UpdateRun.objects.filter(node__in=nodes)
         wait_for(lambda: runs.count() == 2 and not runs.filter(state="running").exists(), 120, "both runs to end")
     finally:
         stop_process(second)
     assert sorted(runs.values_list("node_id", flat=True)) == sorted(n.pk for n in nodes)
     assert set(runs.values_list("state", flat=True)) == {"succeeded"}
+    for schedule in schedules:
+        schedule.refresh_from_db()
+        run = runs.get(node=schedule.node_id)
+        assert schedule.last_result.endswith(f"{schedule.node}: run {run.pk}"), "the update entry carried it on"

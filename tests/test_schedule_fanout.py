@@ -19,7 +19,7 @@ from nodes.models import Cluster, Node
 from tests.conftest import Repo, accept_key
 from tests.servers import RepoServer
 from updates import scheduled
-from updates.models import UpdateLock, UpdateRun, UpdateSchedule
+from updates.models import Rollout, UpdateLock, UpdatePlan, UpdateRun, UpdateSchedule
 from updates.runs import start
 from updates.runs.chains import QueueStarted, WakeAtPhase
 
@@ -102,14 +102,10 @@ def test_a_second_start_of_the_same_update_time_starts_nothing_and_says_so(
     nodes = [make_node("gw") for _ in range(3)]
     schedule = UpdateSchedule.objects.create(name="s", node=nodes[0], run_at=timezone.now() + timedelta(hours=2))
     slot = schedule.run_at
-    targets = [(node, releases["2.2.0"]) for node in nodes]
+    targets = [(node, releases["2.2.0"], schedule) for node in nodes]
     with django_capture_on_commit_callbacks(execute=False):
-        first = start.start_scheduled(
-            targets, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot
-        )
-        second = start.start_scheduled(
-            targets, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot
-        )
+        first = start.start_scheduled(targets, trigger=UpdateRun.Trigger.SCHEDULED, scheduled_for=slot)
+        second = start.start_scheduled(targets, trigger=UpdateRun.Trigger.SCHEDULED, scheduled_for=slot)
     assert all(isinstance(outcome, UpdateRun) for outcome in first)
     assert all(isinstance(outcome, start.AlreadyStarted) for outcome in second), second
     assert UpdateRun.objects.count() == 3
@@ -217,3 +213,115 @@ def test_an_instant_with_two_clocked_rows_still_arms_its_entries(make_node):
     ClockedSchedule.objects.create(clocked_time=at)
     schedule.save()  # arms both entries again
     assert UpdateSchedule.objects.get(pk=schedule.pk).download_task.clocked.clocked_time == at
+
+
+# --- schedules due at the same instant fire as one batch ----------------------------------
+
+
+def singles_due(count: int, run_at, *, lead: timedelta = timedelta(hours=1)) -> list[UpdateSchedule]:
+    """Single systems on 2.1.0, each with its own one-off schedule for `run_at`."""
+    schedules = []
+    for _ in range(count):
+        node = Node.objects.create(hostname=f"one-{uuid.uuid4().hex[:8]}", installed_version="2.1.0")
+        accept_key(node)
+        schedules.append(
+            UpdateSchedule.objects.create(name=node.hostname, node=node, run_at=run_at, download_lead=lead)
+        )
+    return schedules
+
+
+def armed(schedule: UpdateSchedule, kind: str):
+    task = getattr(UpdateSchedule.objects.select_related(f"{kind}_task__clocked").get(pk=schedule.pk), f"{kind}_task")
+    return task.clocked.clocked_time if task.enabled else None
+
+
+def queued_runs(callbacks) -> list[int]:
+    return sorted(chain.run_id for c in callbacks if isinstance(c, QueueStarted) for chain in c.chains)
+
+
+def test_the_first_firing_of_an_instant_starts_the_runs_of_every_schedule_due_then(
+    releases, settings, django_capture_on_commit_callbacks
+):
+    settings.TGP_REPO_URL = NOBODY
+    run_at = (timezone.now() + timedelta(hours=2)).replace(microsecond=0)
+    due = singles_due(4, run_at)
+    later = singles_due(1, run_at + timedelta(minutes=1))[0]  # due a minute later: not now
+    UpdateSchedule.objects.filter(pk=due[3].pk).update(time_control=False)  # switched off: fires nothing
+    at = armed(due[0], "download")
+    assert at == run_at - timedelta(hours=1) and armed(due[1], "download") == at
+
+    with django_capture_on_commit_callbacks(execute=False) as first:
+        result = scheduled.fire(due[0].pk, "download", at)
+    runs = {run.schedule_id: run for run in UpdateRun.objects.all()}
+    assert set(runs) == {due[0].pk, due[1].pk, due[2].pk}, "the three schedules due then, and only they"
+    assert all(run.scheduled_for == run_at and run.trigger == "scheduled" for run in runs.values())
+    assert queued_runs(first) == sorted(run.pk for run in runs.values()), "each run's chain queued once"
+    assert result.endswith(f"{due[0].node}: run {runs[due[0].pk].pk} to 2.2.0")
+    for schedule in due[1:3]:
+        schedule.refresh_from_db()
+        assert schedule.last_result.endswith(f"{schedule.node}: run {runs[schedule.pk].pk} to 2.2.0")
+        assert armed(schedule, "download") == at, "its own entry is still armed: it re-arms itself"
+
+    # The others' own entries fire next: they start nothing again, keep their result,
+    # and arm themselves for their next firing (a one-off schedule has none).
+    with django_capture_on_commit_callbacks(execute=False) as rest:
+        for schedule in due[1:3]:
+            assert "fired already" in scheduled.fire(schedule.pk, "download", at)
+            assert armed(schedule, "download") is None
+            schedule.refresh_from_db()
+            assert schedule.last_result.endswith(f"run {runs[schedule.pk].pk} to 2.2.0")
+    assert not queued_runs(rest) and UpdateRun.objects.count() == 3
+    assert not UpdateRun.objects.filter(schedule=later).exists()
+    assert armed(later, "download") == at + timedelta(minutes=1)
+
+
+def test_a_second_beat_of_a_fired_entry_starts_nothing_and_keeps_its_result(
+    releases, settings, django_capture_on_commit_callbacks
+):
+    settings.TGP_REPO_URL = NOBODY
+    (schedule,) = singles_due(1, (timezone.now() + timedelta(hours=2)).replace(microsecond=0))
+    at = armed(schedule, "download")
+    with django_capture_on_commit_callbacks(execute=False):
+        scheduled.fire(schedule.pk, "download", at)
+    schedule.refresh_from_db()
+    first = schedule.last_result
+    with django_capture_on_commit_callbacks(execute=False) as again:
+        assert "fired already" in scheduled.fire(schedule.pk, "download", at)
+    assert not queued_runs(again)
+    schedule.refresh_from_db()
+    assert schedule.last_result == first, "the result of the firing that started the run"
+
+
+def test_a_batch_of_forty_schedules_costs_about_the_queries_of_five(
+    releases, settings, django_capture_on_commit_callbacks
+):
+    settings.TGP_REPO_URL = NOBODY
+    counts = {}
+    for i, size in enumerate((5, 40)):
+        run_at = (timezone.now() + timedelta(hours=2 + i)).replace(microsecond=0)
+        due = singles_due(size, run_at)
+        with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=False):
+            scheduled.fire(due[0].pk, "download", armed(due[0], "download"))
+        assert UpdateRun.objects.filter(scheduled_for=run_at).count() == size
+        counts[size] = len(queries)
+    # SQLite takes at most 999 parameters per query: 40 runs' rows and their 280 steps are a
+    # few inserts more. A firing per schedule cost 32 queries each.
+    assert counts[40] <= counts[5] + 12, counts
+
+
+def test_cluster_schedules_due_at_one_instant_each_get_their_plan_and_rollout(
+    releases, settings, django_capture_on_commit_callbacks
+):
+    settings.TGP_REPO_URL = NOBODY
+    run_at = (timezone.now() + timedelta(hours=3)).replace(microsecond=0)
+    clusters = [cluster_of(3), cluster_of(2)]
+    schedules = [UpdateSchedule.objects.create(name=c.name, cluster=c, run_at=run_at) for c in clusters]
+    (single,) = singles_due(1, run_at)
+    with django_capture_on_commit_callbacks(execute=False):
+        scheduled.fire(schedules[0].pk, "download", armed(schedules[0], "download"))
+    for schedule, cluster in zip(schedules, clusters, strict=True):
+        (rollout,) = Rollout.objects.filter(schedule=schedule)
+        assert rollout.cluster == cluster and rollout.scheduled_for == run_at
+        assert set(rollout.runs.values_list("node", flat=True)) == set(cluster.nodes.values_list("pk", flat=True))
+        assert UpdatePlan.objects.filter(schedule=schedule, occurrence=run_at).count() == 1
+    assert UpdateRun.objects.get(schedule=single).rollout is None, "a single system's run is in no rollout"

@@ -552,6 +552,11 @@ class UpdateSchedule(models.Model):
         "django_celery_beat.PeriodicTask", null=True, blank=True, on_delete=models.SET_NULL, related_name="+",
         editable=False,
     )  # fmt: skip
+    # The instant each entry last fired for. The first firing of an instant fires every
+    # schedule due then (updates/scheduled.py: claim); this mark tells the others' own
+    # tasks, arriving later, that theirs has fired.
+    download_fired_for = models.DateTimeField(null=True, blank=True, editable=False)
+    update_fired_for = models.DateTimeField(null=True, blank=True, editable=False)
     last_checked_at = models.DateTimeField(null=True, blank=True, editable=False)
     last_result = models.TextField(blank=True, editable=False)
 

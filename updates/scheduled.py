@@ -1,9 +1,13 @@
 """What happens when a schedule's beat entries fire: one task per entry, fanning
 out to all the schedule's nodes at once (a fixed number of queries, however many
-nodes: start.start_scheduled, chains.start_update_phases). Safe to fire twice (a second beat, a re-armed lost
-firing): a run for the same node and update time is never started twice.
+nodes: start.start_scheduled, chains.start_update_phases). Safe to fire twice (a second
+beat, a re-armed lost firing): a run for the same node and update time is never
+started twice, and a firing marked fired starts nothing.
 
-A firing re-arms its entry for the next one (updates.schedules.arm), then acts:
+A firing re-arms its entry (updates.schedules.arm), then acts, for itself and for
+every other schedule whose entry of the same kind is due at the same instant (claim:
+the first task of an instant does the work of all; 500 schedules due at 03:00 are one
+start, not 500 one after another in two worker processes):
 - the update entry starts (or carries on) the run of its update;
 - the download entry does so only if it is the last download before that update;
   an earlier one, and every firing of a download-only schedule, only downloads
@@ -14,6 +18,7 @@ A firing re-arms its entry for the next one (updates.schedules.arm), then acts:
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -120,73 +125,87 @@ def newest_releases(nodes: list[Node]) -> dict[str, Release | None]:
     return {channel: Release.newest(channel) for channel in {node.channel for node in nodes}}
 
 
-def start_runs(schedule: UpdateSchedule, nodes: list[Node], slot: datetime, kind: str = "update") -> list[str]:
-    """Start, or carry on, the run of each node for the update at `slot`, all nodes at
-    once (start.start_scheduled, chains.start_update_phases): a fixed number of queries
-    however many nodes. Returns a line per node, in order."""
+Group = tuple[UpdateSchedule, list[Node]]  # a schedule and the nodes it starts
+
+
+def start_runs(groups: list[Group], slot: datetime, kind: str = "update") -> dict[int, list[str]]:
+    """Start, or carry on, the run of each schedule's nodes for the update at `slot`,
+    every node of every schedule at once (start.start_scheduled, chains.start_update_phases):
+    a fixed number of queries however many nodes. Returns a line per node, in order,
+    per schedule."""
+    nodes = [node for _, some in groups for node in some]
     runs = UpdateRun.objects.filter(node__in=nodes, scheduled_for=slot).select_related("node__cluster", "release")
     existing = {run.node_id: run for run in runs}
     newest = newest_releases([node for node in nodes if node.pk not in existing])
-    targets = [(node, release) for node in nodes if node.pk not in existing and (release := updates_for(node, newest))]
-    outcomes = {
-        node.pk: outcome
-        for (node, _), outcome in zip(
-            targets,
-            start_scheduled(targets, trigger=UpdateRun.Trigger.SCHEDULED, schedule=schedule, scheduled_for=slot),
-            strict=True,
-        )
-    }
-    started = [outcome for outcome in outcomes.values() if isinstance(outcome, UpdateRun)]
+    targets = [
+        (node, release, schedule)
+        for schedule, some in groups
+        for node in some
+        if node.pk not in existing and (release := updates_for(node, newest))
+    ]
+    started = start_scheduled(targets, trigger=UpdateRun.Trigger.SCHEDULED, scheduled_for=slot)
+    outcomes = {(schedule.pk, node.pk): outcome for (node, _, schedule), outcome in zip(targets, started, strict=True)}
     # The update entry arms a timer for a node whose own time comes later (a plan's later
     # wave); a run it starts downloads first, then waits for its own time.
     start_update_phases(list(existing.values()), arm=kind == "update")
     if kind == "update":
-        start_update_phases(started, arm=True)
-    lines = []
-    for node in nodes:
-        outcome = outcomes.get(node.pk)
-        if node.pk in existing:
-            lines.append(f"{node}: run {existing[node.pk].pk}")
-        elif outcome is None:
-            lines.append(f"{node}: no updates available")
-        elif isinstance(outcome, AlreadyStarted):
-            lines.append(f"{node}: already started for {slot:%Y-%m-%d %H:%M}")
-        elif isinstance(outcome, UpdateRefused):
-            lines.append(f"{node}: not started: {outcome}")
-        else:
-            lines.append(f"{node}: run {outcome.pk} to {outcome.release.version}")
+        start_update_phases([outcome for outcome in started if isinstance(outcome, UpdateRun)], arm=True)
+    lines: dict[int, list[str]] = {}
+    for schedule, some in groups:
+        lines[schedule.pk] = [_start_line(node, existing.get(node.pk), outcomes.get((schedule.pk, node.pk)), slot)
+                              for node in some]  # fmt: skip
     return lines
 
 
-def download_runs(schedule: UpdateSchedule, nodes: list[Node]) -> list[str]:
-    """Download the newest release onto each node, nothing else: its verified files
-    wait there for the update (or an Auto-Update), which then fetches none again. All
-    nodes at once; a line per node, in order."""
-    newest = newest_releases(nodes)
-    targets = [(node, release) for node in nodes if (release := updates_for(node, newest))]
-    outcomes = dict(
-        zip(
-            [node.pk for node, _ in targets],
-            start_scheduled(targets, trigger=UpdateRun.Trigger.DOWNLOAD, schedule=schedule),
-            strict=True,
-        )
-    )
-    lines = []
-    for node in nodes:
-        outcome = outcomes.get(node.pk)
-        if outcome is None:
-            lines.append(f"{node}: no updates available")
-        elif isinstance(outcome, UpdateRefused):
-            lines.append(f"{node}: not downloaded: {outcome}")
-        else:
-            lines.append(f"{node}: download run {outcome.pk} of {outcome.release.version}")
+def _start_line(
+    node: Node, existing: UpdateRun | None, outcome: UpdateRun | UpdateRefused | None, slot: datetime
+) -> str:
+    if existing is not None:
+        return f"{node}: run {existing.pk}"
+    if outcome is None:
+        return f"{node}: no updates available"
+    if isinstance(outcome, AlreadyStarted):
+        return f"{node}: already started for {slot:%Y-%m-%d %H:%M}"
+    if isinstance(outcome, UpdateRefused):
+        return f"{node}: not started: {outcome}"
+    return f"{node}: run {outcome.pk} to {outcome.release.version}"
+
+
+def download_runs(groups: list[Group]) -> dict[int, list[str]]:
+    """Download the newest release onto each schedule's nodes, nothing else: its verified
+    files wait there for the update (or an Auto-Update), which then fetches none again.
+    All nodes of all schedules at once; a line per node, in order, per schedule."""
+    newest = newest_releases([node for _, some in groups for node in some])
+    targets = [
+        (node, release, schedule)
+        for schedule, some in groups
+        for node in some
+        if (release := updates_for(node, newest))
+    ]
+    started = start_scheduled(targets, trigger=UpdateRun.Trigger.DOWNLOAD)
+    outcomes = {(schedule.pk, node.pk): outcome for (node, _, schedule), outcome in zip(targets, started, strict=True)}
+    lines: dict[int, list[str]] = {}
+    for schedule, some in groups:
+        lines[schedule.pk] = []
+        for node in some:
+            outcome = outcomes.get((schedule.pk, node.pk))
+            if outcome is None:
+                line = f"{node}: no updates available"
+            elif isinstance(outcome, UpdateRefused):
+                line = f"{node}: not downloaded: {outcome}"
+            else:
+                line = f"{node}: download run {outcome.pk} of {outcome.release.version}"
+            lines[schedule.pk].append(line)
     return lines
 
 
 def fire(schedule_id: int, kind: str, at: datetime | None = None) -> str:
     """The download or update entry of a schedule fired (for its firing at `at`):
     re-arm it, check for updates and start (or carry on) a run per node, or only
-    download. Returns the logged result."""
+    download; and the same for every other schedule whose entry is due at the same
+    instant (claim), so that 500 schedules due at 03:00 are one start, not 500. The
+    entries of those fire too, later, and find their firing done. Returns the logged
+    result (of this schedule)."""
     schedule = UpdateSchedule.objects.select_related("cluster", "node").filter(pk=schedule_id).first()
     if schedule is None or not schedule.time_control:
         return "time control is off"
@@ -199,19 +218,73 @@ def fire(schedule_id: int, kind: str, at: datetime | None = None) -> str:
     rearm_after(schedule, firing, now)
     if now - firing.at > LATE_FIRE:
         return _log(schedule, now, f"{kind} of {firing.at:%Y-%m-%d %H:%M} missed (fired at {now:%Y-%m-%d %H:%M})")
-    result = releases_as_of(firing.at)
-    nodes = schedule.target_nodes().select_related("cluster")
-    if firing.update_at is not None and (kind == "update" or starts_run(schedule, firing)):
-        if schedule.cluster_id:
-            # Each node's own time, planned once for the occurrence; left-out nodes get no run.
-            plan = ensure_plan(schedule, firing.update_at)
-            nodes = nodes.filter(plan_entries__plan=plan, plan_entries__excluded=False)
-        lines = start_runs(schedule, list(nodes), firing.update_at, kind)
-        result += f"{kind} for {timezone.localtime(firing.update_at):%Y-%m-%d %H:%M}: "
-    else:
-        lines = download_runs(schedule, list(nodes))
-        result += "download only: "
-    return _log(schedule, now, result + "; ".join(lines or ["no nodes"]))
+    looked = releases_as_of(firing.at)
+    with transaction.atomic():
+        batch = claim(schedule, firing, now)
+        if not batch:
+            return f"{kind} of {firing.at:%Y-%m-%d %H:%M}: fired already, with the schedules due at the same time"
+        results = fire_batch(batch)
+        for other, _ in batch:
+            other.last_checked_at, other.last_result = now, (looked + results[other.pk])[:4000]
+            log.info("schedule %s: %s", other.pk, other.last_result)
+        UpdateSchedule.objects.bulk_update([other for other, _ in batch], ["last_checked_at", "last_result"])
+    return looked + results[schedule.pk]
+
+
+def claim(schedule: UpdateSchedule, firing: Firing, now: datetime) -> list[tuple[UpdateSchedule, Firing]]:
+    """This schedule's firing and that of every schedule whose entry of the same kind is
+    armed for the same instant, each marked fired (`<kind>_fired_for`) so that its own
+    task, when it comes, starts nothing; empty if this schedule's firing was claimed
+    already (by another schedule's firing, or a second beat). Other schedules locked
+    elsewhere (firing themselves, being edited) are left to their own tasks. Inside the
+    caller's transaction: the mark and the runs commit together, or neither."""
+    marked = f"{firing.kind}_fired_for"
+    rows = UpdateSchedule.objects.select_for_update(of=("self",)).select_related("cluster", "node")
+    own = rows.filter(pk=schedule.pk, time_control=True).exclude(**{marked: firing.at}).first()
+    if own is None:
+        return []
+    due = rows.select_for_update(skip_locked=True, of=("self",)).filter(
+        time_control=True,
+        **{f"{firing.kind}_task__enabled": True, f"{firing.kind}_task__clocked__clocked_time": firing.at},
+    )
+    batch = [(own, firing)]
+    for other in due.exclude(pk=own.pk).exclude(**{marked: firing.at}):
+        # Its firing as the schedule is now (an entry armed before an edit fires nothing).
+        if (found := firing_for(other, firing.kind, firing.at, now)) is not None:
+            batch.append((other, found))
+    UpdateSchedule.objects.filter(pk__in=[s.pk for s, _ in batch]).update(**{marked: firing.at})
+    return batch
+
+
+def fire_batch(batch: list[tuple[UpdateSchedule, Firing]]) -> dict[int, str]:
+    """Start (or carry on) the runs, or the downloads, of every firing in the batch at
+    once. Returns each schedule's result."""
+    singles = Node.objects.select_related("cluster").in_bulk([s.node_id for s, _ in batch if s.node_id])
+    starts: dict[tuple[datetime, str], list[Group]] = defaultdict(list)
+    downloads: list[Group] = []
+    heads: dict[int, str] = {}
+    for schedule, firing in batch:
+        if schedule.node_id:
+            nodes = [singles[schedule.node_id]] if schedule.node_id in singles else []
+        else:
+            nodes = list(schedule.target_nodes().select_related("cluster"))
+        if firing.update_at is not None and (firing.kind == "update" or starts_run(schedule, firing)):
+            if schedule.cluster_id:
+                # Each node's own time, planned once for the occurrence; left-out nodes get no run.
+                plan = ensure_plan(schedule, firing.update_at)
+                planned = set(plan.entries.filter(excluded=False).values_list("node_id", flat=True))
+                nodes = [node for node in nodes if node.pk in planned]
+            starts[(firing.update_at, firing.kind)].append((schedule, nodes))
+            heads[schedule.pk] = f"{firing.kind} for {timezone.localtime(firing.update_at):%Y-%m-%d %H:%M}: "
+        else:
+            downloads.append((schedule, nodes))
+            heads[schedule.pk] = "download only: "
+    lines: dict[int, list[str]] = {}
+    for (slot, kind), groups in starts.items():
+        lines |= start_runs(groups, slot, kind)
+    if downloads:
+        lines |= download_runs(downloads)
+    return {pk: head + "; ".join(lines[pk] or ["no nodes"]) for pk, head in heads.items()}
 
 
 def _log(schedule: UpdateSchedule, now: datetime, result: str) -> str:

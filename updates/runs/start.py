@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -162,7 +163,7 @@ def start_update(
     try:
         (outcome,) = _start(
             [(node, release)], user=user, trigger=trigger, packages=sorted(packages or []), message=message,
-            schedule=schedule, scheduled_for=scheduled_for,
+            schedules=[schedule], scheduled_for=scheduled_for,
         )  # fmt: skip
     except IntegrityError:
         raise UpdateRefused(f"{node} is already updating.") from None
@@ -185,21 +186,24 @@ def start_updates(targets: Sequence[tuple[Node, Release]], *, user: Any = None) 
 
 
 def start_scheduled(
-    targets: Sequence[tuple[Node, Release]], *, trigger: str, schedule: Any, scheduled_for: datetime | None = None
+    targets: Sequence[tuple[Node, Release, Any]], *, trigger: str, scheduled_for: datetime | None = None
 ) -> list[UpdateRun | UpdateRefused]:
-    """A schedule's firing starts the runs of its nodes (a whole cluster) at once: one
-    transaction and a fixed number of queries however many nodes, where a start per
-    node cost some twenty. For each target, in order, its run or why it did not start;
-    a node that has its run for `scheduled_for` already is refused with AlreadyStarted
-    (read under the nodes' locks: a second beat firing the same entry at the same
-    moment waits for the first one's commit, then finds its runs)."""
+    """Firings start the runs of their nodes (a whole cluster; every schedule due at
+    the same instant) at once: one transaction and a fixed number of queries however
+    many nodes, where a start per node cost some twenty. Each target is a node, its
+    release and the schedule it is started by. For each target, in order, its run or
+    why it did not start; a node that has its run for `scheduled_for` already is
+    refused with AlreadyStarted (read under the nodes' locks: a second beat firing the
+    same entry at the same moment waits for the first one's commit, then finds its runs)."""
+    pairs = [(node, release) for node, release, _ in targets]
+    schedules = [schedule for _, _, schedule in targets]
     try:
-        return _start(targets, user=None, trigger=trigger, schedule=schedule, scheduled_for=scheduled_for)
+        return _start(pairs, user=None, trigger=trigger, schedules=schedules, scheduled_for=scheduled_for)
     except IntegrityError:
         # A start that locked other nodes first came between (cannot happen while every
         # start goes through _start): node by node then, each with its own answer.
         outcomes: list[UpdateRun | UpdateRefused] = []
-        for node, release in targets:
+        for node, release, schedule in targets:
             try:
                 outcomes.append(
                     start_update(node, release, trigger=trigger, schedule=schedule, scheduled_for=scheduled_for)
@@ -216,10 +220,11 @@ def _start(
     trigger: str,
     packages: list[str] | None = None,
     message: str = "",
-    schedule: Any = None,
+    schedules: Sequence[Any] | None = None,
     scheduled_for: datetime | None = None,
 ) -> list[UpdateRun | UpdateRefused]:
-    """For each target, in order, its new run or why it may not start. IntegrityError
+    """For each target, in order, its new run or why it may not start; `schedules`: the
+    schedule that starts each target, if any. IntegrityError
     if a partial unique index lost a race with another start: nothing of this start
     was kept."""
     if not targets:
@@ -232,7 +237,7 @@ def _start(
         locked = {node.pk: node for node in rows.order_by("pk")}
         checks = StartChecks.read(locked.values(), scheduled_for)
         outcomes: list[UpdateRun | UpdateRefused] = []
-        for given, release in targets:
+        for (given, release), schedule in zip(targets, schedules or [None] * len(targets), strict=True):
             node = locked.get(given.pk)
             try:
                 if node is None:
@@ -266,7 +271,13 @@ def _create(runs: list[UpdateRun]) -> None:
     for run in runs:
         # Started at its update time: this chain carries the whole run.
         run.update_phase_started = run.scheduled_for is not None and not waiting(run)
-    group(runs, runs[0].started_by)  # several nodes, or a cluster schedule's occurrence: one rollout
+    # Several nodes, or a cluster schedule's occurrence: one rollout. A batch of firings
+    # starts the runs of many schedules: each schedule's runs are a group of their own.
+    by_schedule: dict[int | None, list[UpdateRun]] = defaultdict(list)
+    for run in runs:
+        by_schedule[run.schedule_id].append(run)
+    for some in by_schedule.values():
+        group(some, some[0].started_by)
     UpdateRun.objects.bulk_create(runs)
     names = {run.pk: plan_steps(run.node, run.trigger, reboot=run.release.needs_reboot) for run in runs}
     UpdateStep.objects.bulk_create(
