@@ -243,9 +243,10 @@ def claim(schedule: UpdateSchedule, firing: Firing, now: datetime) -> list[tuple
     own = rows.filter(pk=schedule.pk, time_control=True).exclude(**{marked: firing.at}).first()
     if own is None:
         return []
+    # Not only enabled entries: beat disables a one-off entry as soon as it has sent it,
+    # and its task may wait in the queue behind this one.
     due = rows.select_for_update(skip_locked=True, of=("self",)).filter(
-        time_control=True,
-        **{f"{firing.kind}_task__enabled": True, f"{firing.kind}_task__clocked__clocked_time": firing.at},
+        time_control=True, **{f"{firing.kind}_task__clocked__clocked_time": firing.at}
     )
     batch = [(own, firing)]
     for other in due.exclude(pk=own.pk).exclude(**{marked: firing.at}):
