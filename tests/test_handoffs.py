@@ -310,6 +310,36 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     assert fetched == ["control.complete", "control.node_report", "control.slot"]
 
 
+def test_a_node_that_held_its_users_until_its_time_asks_for_its_slot_ahead_of_the_reports(
+    monkeypatch, make_node, cluster, releases, agent_settings, django_capture_on_commit_callbacks
+):
+    # A time-controlled cluster update: the node left the load balancer and held its
+    # users until its planned time; their logoff must not wait behind other nodes' reports.
+    node = Node.objects.get(pk=make_node("c", cluster=cluster).pk)
+    with django_capture_on_commit_callbacks(execute=False):
+        run = start.start_update(
+            node, releases["2.2.0"], trigger=UpdateRun.Trigger.SCHEDULED,
+            scheduled_for=timezone.now() + timedelta(hours=1),
+        )  # fmt: skip
+    assert "hold" in chains.step_names(run)
+    queue = f"control-order-{uuid.uuid4().hex[:8]}"  # no control worker of the session takes them
+    monkeypatch.setattr(node_tasks, "report_queue", queue)
+    node_tasks.report_node(run.node.hostname, Snapshot(taken_at=time.time()))
+    (slot, *_) = chains.build_chain(run, "slot").tasks
+    slot.set(queue=queue).apply_async()
+    with app.connection_for_read() as conn:
+        inbox = conn.SimpleQueue(queue)
+        try:
+            fetched = []
+            for _ in range(2):
+                message = inbox.get(timeout=5)
+                message.ack()
+                fetched.append(message.headers["task"])
+        finally:
+            inbox.close()
+    assert fetched == ["control.slot", "control.node_report"], "sent last, fetched first"
+
+
 def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
     make_node, cluster, releases, django_capture_on_commit_callbacks, monkeypatch
 ):

@@ -40,7 +40,9 @@ END_MAINTENANCE = "node.end_maintenance"
 
 # Redis serves priority 0 (the default) first, 9 last. Reports and slot requests
 # yield to the chains' own control steps of nodes that are out of service; an agent
-# worker's ready report goes first: after a reboot, verify waits for it.
+# worker's ready report goes first: after a reboot, verify waits for it. (A node that
+# held its users until its planned time asks for its slot at the default priority:
+# updates/runs/chains.py, build_chain.)
 REPORT_PRIORITY = 9
 READY_PRIORITY = 0
 SLOT_PRIORITY = 9

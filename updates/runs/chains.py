@@ -221,7 +221,14 @@ def build_chain(run: UpdateRun, from_step: str, names: Sequence[str] | None = No
     hands it on, and it carries the node's snapshot, so verify and complete never wait for
     the step's report); first in a chain, it gets a "go" signed by the control plane."""
     payload = node_payload(run)
+    names = list(names or step_names(run))
     steps, last = segment(run, from_step, names)
+    # Asking for a slot is not urgent where no node is out of service yet: it yields to
+    # the control steps of nodes that are, with the reports. A node that held its users
+    # until its planned time (out of the load balancer, its users told the time) needs
+    # its slot now: at a fleet-wide update its request waited behind hundreds of
+    # reports at the very time its users were to be logged off (bench/fleet_update.py).
+    slot_priority = None if "hold" in names else SLOT_PRIORITY
     sigs = []
     for name in [*steps, *(["complete"] if last else [])]:
         if name in NODE_STEPS:
@@ -231,8 +238,7 @@ def build_chain(run: UpdateRun, from_step: str, names: Sequence[str] | None = No
         after_node = bool(sigs) and str(sigs[-1].task).startswith("node.")
         args = () if after_node else (trust.go(run.pk, name),)
         sig = signature(control_task(name), args=args, immutable=not after_node).set(queue=CONTROL_QUEUE)
-        # Asking for a slot is never urgent: no node is out of service yet.
-        sigs.append(sig.set(priority=SLOT_PRIORITY) if name == "slot" else sig)
+        sigs.append(sig.set(priority=slot_priority) if name == "slot" and slot_priority is not None else sig)
     return chain(*sigs)
 
 
