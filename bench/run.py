@@ -34,6 +34,7 @@ BENCHMARKS: dict[str, str | None] = {
     "beat": "bench.beat_lag",  # 5. beat lag: 500 schedules due at once
     "fanout": "bench.fanout",  # 5b. a schedule's firing: a 200-node cluster, single systems
     "fleet": "bench.fleet",  # 6. fleet scale: heartbeats of 10,000 nodes, the knee
+    "fleet-update": "bench.fleet_update",  # 6b. a fleet-wide time-controlled update due at one instant
 }
 NOT_YET: dict[str, str] = {}
 RESULTS = ROOT / "var" / "bench" / "results.json"
@@ -47,8 +48,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--nodes",
         type=int,
-        help="admin, fleet: fleet size (default 10000); rollout, fanout: cluster size (default 200); "
-        "beat: schedules (default 500)",
+        help="admin, fleet: fleet size (default 10000); fleet-update: fleet size (default 2500); "
+        "rollout, fanout: cluster size (default 200); beat: schedules (default 500)",
     )
     parser.add_argument("--minutes", type=float, help="fleet: length of the long run (default 10)")
     parser.add_argument(
