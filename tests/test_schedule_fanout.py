@@ -66,7 +66,7 @@ def test_firing_a_cluster_schedule_costs_the_same_queries_for_fifty_nodes_as_for
     # SQLite takes at most 999 parameters per query: 550 step rows are six inserts, not one.
     assert download50 <= download5 + 6, counts
     assert update50 == update5, counts
-    assert download5 < 60, "some twenty queries per node before issue 16"
+    assert download5 < 70, "some twenty queries per node before issue 16 (a batch's claim is a few more)"
 
 
 def test_the_update_entry_fired_twice_carries_each_run_into_its_update_phase_once(
@@ -327,3 +327,31 @@ def test_cluster_schedules_due_at_one_instant_each_get_their_plan_and_rollout(
         assert set(rollout.runs.values_list("node", flat=True)) == set(cluster.nodes.values_list("pk", flat=True))
         assert UpdatePlan.objects.filter(schedule=schedule, occurrence=run_at).count() == 1
     assert UpdateRun.objects.get(schedule=single).rollout is None, "a single system's run is in no rollout"
+
+
+def test_a_schedule_that_fails_is_left_to_its_own_firing_and_the_others_of_its_instant_start(
+    releases, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    settings.TGP_REPO_URL = NOBODY
+    run_at = (timezone.now() + timedelta(hours=3)).replace(microsecond=0)
+    broken = UpdateSchedule.objects.create(name="broken", cluster=cluster_of(2), run_at=run_at)
+    first, second = singles_due(2, run_at)
+    real = scheduled.ensure_plan
+
+    def ensure_plan(schedule, occurrence):
+        if schedule.pk == broken.pk:
+            raise RuntimeError("a plan that cannot be made")
+        return real(schedule, occurrence)
+
+    monkeypatch.setattr(scheduled, "ensure_plan", ensure_plan)
+    at = armed(first, "download")
+    with django_capture_on_commit_callbacks(execute=False):
+        scheduled.fire(first.pk, "download", at)
+    assert set(UpdateRun.objects.values_list("schedule", flat=True)) == {first.pk, second.pk}
+    assert UpdateSchedule.objects.get(pk=broken.pk).download_fired_for is None, "not marked fired"
+    assert not UpdatePlan.objects.exists(), "nothing of it kept"
+    # Its own entry fires it, and fails as it would alone.
+    with pytest.raises(RuntimeError), django_capture_on_commit_callbacks(execute=False):
+        scheduled.fire(broken.pk, "download", at)
+    with django_capture_on_commit_callbacks(execute=False):
+        assert "fired already" in scheduled.fire(second.pk, "download", at)

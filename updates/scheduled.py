@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -223,7 +224,10 @@ def fire(schedule_id: int, kind: str, at: datetime | None = None) -> str:
         batch = claim(schedule, firing, now)
         if not batch:
             return f"{kind} of {firing.at:%Y-%m-%d %H:%M}: fired already, with the schedules due at the same time"
-        results = fire_batch(batch)
+        results, failed = fire_batch(batch, own=schedule.pk)
+        if failed:  # left to their own tasks: each fails alone, as before batches
+            UpdateSchedule.objects.filter(pk__in=failed).update(**{f"{kind}_fired_for": None})
+            batch = [(other, f) for other, f in batch if other.pk not in failed]
         for other, _ in batch:
             other.last_checked_at, other.last_result = now, (looked + results[other.pk])[:4000]
             log.info("schedule %s: %s", other.pk, other.last_result)
@@ -257,35 +261,58 @@ def claim(schedule: UpdateSchedule, firing: Firing, now: datetime) -> list[tuple
     return batch
 
 
-def fire_batch(batch: list[tuple[UpdateSchedule, Firing]]) -> dict[int, str]:
+def fire_batch(batch: list[tuple[UpdateSchedule, Firing]], own: int) -> tuple[dict[int, str], set[int]]:
     """Start (or carry on) the runs, or the downloads, of every firing in the batch at
-    once. Returns each schedule's result."""
+    once. Returns each schedule's result, and the other schedules whose own part (their
+    nodes, their cluster's plan) failed: they are left out, so that one broken schedule
+    does not stop every firing of its instant; the firing schedule's (`own`) failure
+    raises, as it did before batches."""
     singles = Node.objects.select_related("cluster").in_bulk([s.node_id for s, _ in batch if s.node_id])
     starts: dict[tuple[datetime, str], list[Group]] = defaultdict(list)
     downloads: list[Group] = []
     heads: dict[int, str] = {}
+    failed: set[int] = set()
     for schedule, firing in batch:
-        if schedule.node_id:
-            nodes = [singles[schedule.node_id]] if schedule.node_id in singles else []
-        else:
-            nodes = list(schedule.target_nodes().select_related("cluster"))
-        if firing.update_at is not None and (firing.kind == "update" or starts_run(schedule, firing)):
-            if schedule.cluster_id:
-                # Each node's own time, planned once for the occurrence; left-out nodes get no run.
-                plan = ensure_plan(schedule, firing.update_at)
-                planned = set(plan.entries.filter(excluded=False).values_list("node_id", flat=True))
-                nodes = [node for node in nodes if node.pk in planned]
+        try:
+            # A cluster's plan in a savepoint: a failed one leaves nothing behind. (A single
+            # system's part reads nothing: no savepoint, two queries less per schedule.)
+            with transaction.atomic() if schedule.cluster_id else nullcontext():
+                head, nodes, starting = _targets(schedule, firing, singles)
+        except Exception:
+            if schedule.pk == own:
+                raise
+            log.exception("schedule %s left out of the firing of schedule %s", schedule.pk, own)
+            failed.add(schedule.pk)
+            continue
+        heads[schedule.pk] = head
+        if starting:
+            assert firing.update_at is not None
             starts[(firing.update_at, firing.kind)].append((schedule, nodes))
-            heads[schedule.pk] = f"{firing.kind} for {timezone.localtime(firing.update_at):%Y-%m-%d %H:%M}: "
         else:
             downloads.append((schedule, nodes))
-            heads[schedule.pk] = "download only: "
     lines: dict[int, list[str]] = {}
     for (slot, kind), groups in starts.items():
         lines |= start_runs(groups, slot, kind)
     if downloads:
         lines |= download_runs(downloads)
-    return {pk: head + "; ".join(lines[pk] or ["no nodes"]) for pk, head in heads.items()}
+    return {pk: head + "; ".join(lines[pk] or ["no nodes"]) for pk, head in heads.items()}, failed
+
+
+def _targets(schedule: UpdateSchedule, firing: Firing, singles: dict[int, Node]) -> tuple[str, list[Node], bool]:
+    """A firing's result heading, its nodes, and whether it starts runs (else it only
+    downloads)."""
+    if schedule.node_id:
+        nodes = [singles[schedule.node_id]] if schedule.node_id in singles else []
+    else:
+        nodes = list(schedule.target_nodes().select_related("cluster"))
+    if firing.update_at is None or not (firing.kind == "update" or starts_run(schedule, firing)):
+        return "download only: ", nodes, False
+    if schedule.cluster_id:
+        # Each node's own time, planned once for the occurrence; left-out nodes get no run.
+        plan = ensure_plan(schedule, firing.update_at)
+        planned = set(plan.entries.filter(excluded=False).values_list("node_id", flat=True))
+        nodes = [node for node in nodes if node.pk in planned]
+    return f"{firing.kind} for {timezone.localtime(firing.update_at):%Y-%m-%d %H:%M}: ", nodes, True
 
 
 def _log(schedule: UpdateSchedule, now: datetime, result: str) -> str:
