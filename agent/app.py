@@ -16,6 +16,7 @@ from kombu import Queue
 from agent.config import config
 from agent.shared.protocol import CONTROL_QUEUE, PUBLISH_RETRY_POLICY, node_queue
 from agent.shared.sentinel import is_sentinel_url
+from agent.shared.transport import transport_for
 
 # The control side's processes run in TGP_TIME_ZONE (Django sets TZ from TIME_ZONE).
 # Celery adjusts event times by each sender's local UTC offset, so an agent in another
@@ -30,6 +31,8 @@ _sentinel_options = _sentinel.transport_options() if _sentinel and is_sentinel_u
 app = Celery("agent", fixups=[], set_as_current=False)
 app.conf.update(
     broker_url=config().redis_url,
+    # kombu's Redis transport, with one client per channel for publishing (agent/shared/transport.py).
+    broker_transport=transport_for(config().redis_url),
     broker_connection_retry_on_startup=True,
     task_serializer="json",
     result_serializer="json",
