@@ -355,25 +355,3 @@ def test_a_schedule_that_fails_is_left_to_its_own_firing_and_the_others_of_its_i
         scheduled.fire(broken.pk, "download", at)
     with django_capture_on_commit_callbacks(execute=False):
         assert "fired already" in scheduled.fire(second.pk, "download", at)
-
-
-def test_update_entries_due_at_one_instant_each_carry_on_their_own_runs(
-    releases, settings, django_capture_on_commit_callbacks
-):
-    # The runs exist (the download entries created them): publishing their chains is the
-    # work, which the control worker's processes share when each fires its own.
-    settings.TGP_REPO_URL = NOBODY
-    run_at = (timezone.now() + timedelta(hours=2)).replace(microsecond=0)
-    first, second = singles_due(2, run_at)
-    with django_capture_on_commit_callbacks(execute=False):
-        scheduled.fire(first.pk, "download", armed(first, "download"))
-    runs = {run.schedule_id: run.pk for run in UpdateRun.objects.all()}
-    at = armed(first, "update")
-    with django_capture_on_commit_callbacks(execute=False) as update:
-        assert scheduled.fire(first.pk, "update", at).endswith(f"{first.node}: run {runs[first.pk]}")
-    assert [c.run_id for c in update if isinstance(c, WakeAtPhase)] == [runs[first.pk]], "its own run only"
-    assert UpdateSchedule.objects.get(pk=second.pk).update_fired_for is None
-    with django_capture_on_commit_callbacks(execute=False) as own:
-        assert scheduled.fire(second.pk, "update", at).endswith(f"{second.node}: run {runs[second.pk]}")
-        assert "fired already" in scheduled.fire(second.pk, "update", at), "a second beat"
-    assert [c.run_id for c in own if isinstance(c, WakeAtPhase)] == [runs[second.pk]]

@@ -4,10 +4,10 @@ nodes: start.start_scheduled, chains.start_update_phases). Safe to fire twice (a
 beat, a re-armed lost firing): a run for the same node and update time is never
 started twice, and a firing marked fired starts nothing.
 
-A firing re-arms its entry (updates.schedules.arm), then acts; a download entry for
-itself and for every other schedule whose download entry is due at the same instant
-(claim: the first task of an instant creates the runs of all; 500 schedules due at
-03:00 are one start, not 500 one after another in two worker processes):
+A firing re-arms its entry (updates.schedules.arm), then acts, for itself and for
+every other schedule whose entry of the same kind is due at the same instant (claim:
+the first task of an instant does the work of all; 500 schedules due at 03:00 are one
+start, not 500 one after another in two worker processes):
 - the update entry starts (or carries on) the run of its update;
 - the download entry does so only if it is the last download before that update;
   an earlier one, and every firing of a download-only schedule, only downloads
@@ -236,10 +236,10 @@ def fire(schedule_id: int, kind: str, at: datetime | None = None) -> str:
 
 
 def claim(schedule: UpdateSchedule, firing: Firing, now: datetime) -> list[tuple[UpdateSchedule, Firing]]:
-    """This schedule's firing and, for a download entry, that of every schedule whose
-    download entry is armed for the same instant, each marked fired (`<kind>_fired_for`)
-    so that its own task, when it comes, starts nothing; empty if this schedule's firing
-    was claimed already (by another schedule's firing, or a second beat). Other schedules locked
+    """This schedule's firing and that of every schedule whose entry of the same kind is
+    armed for the same instant, each marked fired (`<kind>_fired_for`) so that its own
+    task, when it comes, starts nothing; empty if this schedule's firing was claimed
+    already (by another schedule's firing, or a second beat). Other schedules locked
     elsewhere (firing themselves, being edited) are left to their own tasks. Inside the
     caller's transaction: the mark and the runs commit together, or neither."""
     marked = f"{firing.kind}_fired_for"
@@ -253,13 +253,6 @@ def claim(schedule: UpdateSchedule, firing: Firing, now: datetime) -> list[tuple
         time_control=True, **{f"{firing.kind}_task__clocked__clocked_time": firing.at}
     )
     batch = [(own, firing)]
-    if firing.kind != "download":
-        # An update entry carries on runs that exist (their chains published, ~7 ms each):
-        # the control worker's processes do that faster each for its own schedules than
-        # one of them for all (bench/beat_lag.py, 500 due at once: drain on the node p50
-        # 6.5 s one by one, 19.5 s as one batch). The download entry creates the runs.
-        UpdateSchedule.objects.filter(pk=own.pk).update(**{marked: firing.at})
-        return batch
     for other in due.exclude(pk=own.pk).exclude(**{marked: firing.at}):
         # Its firing as the schedule is now (an entry armed before an edit fires nothing).
         if (found := firing_for(other, firing.kind, firing.at, now)) is not None:
