@@ -284,6 +284,21 @@ def test_a_node_clock_ahead_of_ours_is_capped_at_now(make_node, releases, django
     assert UpdateStep.objects.get(run=run, name="notify").started_at <= timezone.now()
 
 
+def fetched_tasks(queue: str, count: int) -> list[str]:
+    """The names of the next `count` tasks taken from `queue`, as a worker takes them."""
+    with app.connection_for_read() as conn:
+        inbox = conn.SimpleQueue(queue)
+        try:
+            fetched = []
+            for _ in range(count):
+                message = inbox.get(timeout=5)
+                message.ack()
+                fetched.append(message.headers["task"])
+        finally:
+            inbox.close()
+    return fetched
+
+
 def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     monkeypatch, make_node, cluster, releases, agent_settings, django_capture_on_commit_callbacks
 ):
@@ -296,16 +311,7 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     slot.set(queue=queue).apply_async()
     signature("control.complete", args=(trust.go(1, "complete"),), immutable=True).set(queue=queue).apply_async()
 
-    with app.connection_for_read() as conn:
-        inbox = conn.SimpleQueue(queue)
-        try:
-            fetched = []
-            for _ in range(3):
-                message = inbox.get(timeout=5)
-                message.ack()
-                fetched.append(message.headers["task"])
-        finally:
-            inbox.close()
+    fetched = fetched_tasks(queue, 3)
     # Sent last, fetched first: a node out of service does not wait behind reports or slot requests.
     assert fetched == ["control.complete", "control.node_report", "control.slot"]
 
@@ -327,17 +333,7 @@ def test_a_node_that_held_its_users_until_its_time_asks_for_its_slot_ahead_of_th
     node_tasks.report_node(run.node.hostname, Snapshot(taken_at=time.time()))
     (slot, *_) = chains.build_chain(run, "slot").tasks
     slot.set(queue=queue).apply_async()
-    with app.connection_for_read() as conn:
-        inbox = conn.SimpleQueue(queue)
-        try:
-            fetched = []
-            for _ in range(2):
-                message = inbox.get(timeout=5)
-                message.ack()
-                fetched.append(message.headers["task"])
-        finally:
-            inbox.close()
-    assert fetched == ["control.slot", "control.node_report"], "sent last, fetched first"
+    assert fetched_tasks(queue, 2) == ["control.slot", "control.node_report"], "sent last, fetched first"
 
 
 def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
