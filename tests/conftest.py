@@ -137,6 +137,26 @@ def accept_key(node: Any, node_dir: Path | None = None) -> str:
     return public
 
 
+def accept_keys(nodes: list[Any]) -> None:
+    """accept_key for many nodes at once: a key each, made in memory, accepted in one
+    insert, with no key file and no audit row. For a large fleet whose agents never run
+    (1,200 nodes: 15 s one by one)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from django.utils import timezone
+
+    from agent.shared import signing
+    from nodes.models import NodeKey
+
+    now, keys = timezone.now(), []
+    for node in nodes:
+        public = signing.public_b64(Ed25519PrivateKey.generate())
+        keys.append(
+            NodeKey(node=node, public_key=public, fingerprint=signing.fingerprint(public),
+                    state=NodeKey.State.ACCEPTED, decided_at=now, note="accepted by the test fixture")
+        )  # fmt: skip
+    NodeKey.objects.bulk_create(keys)
+
+
 def process_env(redis_url: str, **extra: str) -> dict[str, str]:
     return {
         **os.environ,

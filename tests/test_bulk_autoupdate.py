@@ -15,7 +15,7 @@ from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
 from nodes.models import Cluster, Node
-from tests.conftest import accept_key
+from tests.conftest import accept_keys
 from updates.models import UpdateLock, UpdateRun
 from updates.runs import start
 from updates.runs.chains import QueueChain, QueueStarted
@@ -32,13 +32,11 @@ def operator(client, staff, releases):
 
 def cluster_of(count: int) -> list[Node]:
     cluster = Cluster.objects.create(name=f"bulk-{uuid.uuid4().hex[:6]}", max_parallel_updates=2)
-    nodes = [
-        Node.objects.create(hostname=f"{cluster.name}-{i}", cluster=cluster, installed_version="2.1.0",
-                            logged_in_users=["alice"])
+    nodes = Node.objects.bulk_create(
+        Node(hostname=f"{cluster.name}-{i}", cluster=cluster, installed_version="2.1.0", logged_in_users=["alice"])
         for i in range(count)
-    ]  # fmt: skip
-    for node in nodes:
-        accept_key(node)
+    )
+    accept_keys(nodes)
     return nodes
 
 
