@@ -22,6 +22,7 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -145,7 +146,7 @@ def start_runs(groups: list[Group], slot: datetime, kind: str = "update") -> dic
         if node.pk not in existing and (release := updates_for(node, newest))
     ]
     started = start_scheduled(targets, trigger=UpdateRun.Trigger.SCHEDULED, scheduled_for=slot)
-    outcomes = {(schedule.pk, node.pk): outcome for (node, _, schedule), outcome in zip(targets, started, strict=True)}
+    outcomes = _by_target(targets, started)
     # The update entry arms a timer for a node whose own time comes later (a plan's later
     # wave); a run it starts downloads first, then waits for its own time.
     start_update_phases(list(existing.values()), arm=kind == "update")
@@ -156,6 +157,11 @@ def start_runs(groups: list[Group], slot: datetime, kind: str = "update") -> dic
         lines[schedule.pk] = [_start_line(node, existing.get(node.pk), outcomes.get((schedule.pk, node.pk)), slot)
                               for node in some]  # fmt: skip
     return lines
+
+
+def _by_target(targets: list[tuple[Node, Release, UpdateSchedule]], started: list[Any]) -> dict[tuple[int, int], Any]:
+    """start_scheduled's outcomes by (schedule, node): a node may be in two schedules of one batch."""
+    return {(schedule.pk, node.pk): outcome for (node, _, schedule), outcome in zip(targets, started, strict=True)}
 
 
 def _start_line(
@@ -184,7 +190,7 @@ def download_runs(groups: list[Group]) -> dict[int, list[str]]:
         if (release := updates_for(node, newest))
     ]
     started = start_scheduled(targets, trigger=UpdateRun.Trigger.DOWNLOAD)
-    outcomes = {(schedule.pk, node.pk): outcome for (node, _, schedule), outcome in zip(targets, started, strict=True)}
+    outcomes = _by_target(targets, started)
     lines: dict[int, list[str]] = {}
     for schedule, some in groups:
         lines[schedule.pk] = []
