@@ -237,3 +237,54 @@ def test_a_replan_places_the_nodes_out_already_before_those_still_in_line():
         place(bounds, [in_line, out], fixed)
     slots = {s.node: s for s in place(bounds, [out, in_line], fixed)}
     assert slots["out"].at == T and slots["waiting"].at == T + 2 * MIN
+
+
+def _plan_of_three(cluster, make_node, occurrence):
+    Cluster.objects.filter(pk=cluster.pk).update(max_parallel_updates=1)
+    cluster.refresh_from_db()
+    for _ in range(3):
+        make_node("p", cluster=cluster)
+    schedule = UpdateSchedule.objects.create(name="plan", cluster=cluster, run_at=occurrence)
+    plan = plans.ensure_plan(schedule, occurrence)
+    return list(plan.entries.select_related("node", "plan").order_by("planned_at"))
+
+
+def test_a_holding_node_looks_at_its_plan_only_once_a_node_before_it_may_be_updating(
+    cluster, make_node, releases, settings
+):
+    look = timedelta(seconds=settings.TGP_PLAN_LOOK)
+    first, second, third = _plan_of_three(cluster, make_node, timezone.now() + timedelta(hours=1))
+    before = first.planned_at - timedelta(minutes=30)
+    assert plans.next_look(second, before) == first.planned_at + look, "nobody is updating: nothing can move"
+    assert plans.next_look(third, before) == first.planned_at + look
+    assert plans.next_look(second, first.planned_at + timedelta(seconds=5)) is None, "its time passed: look now"
+
+    # Logged off a moment before its time (the node's clock): updating, so it may overrun.
+    run = _in_progress(first, releases, off=first.planned_at - timedelta(seconds=0.2))
+    assert plans.next_look(second, first.planned_at - timedelta(seconds=0.1)) is None, "updating: it may overrun"
+    back = first.back_at - timedelta(minutes=1)
+    UpdateRun.objects.filter(pk=run.pk).update(finished_at=back)
+    assert plans.next_look(third, back) == second.planned_at + look, "back early: only the second may move it"
+
+
+def test_a_hold_before_anyone_of_its_plan_updates_waits_for_them_not_every_look(cluster, make_node, releases, settings):
+    from updates.runs import cluster_cap
+
+    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
+    first, second, _ = _plan_of_three(cluster, make_node, timezone.now() + timedelta(minutes=10))
+    run = UpdateRun.objects.create(node=second.node, release=releases["2.2.0"], trigger="scheduled",
+                                   schedule=second.plan.schedule, scheduled_for=second.plan.occurrence,
+                                   update_phase_started=True)  # fmt: skip
+    run.steps.create(name="hold", position=0)
+    until = (first.planned_at - timezone.now()).total_seconds() + settings.TGP_PLAN_LOOK
+    with pytest.raises(cluster_cap.HoldOn) as held:
+        cluster_cap.hold(run.pk)
+    assert until - 5 < held.value.seconds <= until, "one look after the first node's time, not one every 30 s"
+
+    # An hour ahead: no countdown the broker's visibility timeout would outlast.
+    far = UpdateRun.objects.filter(pk=run.pk)
+    PlanEntry.objects.filter(plan=first.plan).update(planned_at=timezone.now() + timedelta(hours=3))
+    far.update(state=UpdateRun.State.RUNNING)
+    with pytest.raises(cluster_cap.HoldOn) as held:
+        cluster_cap.hold(run.pk)
+    assert held.value.seconds == 1800

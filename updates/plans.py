@@ -338,6 +338,32 @@ def _progress(plan: UpdatePlan) -> dict[int, _Progress]:
     }
 
 
+def next_look(entry: PlanEntry, now: datetime) -> datetime | None:
+    """When the node of `entry`, holding until its planned time, must next look at its
+    plan (replan); None: now. A replan moves nodes only after one of the plan that is
+    logged off (late, or overrunning). While no other node is logged off and not back,
+    nothing can move before the next of them is due to be logged off; a look
+    TGP_PLAN_LOOK after that finds one that went off late as soon as the looks every
+    TGP_PLAN_LOOK would have. So the nodes of a plan do not all look at once at each
+    interval, and a fleet-wide update's holds do not crowd its first waves (issue 16)."""
+    progress = _progress(entry.plan)
+    due = []
+    for node_id, planned_at in (
+        entry.plan.entries.filter(excluded=False).exclude(pk=entry.pk).values_list("node_id", "planned_at")
+    ):
+        seen = progress.get(node_id)
+        if seen is not None and seen.back is not None:
+            continue  # back (or ended): it moves nobody any more
+        if seen is not None and seen.off is not None:
+            return None  # updating: it may overrun
+        due.append(planned_at)
+    if not due:
+        return entry.planned_at  # nobody else to wait for: nothing can move it
+    first = min(due)
+    # Its time has passed and it is not logged off (in line for a slot): look as before.
+    return first + timedelta(seconds=settings.TGP_PLAN_LOOK) if now < first else None
+
+
 def expected_back(off: datetime, expected: timedelta, now: datetime) -> datetime:
     """When a node logged off at `off` is expected back: as expected, and once past
     that, in steps of half its expected duration. Steps, not "now plus a bit": the

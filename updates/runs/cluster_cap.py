@@ -8,6 +8,8 @@ release hands both on to the longest waiters in place."""
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -129,8 +131,9 @@ def _give_back(run_id: int, cluster: Cluster, node: Node, step: str, token: int)
 
 def hold(run_id: int) -> None:
     """Out of the load balancer, a cluster node keeps its users until its planned time
-    (its plan entry, which an overrun before it may move: looked at again at least
-    every TGP_PLAN_LOOK seconds). HoldOn until then."""
+    (its plan entry, which an overrun before it may move: looked at again every
+    TGP_PLAN_LOOK seconds while another node of the plan updates, plans.next_look).
+    HoldOn until then."""
     from updates import plans  # plans build on runs: imported when used
 
     run = UpdateRun.objects.select_related("node").get(pk=run_id)
@@ -139,16 +142,25 @@ def hold(run_id: int) -> None:
     now = timezone.now()
     lifecycle.touch(run_id, now)
     entry = plans.entry_for(run)
+    look = None
     if entry is not None:
-        # A node before it that overruns moves its time (and its users hear of it) first.
-        plans.replan(entry.plan, now)
-        entry.refresh_from_db(fields=["planned_at"])
-    if entry is not None and now < entry.planned_at:
+        look = plans.next_look(entry, now)
+        if look is None:
+            # A node before it that overruns moves its time (and its users hear of it) first.
+            plans.replan(entry.plan, now)
+            entry.refresh_from_db(fields=["planned_at"])
+            look = now + timedelta(seconds=settings.TGP_PLAN_LOOK)
+    if entry is not None and look is not None and now < entry.planned_at:
         detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
         lifecycle.start_step(run_id, "hold", now, detail=detail)
-        wait = (entry.planned_at - now).total_seconds()
-        raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, settings.TGP_PLAN_LOOK))
+        wait = (min(entry.planned_at, look) - now).total_seconds()
+        # A countdown the broker's visibility timeout would outlast comes back as a duplicate.
+        raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, _longest_wait()))
     lifecycle.finish_step(run_id, "hold", "succeeded", now, began=None)
+
+
+def _longest_wait() -> float:
+    return float(settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]) / 2
 
 
 def _replan(run: UpdateRun) -> None:
