@@ -336,6 +336,25 @@ def test_a_node_that_held_its_users_until_its_time_asks_for_its_slot_ahead_of_th
     assert fetched_tasks(queue, 2) == ["control.slot", "control.node_report"], "sent last, fetched first"
 
 
+def test_a_node_whose_time_has_come_takes_its_slot_in_its_hold_not_behind_the_control_queue(
+    make_node, cluster, releases, django_capture_on_commit_callbacks
+):
+    node = Node.objects.get(pk=make_node("c", cluster=cluster).pk)
+    with django_capture_on_commit_callbacks(execute=False):
+        run = start.start_update(
+            node, releases["2.2.0"], trigger=UpdateRun.Trigger.SCHEDULED,
+            scheduled_for=timezone.now() + timedelta(hours=1),
+        )  # fmt: skip
+    chain = chains.build_chain(run, "exclude")
+    assert [sig.task for sig in chain.tasks] == ["node.exclude", "control.hold"], "no slot task of its own"
+
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        cluster_cap.hold(run.pk)  # no plan entry: its time is now
+    steps = dict(UpdateStep.objects.filter(run=run).values_list("name", "state"))
+    assert steps["hold"] == steps["slot"] == "succeeded"
+    assert [c.from_step for c in queued if isinstance(c, QueueChain)] == ["drain"], "its users are logged off next"
+
+
 def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
     make_node, cluster, releases, django_capture_on_commit_callbacks, monkeypatch
 ):

@@ -28,8 +28,10 @@ from updates.runs import lifecycle, rollouts
 log = logging.getLogger(__name__)
 
 
-# Control steps after which a chain stops: the rest is queued once a slot or place is held.
-WAITS_IN_LINE = ("leave", "slot")
+# Control steps after which a chain stops: the rest is queued once a slot or place is
+# held, and a hold, once its node's time has come, asks for the slot after it itself,
+# in its own task (cluster_cap.hold).
+ENDS_CHAIN = ("leave", "hold", "slot")
 
 
 class RunFailed(Exception):
@@ -200,15 +202,14 @@ def segment(run: UpdateRun, from_step: str, names: Sequence[str] | None = None) 
     """The steps one chain carries from `from_step`, and whether it ends the run.
 
     A chain stops after the slot and leave steps (which queue the rest once they hold
-    a slot or a place, an update slot's fencing token in the payload) and, for a scheduled run, after
-    the download (the rest starts at the update time). `names`: the run's steps, if known."""
+    a slot or a place, an update slot's fencing token in the payload), after hold
+    (which takes the slot itself) and, for a scheduled run, after the download (the
+    rest starts at the update time). `names`: the run's steps, if known."""
     names = list(names or step_names(run))
     steps = []
     for name in names[names.index(from_step) :]:
         steps.append(name)
-        if name in WAITS_IN_LINE or (
-            name == "download" and run.trigger == UpdateRun.Trigger.SCHEDULED and waiting(run)
-        ):
+        if name in ENDS_CHAIN or (name == "download" and run.trigger == UpdateRun.Trigger.SCHEDULED and waiting(run)):
             return steps, False
     return steps, True
 
@@ -226,8 +227,9 @@ def build_chain(run: UpdateRun, from_step: str, names: Sequence[str] | None = No
     # Asking for a slot is not urgent where no node is out of service yet: it yields to
     # the control steps of nodes that are, with the reports. A node that held its users
     # until its planned time (out of the load balancer, its users told the time) needs
-    # its slot now: at a fleet-wide update its request waited behind hundreds of
-    # reports at the very time its users were to be logged off (bench/fleet_update.py).
+    # its slot now (its hold takes it; a chain from the slot, the reconciler's, asks at
+    # the default priority): at a fleet-wide update its request waited behind hundreds
+    # of reports at the very time its users were to be logged off (bench/fleet_update.py).
     slot_priority = None if "hold" in names else SLOT_PRIORITY
     sigs = []
     for name in [*steps, *(["complete"] if last else [])]:
