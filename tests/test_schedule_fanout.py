@@ -20,7 +20,7 @@ from tests.conftest import Repo, accept_key
 from tests.servers import RepoServer
 from updates import scheduled
 from updates.models import Rollout, UpdateLock, UpdatePlan, UpdateRun, UpdateSchedule
-from updates.runs import start
+from updates.runs import chains, start
 from updates.runs.chains import QueueStarted, WakeAtPhase
 
 pytestmark = pytest.mark.django_db
@@ -91,6 +91,26 @@ def test_the_update_entry_fired_twice_carries_each_run_into_its_update_phase_onc
     assert schedule.last_result.endswith(
         "; ".join(f"{run.node}: run {run.pk}" for run in runs.order_by("node__hostname"))
     )
+
+
+def test_a_phase_timer_that_finds_its_run_carried_on_already_costs_one_query_and_queues_nothing(
+    releases, settings, django_capture_on_commit_callbacks
+):
+    # A fleet-wide update: every download arms a timer for its run's update phase, and
+    # the update entry carries the runs on first; thousands of timers then come due at
+    # the busiest instants with nothing left to do.
+    settings.TGP_REPO_URL = NOBODY
+    schedule = UpdateSchedule.objects.create(
+        name="now", cluster=cluster_of(2, cap=2, lead=timedelta(0)),
+        run_at=timezone.now().replace(microsecond=0) - timedelta(seconds=30),
+    )  # fmt: skip
+    with django_capture_on_commit_callbacks(execute=False):
+        scheduled.fire(schedule.pk, "update", schedule.run_at)
+    run = UpdateRun.objects.filter(schedule=schedule).first()
+    assert run is not None and run.update_phase_started
+    with CaptureQueriesContext(connection) as queries, django_capture_on_commit_callbacks(execute=False) as queued:
+        assert not chains.start_update_phase(run.pk, arm=True)
+    assert len(queries) == 1 and not queued
 
 
 def test_a_second_start_of_the_same_update_time_starts_nothing_and_says_so(

@@ -122,13 +122,18 @@ def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
     run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
     if run.trigger != UpdateRun.Trigger.SCHEDULED or run.state != UpdateRun.State.RUNNING:
         return False
+    if run.update_phase_started:
+        # Carried on already (by the update entry, mostly): the timer the download armed
+        # finds nothing to do, in one query. A fleet-wide update has thousands of them,
+        # due at its busiest instants (bench/fleet_update.py).
+        return False
     at = update_phase_at(run)
     if at is not None and timezone.now() < at:
-        if arm and not run.update_phase_started:
+        if arm:
             lifecycle.touch(run_id)  # resting until its time is not silence (the reaper)
             wake_at_phase(run, at)
         return False
-    if not run.update_phase_started and rollouts.at_gate(run) != rollouts.GO:
+    if rollouts.at_gate(run) != rollouts.GO:
         return False  # its rollout is paused (its resume carries it on) or cancelled (so is the run)
     pending = first_unfinished(run)
     if pending is None or not _claim_phase(run, pending.name, pending.state):
