@@ -316,17 +316,22 @@ def test_reports_and_slot_requests_queue_behind_the_chains_control_steps(
     assert fetched == ["control.complete", "control.node_report", "control.slot"]
 
 
+def scheduled_cluster_run(make_node, cluster, releases, capture) -> UpdateRun:
+    """A time-controlled cluster update's run of a new node, an hour ahead (chains captured)."""
+    node = Node.objects.get(pk=make_node("c", cluster=cluster).pk)
+    with capture(execute=False):
+        return start.start_update(
+            node, releases["2.2.0"], trigger=UpdateRun.Trigger.SCHEDULED,
+            scheduled_for=timezone.now() + timedelta(hours=1),
+        )  # fmt: skip
+
+
 def test_a_node_that_held_its_users_until_its_time_asks_for_its_slot_ahead_of_the_reports(
     monkeypatch, make_node, cluster, releases, agent_settings, django_capture_on_commit_callbacks
 ):
     # A time-controlled cluster update: the node left the load balancer and held its
     # users until its planned time; their logoff must not wait behind other nodes' reports.
-    node = Node.objects.get(pk=make_node("c", cluster=cluster).pk)
-    with django_capture_on_commit_callbacks(execute=False):
-        run = start.start_update(
-            node, releases["2.2.0"], trigger=UpdateRun.Trigger.SCHEDULED,
-            scheduled_for=timezone.now() + timedelta(hours=1),
-        )  # fmt: skip
+    run = scheduled_cluster_run(make_node, cluster, releases, django_capture_on_commit_callbacks)
     assert "hold" in chains.step_names(run)
     queue = f"control-order-{uuid.uuid4().hex[:8]}"  # no control worker of the session takes them
     monkeypatch.setattr(node_tasks, "report_queue", queue)
@@ -339,12 +344,7 @@ def test_a_node_that_held_its_users_until_its_time_asks_for_its_slot_ahead_of_th
 def test_a_node_whose_time_has_come_takes_its_slot_in_its_hold_not_behind_the_control_queue(
     make_node, cluster, releases, django_capture_on_commit_callbacks
 ):
-    node = Node.objects.get(pk=make_node("c", cluster=cluster).pk)
-    with django_capture_on_commit_callbacks(execute=False):
-        run = start.start_update(
-            node, releases["2.2.0"], trigger=UpdateRun.Trigger.SCHEDULED,
-            scheduled_for=timezone.now() + timedelta(hours=1),
-        )  # fmt: skip
+    run = scheduled_cluster_run(make_node, cluster, releases, django_capture_on_commit_callbacks)
     chain = chains.build_chain(run, "exclude")
     assert [sig.task for sig in chain.tasks] == ["node.exclude", "control.hold"], "no slot task of its own"
 
