@@ -340,8 +340,8 @@ def _progress(plan: UpdatePlan) -> dict[int, _Progress]:
 
 def next_look(entry: PlanEntry, now: datetime) -> datetime | None:
     """When the node of `entry`, holding until its planned time, must next look at its
-    plan (replan); None: now. A replan moves nodes only after one of the plan that is
-    logged off (late, or overrunning). While no other node is logged off and not back,
+    plan (replan); None: now. A replan moves nodes only once another node of the plan
+    is logged off (late, or overrunning). While no other node is logged off and not back,
     nothing can move before the next of them is due to be logged off; a look
     TGP_PLAN_LOOK after that finds one that went off late as soon as the looks every
     TGP_PLAN_LOOK would have. So the nodes of a plan do not all look at once at each
