@@ -265,13 +265,16 @@ def test_a_holding_node_looks_at_its_plan_only_once_a_node_before_it_may_be_upda
     back = first.back_at - timedelta(minutes=1)
     UpdateRun.objects.filter(pk=run.pk).update(finished_at=back)
     assert plans.next_look(third, back) == second.planned_at + look, "back early: only the second may move it"
+    done = _in_progress(second, releases, off=second.planned_at)
+    UpdateRun.objects.filter(pk=done.pk).update(finished_at=second.planned_at + timedelta(minutes=1))
+    assert plans.next_look(third, second.planned_at + timedelta(minutes=1)) == third.planned_at, "nobody left"
 
 
 def test_a_hold_before_anyone_of_its_plan_updates_waits_for_them_not_every_look(cluster, make_node, releases, settings):
     from updates.runs import cluster_cap
+    from updates.runs.chains import LONGEST_NAP
 
-    settings.CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 3600}
-    first, second, _ = _plan_of_three(cluster, make_node, timezone.now() + timedelta(minutes=10))
+    first, second, _ = _plan_of_three(cluster, make_node, timezone.now() + timedelta(minutes=3))
     run = UpdateRun.objects.create(node=second.node, release=releases["2.2.0"], trigger="scheduled",
                                    schedule=second.plan.schedule, scheduled_for=second.plan.occurrence,
                                    update_phase_started=True)  # fmt: skip
@@ -281,10 +284,8 @@ def test_a_hold_before_anyone_of_its_plan_updates_waits_for_them_not_every_look(
         cluster_cap.hold(run.pk)
     assert until - 5 < held.value.seconds <= until, "one look after the first node's time, not one every 30 s"
 
-    # An hour ahead: no countdown the broker's visibility timeout would outlast.
-    far = UpdateRun.objects.filter(pk=run.pk)
+    # Hours ahead: no countdown longer than a timer's longest nap (the broker's visibility timeout).
     PlanEntry.objects.filter(plan=first.plan).update(planned_at=timezone.now() + timedelta(hours=3))
-    far.update(state=UpdateRun.State.RUNNING)
     with pytest.raises(cluster_cap.HoldOn) as held:
         cluster_cap.hold(run.pk)
-    assert held.value.seconds == 1800
+    assert held.value.seconds == LONGEST_NAP

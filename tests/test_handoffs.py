@@ -355,6 +355,18 @@ def test_a_node_whose_time_has_come_takes_its_slot_in_its_hold_not_behind_the_co
     assert [c.from_step for c in queued if isinstance(c, QueueChain)] == ["drain"], "its users are logged off next"
 
 
+def test_a_hold_whose_cluster_has_no_free_slot_puts_its_node_in_line_without_failing(
+    make_node, cluster, releases, django_capture_on_commit_callbacks
+):
+    run = scheduled_cluster_run(make_node, cluster, releases, django_capture_on_commit_callbacks)
+    assert cluster_cap.cluster_slots().acquire(cluster.name, "another-node", 1), "the cluster's one slot is taken"
+    with django_capture_on_commit_callbacks(execute=False) as queued:
+        cluster_cap.hold(run.pk)  # no SlotWait: a release hands the slot on
+    assert UpdateStep.objects.in_line().filter(run=run, name="slot").exists()
+    assert UpdateStep.objects.get(run=run, name="hold").state == "succeeded"
+    assert not [c for c in queued if isinstance(c, QueueChain)], "nobody is logged off"
+
+
 def test_a_slot_taken_as_it_is_freed_is_recorded_as_held_after_the_release(
     make_node, cluster, releases, django_capture_on_commit_callbacks, monkeypatch
 ):

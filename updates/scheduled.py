@@ -22,7 +22,6 @@ from collections import defaultdict
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -159,7 +158,9 @@ def start_runs(groups: list[Group], slot: datetime, kind: str = "update") -> dic
     return lines
 
 
-def _by_target(targets: list[tuple[Node, Release, UpdateSchedule]], started: list[Any]) -> dict[tuple[int, int], Any]:
+def _by_target(
+    targets: list[tuple[Node, Release, UpdateSchedule]], started: list[UpdateRun | UpdateRefused]
+) -> dict[tuple[int, int], UpdateRun | UpdateRefused]:
     """start_scheduled's outcomes by (schedule, node): a node may be in two schedules of one batch."""
     return {(schedule.pk, node.pk): outcome for (node, _, schedule), outcome in zip(targets, started, strict=True)}
 

@@ -89,9 +89,10 @@ def waiting(run: UpdateRun) -> bool:
     return bool(start and timezone.now() < start)
 
 
-# The longest a run's phase timer sleeps before it looks at the plan again: Redis holds
-# a countdown message unacknowledged, and a plan may move the time later meanwhile.
-PHASE_NAP = 300.0
+# The longest a scheduled run's timers (its update phase; a cluster node's hold) sleep
+# in one countdown: Redis holds a countdown message unacknowledged (past the visibility
+# timeout it comes back as a duplicate), and a plan may move the time later meanwhile.
+LONGEST_NAP = 300.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ class WakeAtPhase:
 
 
 def wake_at_phase(run: UpdateRun, at: datetime) -> WakeAtPhase:
-    wake = WakeAtPhase(run.pk, max(0.0, min((at - timezone.now()).total_seconds(), PHASE_NAP)))
+    wake = WakeAtPhase(run.pk, max(0.0, min((at - timezone.now()).total_seconds(), LONGEST_NAP)))
     transaction.on_commit(wake)
     return wake
 

@@ -19,7 +19,7 @@ from agent.shared.protocol import OUT_PREFIX
 from nodes.models import Cluster, Node
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import lifecycle, rollouts
-from updates.runs.chains import RunFailed, queue_from
+from updates.runs.chains import LONGEST_NAP, RunFailed, queue_from
 from updates.slots import ClusterSlots, shared_slots
 
 
@@ -143,7 +143,6 @@ def hold(run_id: int) -> None:
     now = timezone.now()
     lifecycle.touch(run_id, now)
     entry = plans.entry_for(run)
-    look = None
     if entry is not None:
         look = plans.next_look(entry, now)
         if look is None:
@@ -151,22 +150,17 @@ def hold(run_id: int) -> None:
             plans.replan(entry.plan, now)
             entry.refresh_from_db(fields=["planned_at"])
             look = now + timedelta(seconds=settings.TGP_PLAN_LOOK)
-    if entry is not None and look is not None and now < entry.planned_at:
-        detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
-        lifecycle.start_step(run_id, "hold", now, detail=detail)
-        wait = (min(entry.planned_at, look) - now).total_seconds()
-        # A countdown the broker's visibility timeout would outlast comes back as a duplicate.
-        raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, _longest_wait()))
+        if now < entry.planned_at:
+            detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
+            lifecycle.start_step(run_id, "hold", now, detail=detail)
+            wait = (min(entry.planned_at, look) - now).total_seconds()
+            raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, LONGEST_NAP))
     lifecycle.finish_step(run_id, "hold", "succeeded", now, began=None)
     # Its time has come: the slot at once, in this task. Handed on as a task of its own,
     # the request waited behind the whole control queue at the very time the node's
     # users were to be logged off (a fleet-wide update: 10-45 s, bench/fleet_update.py).
     with contextlib.suppress(SlotWait):  # in line: a release hands it on (wake_waiters)
         take_slot(run_id, "slot")
-
-
-def _longest_wait() -> float:
-    return float(settings.CELERY_BROKER_TRANSPORT_OPTIONS["visibility_timeout"]) / 2
 
 
 def _replan(run: UpdateRun) -> None:
