@@ -52,8 +52,10 @@ LOW, HIGH = 1.0, 3.0
 TARGET_RATIO = 1.05  # the old target against the ideal bound; the model lines still show what it leaves
 # Issue 16's targets, against peers of the same draws in the same run: installs of 5-15 s
 # (--scale 5 and more) within FLOOR_TARGET of the no-overhead floor; at 1-3 s (the stress
-# case) the ratio is reported without a target. At every scale: the per-node overhead
-# p50 under OVERHEAD_TARGET, and at most BATCH_TARGET of Ansible-style batches.
+# case) the ratio is reported without a target, and so is the comparison with Ansible-style
+# batches, at most BATCH_TARGET of theirs at 5-15 s ("the 1-3 s figure stays in the table
+# ... as the stress case, without a target"). At every scale: the per-node overhead p50
+# under OVERHEAD_TARGET, a figure the durations do not change.
 FLOOR_TARGET = 1.02
 OVERHEAD_TARGET = 0.100
 BATCH_TARGET = 0.75
@@ -84,6 +86,13 @@ def floor_metric(ratio: float, scale: float) -> dict[str, Any]:
     if scale >= 5:
         return metric("makespan / floor", ratio, "x", f"<= {FLOOR_TARGET}", ratio <= FLOOR_TARGET)
     return metric("makespan / floor (stress case: no target)", ratio, "x")
+
+
+def batch_metric(ratio: float, scale: float) -> dict[str, Any]:
+    """Makespan against Ansible-style batches of the same draws: a target at 5-15 s, like the floor's."""
+    if scale >= 5:
+        return metric("makespan / batched (+ overhead)", ratio, "x", f"<= {BATCH_TARGET}", ratio <= BATCH_TARGET)
+    return metric("makespan / batched (+ overhead) (stress case: no target)", ratio, "x")
 
 
 def run(nodes: int = 200, scale: float = 1.0, path: str = "manual") -> dict[str, Any]:
@@ -396,13 +405,7 @@ def report(
             metric(f"per-node overhead that {TARGET_RATIO} x allows, with no ramp-up at all", budget0 * 1000, "ms"),
             metric(f"Ansible serial {CAP}, simulated, bare", batch_bare, "s"),
             metric(f"Ansible serial {CAP}, simulated, + overhead per batch", batch_fair, "s"),
-            metric(
-                "makespan / batched (+ overhead)",
-                makespan / batch_fair,
-                "x",
-                f"<= {BATCH_TARGET}",
-                makespan / batch_fair <= BATCH_TARGET,
-            ),  # fmt: skip
+            batch_metric(makespan / batch_fair, scale),
             metric("most nodes out of service at once (node times)", peak, "", f"<= {CAP}", peak <= CAP),
             metric("most nodes out of service at once (DB times)", db_peak, "", f"<= {CAP}", db_peak <= CAP),
             metric("most slot holdings overlapping (DB stamps)", slot_peak, "", f"<= {CAP}", slot_peak <= CAP),
