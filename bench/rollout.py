@@ -220,6 +220,7 @@ def collect(run_ids: list[int], durations: list[float], t0: datetime, state_dir:
     base = t0.timestamp()
     rows = []
     runs = {r.pk: r for r in UpdateRun.objects.filter(pk__in=run_ids).select_related("node").prefetch_related("steps")}
+    planned = planned_times(list(runs.values()))
     for run_id, duration in zip(run_ids, durations, strict=True):
         run = runs[run_id]
         steps = {st.name: st for st in run.steps.all()}
@@ -234,8 +235,37 @@ def collect(run_ids: list[int], durations: list[float], t0: datetime, state_dir:
             "resume_end": node.get("resume_end", float("nan")) - base,
             "db_out": s(steps[out].started_at), "db_resume_end": s(steps["resume"].finished_at),
             "finished": s(run.finished_at), "verify_waited": steps["verify"].attempts > 1,
+            "planned": s(planned.get(run.pk)),
         })  # fmt: skip
     return rows
+
+
+def planned_times(runs: list[Any]) -> dict[int, datetime]:
+    """A scheduled run's time in its cluster's plan, as it stands at the end (moved by
+    any replan): when its users were told they would be logged off. None on the manual path."""
+    from updates.models import PlanEntry
+
+    entries = PlanEntry.objects.filter(plan__schedule_id__in={r.schedule_id for r in runs if r.schedule_id})
+    at = {(e.plan.schedule_id, e.node_id): e.planned_at for e in entries.select_related("plan")}
+    return {r.pk: at[(r.schedule_id, r.node_id)] for r in runs if (r.schedule_id, r.node_id) in at}
+
+
+def plan_metrics(rows: list[dict[str, Any]], makespan: float) -> list[dict[str, Any]]:
+    """The scheduled path against its own plan: each node logged off at its planned time
+    and done after its install, no overhead. A plan spaces its nodes by the expected
+    duration, not by the draws (an early node does not bring the next one forward: its
+    users were told a time), so this, not the ideal or the batches, is what the path
+    can be held to."""
+    timed = [r for r in rows if r["planned"] == r["planned"]]
+    if not timed:
+        return []
+    plan_end = max(r["planned"] + r["duration"] for r in timed)
+    late = [r["drain"] - r["planned"] for r in timed]
+    return [
+        metric("the plan's own end: planned times + installs", plan_end, "s"),
+        metric("makespan / the plan's own end", makespan / plan_end, "x"),
+        metric("planned time -> users logged off (drain on the node), p50", median(late) * 1000, "ms"),
+    ]
 
 
 def max_overlap(intervals: list[tuple[float, float]]) -> tuple[int, list[tuple[float, int]]]:
@@ -419,6 +449,7 @@ def report(
             metric(f"ramp-up: {START[path]} -> {CAP} nodes out of service", ramp, "s"),
             metric(STARTING[path], starting, "s"),
             metric("verify had to try again (node not back yet)", sum(r["verify_waited"] for r in done), "runs"),
+            *plan_metrics(done, makespan),
         ],
         "details": {
             "path": path,
