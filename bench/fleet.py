@@ -20,6 +20,9 @@ interval of 15 s).
    docs/fleet.png), Redis memory and connections, the rate of task events (what
    Flower receives) and the CPU each part used.
 
+--concurrency N starts each control worker with N processes instead of the Procfile's 2
+(what more pool processes in one worker move, against a second worker host).
+
 Baseline, in the same run: the simulated agents' own send rate needs nothing of
 the control plane; the figure that matters is heartbeats processed per second of
 control CPU against heartbeats offered.
@@ -50,14 +53,14 @@ from bench.common import ROOT, SECRET, free_port, metric, percentile, spawn, sto
 from tgpadmin.broker_acl import queue_keys  # the control queue's lists, one per priority
 from tgpadmin.processes import die_with_parent
 
-OPTIONS = {"nodes", "minutes"}
+OPTIONS = {"nodes", "minutes", "concurrency"}
 INTERVAL = 15.0  # the agents' production heartbeat interval (agent/config.py)
 STEP_SECONDS = 75.0  # five heartbeats of every node
 LAG_TARGET = 5.0
 PICTURE = ROOT / "docs" / "fleet.png"
 
 
-def run(nodes: int = 10000, minutes: float = 10.0) -> dict[str, Any]:
+def run(nodes: int = 10000, minutes: float = 10.0, concurrency: int = 2) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="tgp-bench-fleet-"))
     db = f"tgp_bench_fleet_{os.getpid()}"
     try:
@@ -65,7 +68,7 @@ def run(nodes: int = 10000, minutes: float = 10.0) -> dict[str, Any]:
             prefix = stack.enter_context(netns.host("tgpfleet")) if netns.available() else []
             redis_url = stack.enter_context(redis_server(work, also=netns.HERE if prefix else None))
             setup_django(work / "var", db)
-            fleet = Fleet(work, redis_url, db, prefix)
+            fleet = Fleet(work, redis_url, db, prefix, concurrency)
             stack.callback(fleet.stop)
             return fleet.measure(nodes, minutes)
     finally:
@@ -266,8 +269,9 @@ class Fleet:
     """The run: control workers (this host, and the second in its namespace), the
     simulated agents, the observer."""
 
-    def __init__(self, work: Path, redis_url: str, db: str, prefix: list[str]) -> None:
+    def __init__(self, work: Path, redis_url: str, db: str, prefix: list[str], concurrency: int = 2) -> None:
         self.work, self.redis_url, self.db, self.prefix = work, redis_url, db, prefix
+        self.concurrency = concurrency  # pool processes per control worker: the Procfile's 2
         self.controls: list[Any] = []
         self.agents: list[Any] = []
         self.running = 0  # nodes whose agents run
@@ -287,7 +291,7 @@ class Fleet:
         }  # fmt: skip
 
     def start_control(self, second: bool = False) -> None:
-        """A control worker as the Procfile starts it: -c 2, task events, INFO."""
+        """A control worker as the Procfile starts it (-c 2 unless --concurrency), task events, INFO."""
         from bench.orchestration import wait
         from tgpadmin.celery import app
 
@@ -295,7 +299,7 @@ class Fleet:
             self.forwarder = netns.Forwarder(5432)  # the machine's PostgreSQL listens on loopback only
         name = f"control-{uuid.uuid4().hex[:6]}@{'second' if second else 'first'}"
         cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", name]
-        cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
+        cmd += ["-c", str(self.concurrency), "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
         cmd = [*(self.prefix if second else []), *cmd]
         self.controls.append(spawn(cmd, self.env(second), self.work / f"{name.split('@')[1]}.log"))
         wait(lambda: app.control.ping(destination=[name], timeout=0.5), 60, f"the control worker {name}")
@@ -377,7 +381,7 @@ class Fleet:
             self.shrink(knee1)
             more, more_steps = self.knee([n for n in sizes if n > knee1])
             knee2, steps = max(knee1, more), steps + more_steps
-        return result(nodes, steps, knee1, knee2, long, bool(self.prefix))
+        return result(nodes, steps, knee1, knee2, long, bool(self.prefix), self.concurrency)
 
     def long_run(self, size: int, minutes: float) -> dict[str, Any]:
         assert self.observer is not None
@@ -420,11 +424,12 @@ def picture(series: list[dict[str, float]], size: int) -> None:
 
 
 def result(nodes: int, steps: list[dict[str, Any]], knee1: int, knee2: int, long: dict[str, Any],
-           netns_used: bool) -> dict[str, Any]:  # fmt: skip
+           netns_used: bool, concurrency: int = 2) -> dict[str, Any]:  # fmt: skip
     second = "a second host (network namespace)" if netns_used else "a second worker on this host (no netns here)"
     at = f"long run at {long['nodes']} nodes"
     metrics = [
         metric("fleet asked for", nodes, "nodes"),
+        metric("pool processes per control worker (-c)", concurrency, ""),
         metric("knee: largest fleet one control host keeps up with", knee1, "nodes", f">= {nodes}", knee1 >= nodes),
         metric(f"knee with {second}", knee2, "nodes"),
         metric(f"{at}: heartbeat-to-database lag p50", long["lag_p50_s"], "s"),

@@ -53,6 +53,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--minutes", type=float, help="fleet: length of the long run (default 10)")
     parser.add_argument(
+        "--concurrency", type=int, help="fleet: pool processes per control worker (default 2, as the Procfile)"
+    )
+    parser.add_argument(
         "--scale", type=float, help="rollout: install durations times this (default 1: 1-3 s); kept as 'rollout-xN'"
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -60,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.minutes is not None and not args.minutes > 0:
         parser.error(f"--minutes must be a positive number, not {args.minutes}")
+    if args.concurrency is not None and not args.concurrency > 0:
+        parser.error(f"--concurrency must be a positive number, not {args.concurrency}")
     if args.scale is not None and not args.scale > 0:
         parser.error(f"--scale must be a positive number, not {args.scale}")
     unknown = set(args.names) - set(BENCHMARKS)
@@ -69,7 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def options(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k in ("size", "runs", "nodes", "scale", "minutes") if (v := getattr(args, k)) is not None}
+    keys = ("size", "runs", "nodes", "scale", "minutes", "concurrency")
+    return {k: v for k in keys if (v := getattr(args, k)) is not None}
 
 
 def run_child(name: str, module: str, opts: dict[str, Any], out: Path) -> None:
