@@ -68,14 +68,14 @@ class _RepoHandler(http.server.SimpleHTTPRequestHandler):
 
 
 class RepoServer:
-    def __init__(self, directory: Path, **behaviour: Any) -> None:
+    def __init__(self, directory: Path, *, address: str = "127.0.0.1", **behaviour: Any) -> None:
         self.directory = directory
         self.behaviour = RepoBehaviour(**behaviour)
         handler = lambda *a, **kw: _RepoHandler(*a, directory=str(directory), **kw)  # noqa: E731
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.httpd = http.server.ThreadingHTTPServer((address, 0), handler)
         self.httpd.daemon_threads = True
         self.httpd.behaviour = self.behaviour  # type: ignore[attr-defined]
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.url = f"http://{address}:{self.httpd.server_address[1]}/"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
     def __enter__(self) -> RepoServer:
