@@ -84,10 +84,7 @@ def redis_server(work: Path, also: str | None) -> Iterator[str]:
     from tgpadmin import embedded_redis
 
     port = free_port()
-    cmd = embedded_redis.command(port, work / "redis", persist=False)
-    if also:
-        cmd[cmd.index("--bind") + 1 : cmd.index("--bind") + 2] = ["127.0.0.1", also]
-        cmd[cmd.index("--protected-mode") + 1] = "no"
+    cmd = embedded_redis.command(port, work / "redis", persist=False, also=also, protected=also is None)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     try:
         embedded_redis.wait_until_up(port)
@@ -424,7 +421,7 @@ def picture(series: list[dict[str, float]], size: int) -> None:
 
 
 def result(nodes: int, steps: list[dict[str, Any]], knee1: int, knee2: int, long: dict[str, Any],
-           netns_used: bool, concurrency: int = 2) -> dict[str, Any]:  # fmt: skip
+           netns_used: bool, concurrency: int) -> dict[str, Any]:  # fmt: skip
     second = "a second host (network namespace)" if netns_used else "a second worker on this host (no netns here)"
     at = f"long run at {long['nodes']} nodes"
     metrics = [

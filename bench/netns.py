@@ -42,7 +42,7 @@ def host(name: str) -> Iterator[list[str]]:
         for args in (("addr", "add", f"{THERE}/30", "dev", f"vn-{name}"), ("link", "set", f"vn-{name}", "up"),
                      ("link", "set", "lo", "up")):  # fmt: skip
             ip("netns", "exec", name, "ip", *args)
-        yield ["ip", "netns", "exec", name]
+        yield Host(name, THERE).prefix
     finally:
         with suppress(subprocess.CalledProcessError):
             ip("netns", "del", name)

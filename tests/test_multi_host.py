@@ -77,10 +77,7 @@ def lan_redis(work: Path, stack: ExitStack) -> str:
     """A Redis of the test's own on the infrastructure host, as a deployment's: reached
     over the network with a password (which also keeps protected mode content)."""
     port = free_port()
-    cmd = embedded_redis.command(port, work, persist=False)
-    at = cmd.index("--bind") + 1
-    cmd[at : at + 1] = ["127.0.0.1", netns.GATEWAY]
-    cmd += ["--requirepass", REDIS_PASSWORD]
+    cmd = [*embedded_redis.command(port, work, persist=False, also=netns.GATEWAY), "--requirepass", REDIS_PASSWORD]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True, preexec_fn=die_with_parent)
     stack.callback(stop_process, proc)
     embedded_redis.wait_until_up(port)

@@ -73,10 +73,21 @@ def describe(binary: str) -> str:
     return f"{binary} {version}"
 
 
-def command(port: int, data_dir: Path, *, persist: bool = True, aclfile: Path | None = None) -> list[str]:
+def command(
+    port: int,
+    data_dir: Path,
+    *,
+    persist: bool = True,
+    aclfile: Path | None = None,
+    also: str | None = None,
+    protected: bool = True,
+) -> list[str]:
+    """The redis-server command line. `also`: an address it listens on besides loopback
+    (a test network's; benchmarks and tests only). `protected`: Redis's protected mode,
+    which refuses other hosts while no password or user is set."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [redis_server_binary(), "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data_dir)]
-    cmd += ["--protected-mode", "yes", "--save", ""]
+    cmd = [redis_server_binary(), "--bind", "127.0.0.1", *([also] if also else []), "--port", str(port)]
+    cmd += ["--dir", str(data_dir), "--protected-mode", "yes" if protected else "no", "--save", ""]
     cmd += ["--appendonly", "yes" if persist else "no"]
     if aclfile is not None:
         cmd += ["--aclfile", str(aclfile.resolve())]
