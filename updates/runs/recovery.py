@@ -16,7 +16,7 @@ from agent.shared.protocol import CONTROL_STEPS, NODE_STEPS
 from nodes.models import Cluster, Node
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import lifecycle
-from updates.runs.chains import first_unfinished, queue_from, start_update_phase, waiting
+from updates.runs.chains import pending_step, queue_from, start_update_phase, waiting
 from updates.runs.cluster_cap import wake_waiters
 from updates.runs.end import complete_run, fail_run
 from updates.runs.snapshots import STORED_FIELDS, apply_snapshot, store_heartbeat
@@ -29,7 +29,7 @@ def node_reported(
     hostname: str, snapshot: dict[str, Any], seq: int = 0, *, stored: dict[str, Any] | None = None
 ) -> None:
     """A heartbeat. If the agent restarted in the middle of a run (a crash, not
-    the reboot step), queue the run again from its first unfinished step: every
+    the reboot step), queue the run again from the step it was in (chains.resume_point): every
     node step is safe to run twice."""
     before = stored if stored is not None else Node.objects.filter(hostname=hostname).values(*STORED_FIELDS).first()
     if store_heartbeat(hostname, before, snapshot, seq):
@@ -49,7 +49,7 @@ def node_reported(
     run = UpdateRun.objects.running().filter(node=node).first()
     if run is None:
         return
-    pending = first_unfinished(run)
+    pending = pending_step(run)
     if pending is None or pending.name not in NODE_STEPS:
         return
     if pending.state == UpdateStep.State.PENDING and waiting(run):
@@ -85,7 +85,7 @@ def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
         return start_update_phase(run.pk, arm=run.node.cluster_id is not None)
     if waiting(run):
         return False
-    pending = first_unfinished(run)
+    pending = pending_step(run)
     if pending is None:
         return complete_run(run.pk)
     if pending.name == "reboot" and run.release.needs_reboot and run.node.boot_id != run.boot_id_before:
