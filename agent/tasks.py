@@ -31,6 +31,7 @@ from agent.drivers.simulated import REBOOT_EXIT_CODE
 from agent.shared.protocol import (
     CONTROL_QUEUE,
     ENROLL,
+    HANDOFF_PRIORITY,
     NODE_REPORT,
     READY_PRIORITY,
     RECORD_STEP,
@@ -166,8 +167,8 @@ class Reporter:
                 self.outbox.append(report)
 
 
-def send_report(report: StepReport) -> None:
-    send_to_control(RECORD_STEP, identity.signed(report.hostname, "report", report.to_wire()))
+def send_report(report: StepReport, *, priority: int = REPORT_PRIORITY) -> None:
+    send_to_control(RECORD_STEP, identity.signed(report.hostname, "report", report.to_wire()), priority=priority)
 
 
 def _run_id(envelope: Any) -> int | None:
@@ -209,12 +210,18 @@ class NodeStep(Task):
         except Exception:  # the report must not hide the original failure
             log.exception("could not report the failure of %s", self.name)
 
+    def goes_on(self) -> bool:
+        """Whether a task of the chain follows this one (asked before the step runs: once it
+        has returned, Celery has taken the next one off the request)."""
+        return bool(self.request.chain or self.request.callbacks)
+
     def after_return(self, status, retval, task_id, args, kwargs, einfo) -> None:  # type: ignore[no-untyped-def,override]
         # Celery calls this after it has published the chain's next message, and before
         # task_postrun (where a simulated reboot exits the worker).
         box = self.outbox()
+        handoff = status == "FAILURE" or not self.request.__dict__.get("tgp_goes_on", True)
         for report in box:
-            send_report(report)
+            send_report(report, priority=HANDOFF_PRIORITY if handoff else REPORT_PRIORITY)
         box.clear()
         done = self.request.__dict__.get("tgp_done")
         if done and status in ("SUCCESS", "FAILURE"):  # not between two attempts of a retry
@@ -233,6 +240,7 @@ def _run_step(task: NodeStep, payload: Any, fn: StepFn) -> dict[str, Any] | None
         log.error("refused %s: %s", task.name, exc)
         raise
     task.request.__dict__["tgp_command"] = command
+    task.request.__dict__["tgp_goes_on"] = task.goes_on()
     task.request.__dict__["tgp_done"] = (command.node, body["id"], body["expires"])
     driver = driver_for(command.node)
     retried = bool(task.request.retries)

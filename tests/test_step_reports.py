@@ -17,7 +17,7 @@ from agent import identity
 from agent import tasks as node_tasks
 from agent.app import app as agent_app
 from agent.drivers.simulated import SimulatedDriver
-from agent.shared.protocol import Snapshot
+from agent.shared.protocol import HANDOFF_PRIORITY, REPORT_PRIORITY, Snapshot
 from nodes.models import Node
 from tgpadmin.celery import app
 from updates import tasks as control_tasks
@@ -103,7 +103,7 @@ def test_a_slow_step_shows_as_running_before_it_ends(run, inbox):
 
 
 def test_a_step_that_fails_at_once_shows_that_it_ran(run, inbox):
-    task = SimpleNamespace(step="download", request=SimpleNamespace(retries=0), outbox=list)
+    task = SimpleNamespace(step="download", request=SimpleNamespace(retries=0), outbox=list, goes_on=lambda: True)
 
     def unreachable(*_: Any) -> None:
         raise ConnectionError("repository unreachable")
@@ -162,3 +162,29 @@ def test_the_chains_next_step_is_queued_before_the_steps_own_report(run, agent_s
             message.ack()
             order.append(message.headers["task"])
     assert order == ["control.complete", "control.record_step"]
+
+
+def test_the_outcome_of_a_step_that_ends_its_chain_goes_at_the_chains_priority_the_others_behind_every_report(
+    run, agent_settings, monkeypatch
+):
+    # A scheduled run's download ends its chain: at the update time its outcome carries the
+    # run on, and a failure frees the node's slot. Behind a fleet's reports (priority 9)
+    # the update phase started some 30 s late (bench/beat_lag.py, 500 single systems).
+    from celery import signature
+    from celery.app.trace import build_tracer
+
+    queue = f"prio-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(node_tasks, "report_queue", queue)
+    trace = build_tracer("node.notify", node_tasks.notify, app=agent_app, eager=False)
+    going_on = {"chain": [dict(signature("control.complete", queue=queue))], "delivery_info": {"priority": 9}}
+    for request in (going_on, {"delivery_info": {"priority": 9}}):  # the second ends its chain
+        trace(uuid.uuid4().hex, (trust.command("step", chains.node_payload(run), step="notify"),), {}, request)
+
+    with app.connection_for_read() as conn, conn.SimpleQueue(queue) as sent:
+        reports = []
+        for _ in range(3):
+            message = sent.get(timeout=5)
+            message.ack()
+            if message.headers["task"] == "control.record_step":
+                reports.append(message.properties.get("priority"))
+    assert sorted(reports) == [HANDOFF_PRIORITY, REPORT_PRIORITY], "a hand-off, then a report like any other"

@@ -46,6 +46,12 @@ END_MAINTENANCE = "node.end_maintenance"
 REPORT_PRIORITY = 9
 READY_PRIORITY = 0
 SLOT_PRIORITY = 9
+# The outcome of a node step that no task of its chain follows (the chain ends there, as
+# a scheduled run's download does, or the step failed) is the run's hand-off back to the
+# control plane: it goes at the chain steps' own priority, not behind every report. At a
+# schedule's update time a run whose download ended just before is carried on by that
+# report, and a failure frees its slot with it (agent/tasks.py, NodeStep.after_return).
+HANDOFF_PRIORITY = 0
 
 # Publishing (step reports, a chain's next task) survives a broker restart of up to
 # about a minute instead of failing the step.
