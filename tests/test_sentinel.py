@@ -30,7 +30,7 @@ import redis
 from django.core.exceptions import ImproperlyConfigured
 
 from agent.shared.env import ConfigError
-from agent.shared.sentinel import Sentinel, parse_sentinel_url
+from agent.shared.sentinel import Sentinel, parse_sentinel_url, redis_client
 from tests.conftest import ROOT, ControlWorker, Repo, process_env, test_database_url, wait_for
 from tests.servers import RepoServer, free_port
 from tests.test_broker_acl import REDIS7, RedisServer, needs_redis7
@@ -464,3 +464,22 @@ def test_an_inconsistent_sentinel_configuration_is_refused_or_warned_about(tmp_p
     settings.REDIS_SENTINEL = Sentinel("tgp", "tgp-client", "s3cret")
     assert check_broker() == []
     assert parse_sentinel_url(sentinels).sentinels == (("127.0.0.1", 26379), ("127.0.0.1", 26380))
+
+
+def test_the_fencing_check_outlasts_a_broker_outage_as_long_as_a_nodes_publishing_does():
+    # A node's fencing check (and the control plane's cluster slots) read Redis directly.
+    # Through a failover it must hold on as long as the node's reports do: it comes before
+    # the install, and a check that gave up first failed the run (an update lock) for a
+    # primary that the Sentinels promoted seconds later.
+    from kombu.utils.functional import fxrange
+
+    from agent.shared.protocol import PUBLISH_RETRY_POLICY as policy
+
+    client = redis_client("sentinel://127.0.0.1:9/0", Sentinel("tgp"))  # connects to nothing until used
+    retry = client.get_retry()
+    assert retry is not None
+    fencing = sum(retry._backoff.compute(failures) for failures in range(1, retry._retries + 1))
+    steps = fxrange(policy["interval_start"], policy["interval_max"] + policy["interval_start"],
+                    policy["interval_step"], repeatlast=True)  # fmt: skip
+    publishing = sum(min(next(steps), policy["interval_max"]) for _ in range(policy["max_retries"]))
+    assert fencing >= publishing, (fencing, publishing)

@@ -47,9 +47,12 @@ SENTINEL_TIMEOUT = 5.0
 # A failover takes the Sentinels' down-after-milliseconds, an election and a promotion:
 # seconds. A direct client (cluster slots, the agent's fencing check) that gave up at the
 # first refused connection would fail a run for a broker that is about to come back, so
-# it retries for about half a minute (0.2 s between tries, doubling up to 2 s), as kombu
-# and Celery do for the broker and the result backend with their own retry policies.
-FAILOVER_RETRIES = 20
+# it retries (0.2 s between tries, doubling up to 2 s) for at least as long as a node's
+# publishing does (protocol.PUBLISH_RETRY_POLICY, about 75 s), as kombu and Celery do for
+# the broker and the result backend. Half a minute was too short: under load a failover
+# took longer, and a node's fencing check before its install failed the run while its
+# reports, sent after it, got through (tests/test_sentinel.py).
+FAILOVER_RETRIES = 42
 FAILOVER_BACKOFF_CAP = 2.0
 MASTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
