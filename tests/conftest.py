@@ -20,6 +20,7 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -40,7 +41,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from tgpadmin import embedded_redis
     from tgpadmin.celery import app
 
-    url = os.environ.get("REDIS_URL", "")
+    url = worker_database(os.environ.get("REDIS_URL", ""), os.environ.get("PYTEST_XDIST_WORKER", ""))
     proc = None
     if not url:
         port = free_port()
@@ -62,6 +63,20 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     yield url
     if proc:
         stop_process(proc)
+
+
+def worker_database(url: str, worker: str) -> str:
+    """The Redis database of one pytest-xdist worker (gw0, gw1, ...) on a shared Redis:
+    the next ones after the URL's, so that one worker's FLUSHDB, queues and slots never
+    touch another's (kombu prefixes fan-out channels with the database too). Without
+    xdist, or on the embedded Redis (one per worker), the URL as it is."""
+    if not url or not worker.startswith("gw"):
+        return url
+    parts = urlsplit(url)
+    index = int(parts.path.strip("/") or 0) + int(worker[2:])
+    if index > 15:
+        raise pytest.UsageError(f"REDIS_URL {url}: worker {worker} would need Redis database {index} (at most 15)")
+    return urlunsplit(parts._replace(path=f"/{index}"))
 
 
 def test_database_url() -> str:
