@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -483,3 +485,41 @@ def test_the_fencing_check_outlasts_a_broker_outage_as_long_as_a_nodes_publishin
                     policy["interval_step"], repeatlast=True)  # fmt: skip
     publishing = sum(min(next(steps), policy["interval_max"]) for _ in range(policy["max_retries"]))
     assert fencing >= publishing, (fencing, publishing)
+
+
+class GoingDown:
+    """The old primary as a failover meets it: a proxy to a real Redis that serves the
+    client's connection (its handshake, a PING) and goes down with the fencing check's
+    read (closes the connection unanswered, and refuses new ones); from then on
+    `primary` is the promoted one, the one the Sentinels name."""
+
+    def __init__(self, promoted: int) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.primary, self.promoted = self.port, promoted
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        conn, _ = self.listener.accept()
+        with socket.create_connection(("127.0.0.1", self.promoted)) as upstream:
+            while (data := conn.recv(65536)) and b"HGET" not in data:
+                upstream.sendall(data)
+                conn.sendall(upstream.recv(65536))  # one command at a time: one reply
+        self.listener.close()
+        self.primary = self.promoted
+        conn.close()
+
+
+def test_a_connection_that_breaks_under_a_command_reconnects_to_the_primary_the_sentinels_name_now(redis_url):
+    # The Sentinels' answer is played by discover_master (the failover itself, with real
+    # Sentinels, is the rollout test above). The retries are short here; in production
+    # they last ~75 s. Before, the retries all went to the old primary.
+    from redis.backoff import ConstantBackoff
+    from redis.retry import Retry
+
+    old = GoingDown(promoted=redis.Redis.from_url(redis_url).connection_pool.connection_kwargs["port"])
+    client = redis_client("sentinel://127.0.0.1:9/0", Sentinel("tgp"), retry=Retry(ConstantBackoff(0.1), 3))
+    client.connection_pool.sentinel_manager.discover_master = lambda _name: ("127.0.0.1", old.primary)
+    assert client.ping()  # on the old primary
+    client.hget("tgp-fence-test", "node")  # the fencing check's read: the old primary goes down under it
+    assert client.connection_pool.get_connection().port == old.promoted

@@ -31,6 +31,7 @@ with TGP_REDIS_CA_FILE, is refused with that reason.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -189,6 +190,7 @@ def redis_client(url: str, sentinel: Sentinel | None = None, **kwargs: Any) -> r
         )
     parsed = parse_sentinel_url(url)
     kwargs.setdefault("retry", Retry(ExponentialBackoff(cap=FAILOVER_BACKOFF_CAP, base=0.1), FAILOVER_RETRIES))
+    kwargs.setdefault("connection_class", _primary_connection())
     manager = redis.sentinel.Sentinel(list(parsed.sentinels), sentinel_kwargs=sentinel.sentinel_kwargs())
     return manager.master_for(
         sentinel.master,
@@ -197,6 +199,24 @@ def redis_client(url: str, sentinel: Sentinel | None = None, **kwargs: Any) -> r
         db=parsed.db,
         **kwargs,
     )
+
+
+@functools.cache
+def _primary_connection() -> type:
+    """redis-py's connection to the primary the Sentinels name, which asks them again
+    each time it connects anew. redis-py (8.1) asks only in connect(): a connection that
+    broke under a command reconnects in send_packed_command to the address it had, and
+    retried the old primary for the whole retry budget while the Sentinels had promoted
+    another (a node's fencing check failed its run during a failover)."""
+    from redis.sentinel import SentinelManagedConnection
+
+    class PrimaryConnection(SentinelManagedConnection):
+        def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            if not self._sock:
+                self.connect()  # the Sentinels' primary now, each retry asking again
+            super().send_packed_command(command, check_health)
+
+    return PrimaryConnection
 
 
 def server_urls(url: str, sentinel: Sentinel) -> list[str]:
