@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from tests.servers import RepoServer, free_port
+from tests.servers import RepoServer, free_port, lasting_port
 from tgpadmin.processes import die_with_parent, stop_process, stop_processes, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +97,8 @@ class HotfixProviders:
     """The loopback mail and phone providers of tests/test_hotfix_notices.py, which the
     session's control worker is pointed at (its environment is fixed when it starts)."""
 
-    smtp_port: int = field(default_factory=free_port)
-    phone_port: int = field(default_factory=free_port)
+    smtp_port: int = field(default_factory=lasting_port)  # bound by the tests much later
+    phone_port: int = field(default_factory=lasting_port)
     twilio_sid: str = field(default_factory=lambda: "AC" + uuid.uuid4().hex)
     twilio_token: str = field(default_factory=lambda: "token-" + uuid.uuid4().hex)
     twilio_from: str = "+15005550006"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import random
 import re
 import socket
 import threading
@@ -17,6 +18,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def lasting_port() -> int:
+    """A free port that stays free until it is bound much later (a server that a process
+    started at the beginning of the session is pointed at): below the ephemeral range,
+    which free_port and every outgoing connection of every process draw from. A port
+    from that range was taken by something else meanwhile when two pytest-xdist
+    workers ran side by side ("Address already in use")."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    for port in random.sample(range(10000, low), 200):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between 10000 and {low}")
 
 
 @dataclass
