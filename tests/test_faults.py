@@ -31,7 +31,7 @@ def worker_of(agent: subprocess.Popen) -> psutil.Process:
 
 # docs/architecture.md, "Safe to run twice": when the agent dies mid-step, "the next
 # heartbeat carries a new agent instance id and node_reported queues the run again
-# from its first unfinished node step". So a killed agent costs no run: it ends
+# from the step its agent was in". So a killed agent costs no run: it ends
 # succeeded, on 2.2.0, back in service, its slot free. The simulated appliance takes
 # its time in drain, install and reboot (TGP_SIM_STEP_SECONDS) and the download is
 # throttled, so the kill lands while these run, and the run resumes at that very step.
