@@ -480,7 +480,7 @@ def test_the_fencing_check_outlasts_a_broker_outage_as_long_as_a_nodes_publishin
     client = redis_client("sentinel://127.0.0.1:9/0", Sentinel("tgp"))  # connects to nothing until used
     retry = client.get_retry()
     assert retry is not None
-    fencing = sum(retry._backoff.compute(failures) for failures in range(1, retry._retries + 1))
+    fencing = sum(retry._backoff.compute(failures) for failures in range(1, retry.get_retries() + 1))
     steps = fxrange(policy["interval_start"], policy["interval_max"] + policy["interval_start"],
                     policy["interval_step"], repeatlast=True)  # fmt: skip
     publishing = sum(min(next(steps), policy["interval_max"]) for _ in range(policy["max_retries"]))

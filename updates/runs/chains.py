@@ -63,6 +63,11 @@ def step_names(run: UpdateRun) -> list[str]:
     return list(run.steps.order_by("position").values_list("name", flat=True))
 
 
+def step_states(run: UpdateRun) -> list[tuple[str, str]]:
+    """The run's steps as (name, state), in their order: one query."""
+    return list(run.steps.order_by("position").values_list("name", "state"))
+
+
 class Pending(NamedTuple):
     """The step a run goes on from, and its state."""
 
@@ -78,14 +83,13 @@ def resume_point(steps: Sequence[tuple[str, str]]) -> Pending | None:
     an earlier step's report may land after a later one's. Carried on from the first
     unfinished step instead, a run would do its notify and download again before its
     drain (a fleet-wide update lost half a minute to that, docs/performance.md)."""
-    begun = [i for i, (_, state) in enumerate(steps) if state != UpdateStep.State.PENDING]
-    start = begun[-1] if begun else 0
+    start = max((i for i, (_, state) in enumerate(steps) if state != UpdateStep.State.PENDING), default=0)
     return next((Pending(*step) for step in steps[start:] if step[1] not in UpdateStep.FINISHED), None)
 
 
 def pending_step(run: UpdateRun) -> Pending | None:
     """resume_point of a run, in one query."""
-    return resume_point(list(run.steps.order_by("position").values_list("name", "state")))
+    return resume_point(step_states(run))
 
 
 # --- a scheduled run's two phases ---------------------------------------------------------
@@ -165,8 +169,8 @@ def start_update_phase(run_id: int, *, arm: bool = False) -> bool:
 
 
 def _claim_phase(run: UpdateRun, pending: str, state: str) -> bool:
-    """Whether this caller carries the run into its update phase from its first
-    unfinished step `pending` (in `state`): not while its download runs (its success
+    """Whether this caller carries the run into its update phase from `pending` (in
+    `state`, its resume_point): not while its download runs (its success
     carries on), never to a withdrawn release (the run fails before anything
     disruptive is queued), and only once (a conditional UPDATE: the update entry, a late
     download success and the second download round may all get here)."""

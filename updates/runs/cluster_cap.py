@@ -19,7 +19,7 @@ from agent.shared.protocol import OUT_PREFIX
 from nodes.models import Cluster, Node
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import lifecycle, rollouts
-from updates.runs.chains import LONGEST_NAP, RunFailed, queue_from
+from updates.runs.chains import LONGEST_NAP, RunFailed, queue_from, step_states
 from updates.slots import ClusterSlots, shared_slots
 
 
@@ -62,7 +62,7 @@ def take_slot(run_id: int, step: str = "slot") -> None:
     (wake_waiters): two reads, one transaction of two writes, and the chain queued
     from the objects at hand."""
     run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
-    names, states = zip(*run.steps.order_by("position").values_list("name", "state"), strict=True)
+    names, states = zip(*step_states(run), strict=True)
     state = states[names.index(step)]
     if run.state != UpdateRun.State.RUNNING or state == UpdateStep.State.SUCCEEDED:
         return  # ended, or a duplicate of a step that already went on
