@@ -20,6 +20,7 @@ from agent.config import config
 from agent.download import MinRate, download_package
 from agent.drivers.base import Driver
 from agent.shared.protocol import (
+    LONGEST_LOGOFF_WAIT,
     VERSION_RE,
     StepCommand,
     parse_slot_holder,
@@ -88,6 +89,23 @@ def exclude(driver: Driver, command: StepCommand, report: Report) -> None:
     # (whose token the check asks about) is taken after it, before the drain.
     driver.exclude()
     report("succeeded", detail="out of the load balancer; logged-in users keep working for the lead time")
+
+
+def until_logoff(
+    command: StepCommand, *, clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep
+) -> float:
+    """A drain that came ahead of its users' time (StepCommand.at: the control plane took
+    the update slot early, so that a busy control queue at that instant delays nobody)
+    waits for it by this node's clock, the clock its users' notice was written in; at
+    most LONGEST_LOGOFF_WAIT. Called before the step starts: the step's start is the
+    moment its users are logged off. Returns the seconds waited."""
+    if command.at is None:
+        return 0.0
+    wait = min(command.at - clock(), LONGEST_LOGOFF_WAIT)
+    if wait <= 0:
+        return 0.0
+    sleep(wait)
+    return wait
 
 
 def drain(driver: Driver, command: StepCommand, report: Report) -> None:

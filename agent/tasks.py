@@ -243,6 +243,8 @@ def _run_step(task: NodeStep, payload: Any, fn: StepFn) -> dict[str, Any] | None
     task.request.__dict__["tgp_goes_on"] = task.goes_on()
     task.request.__dict__["tgp_done"] = (command.node, body["id"], body["expires"])
     driver = driver_for(command.node)
+    if task.step == "drain":
+        steps.until_logoff(command)  # the fencing check and the logging off come after it
     retried = bool(task.request.retries)
     report = Reporter(driver, command.run, task.step, announce=not retried, outbox=task.outbox())
     try:

@@ -266,6 +266,11 @@ TGP_NODE_STATE_DIR = Path(env_str("TGP_NODE_STATE_DIR", str(VAR_DIR / "nodes")))
 # A cluster node holding out of the load balancer looks at its plan at least this often:
 # a node before it that overruns moves its time, and its users hear of it, within this.
 TGP_PLAN_LOOK = env_float("TGP_PLAN_LOOK", 30.0, minimum=0.1)
+# A cluster node holding until its planned time takes a free update slot up to this long
+# before it, and its drain goes to the node, which logs its users off at that time by its
+# own clock: a control queue that is busy at that instant (a fleet-wide update) delays
+# nobody. 0: the slot at the planned time. At most LONGEST_LOGOFF_WAIT (tgpadmin.E002).
+TGP_DRAIN_AHEAD = env_float("TGP_DRAIN_AHEAD", 60.0, minimum=0.0)
 # A delayed node's users are told the new time when it falls in another step of this
 # many seconds than the time they were told (a minute: what their notice shows).
 TGP_PLAN_NOTICE_STEP = env_float("TGP_PLAN_NOTICE_STEP", 60.0, minimum=0.001)

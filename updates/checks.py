@@ -8,6 +8,8 @@ from typing import Any
 from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
+from agent.shared.protocol import LONGEST_LOGOFF_WAIT
+
 
 @register(Tags.security, deploy=False)
 def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
@@ -31,6 +33,15 @@ def check_configuration(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                 "to the reconciler, which then leaves a run with a lost node step waiting.",
                 hint="Leave TGP_SEEN_RESOLUTION unset (half of TGP_RECONCILE_AFTER, at most 30 s) or set it lower.",
                 id="tgpadmin.E001",
+            )
+        )
+    if settings.TGP_DRAIN_AHEAD > LONGEST_LOGOFF_WAIT:
+        problems.append(
+            Error(
+                f"TGP_DRAIN_AHEAD ({settings.TGP_DRAIN_AHEAD:g} s) is above the {LONGEST_LOGOFF_WAIT:g} s an agent "
+                "waits for its users' time: a node would log its users off before the time they were told.",
+                hint=f"Set TGP_DRAIN_AHEAD to at most {LONGEST_LOGOFF_WAIT:g} (default 60).",
+                id="tgpadmin.E002",
             )
         )
     if not settings.DEBUG and not settings.ALLOWED_HOSTS:

@@ -20,7 +20,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import OuterRef, Subquery
+from django.db.models import Exists, OuterRef, Subquery
 from django.utils import timezone
 
 from audit.records import Operation, record
@@ -324,6 +324,16 @@ class _Progress:
     out: datetime | None  # left the load balancer
     off: datetime | None  # users logged off
     back: datetime | None  # back in service (or the run ended)
+    held: datetime | None = None  # took its update slot
+
+
+def _committed_off(seen: _Progress, planned_at: datetime) -> datetime | None:
+    """When a node's users are (or will be) logged off for good: a node that holds its
+    update slot has its drain on the way, ahead of its time at the earliest (hold), and
+    no replan can move it any more (its node logs them off at the time it was given)."""
+    if seen.off is not None or seen.held is None:
+        return seen.off
+    return max(seen.held, planned_at)
 
 
 def _progress(plan: UpdatePlan) -> dict[int, _Progress]:
@@ -331,10 +341,11 @@ def _progress(plan: UpdatePlan) -> dict[int, _Progress]:
     runs = UpdateRun.objects.filter(schedule_id=plan.schedule_id, scheduled_for=plan.occurrence).annotate(
         out=Subquery(steps.filter(name="exclude").values("started_at")[:1]),
         off=Subquery(steps.filter(name="drain").values("started_at")[:1]),
+        held=Subquery(steps.filter(name="slot", state=UpdateStep.State.SUCCEEDED).values("finished_at")[:1]),
     )
     return {
-        node_id: _Progress(out, off, finished)
-        for node_id, out, off, finished in runs.values_list("node_id", "out", "off", "finished_at")
+        node_id: _Progress(out, off, finished, held)
+        for node_id, out, off, finished, held in runs.values_list("node_id", "out", "off", "finished_at", "held")
     }
 
 
@@ -364,6 +375,18 @@ def next_look(entry: PlanEntry, now: datetime) -> datetime | None:
     return first + timedelta(seconds=settings.TGP_PLAN_LOOK) if now < first else None
 
 
+def turn_comes_first(entry: PlanEntry) -> bool:
+    """Whether every node of the plan due before this one holds its update slot already
+    (or has ended): only then may this one take a free slot ahead of its time (hold),
+    never one that a node due before it is still holding out for. One query."""
+    before = PlanEntry.objects.filter(plan=entry.plan_id, excluded=False, planned_at__lt=entry.planned_at)
+    waiting = UpdateRun.objects.running().filter(
+        schedule_id=entry.plan.schedule_id, scheduled_for=entry.plan.occurrence, node__in=before.values("node_id")
+    )
+    held = UpdateStep.objects.filter(run=OuterRef("pk"), name="slot", state=UpdateStep.State.SUCCEEDED)
+    return not waiting.exclude(Exists(held)).exists()
+
+
 def expected_back(off: datetime, expected: timedelta, now: datetime) -> datetime:
     """When a node logged off at `off` is expected back: as expected, and once past
     that, in steps of half its expected duration. Steps, not "now plus a bit": the
@@ -391,12 +414,13 @@ def replan(plan: UpdatePlan, now: datetime | None = None) -> list[PlanEntry]:
             seen = progress.get(entry.node_id, _Progress(None, None, None))
             if seen.back is not None:
                 continue  # back (or ended): it holds no place any more
-            if seen.off is not None:
+            off = _committed_off(seen, entry.planned_at)
+            if off is not None:
                 # Logged off a moment late (a worker's round trip) is on time: only a real
                 # delay, or an overrun, moves the others.
-                late = seen.off - entry.planned_at > LATE_OFF
-                back = expected_back(seen.off if late else entry.planned_at, entry.expected, now)
-                fixed.append(Slot(entry.node.hostname, seen.off, back, seen.out or seen.off - plan.lead))
+                late = off - entry.planned_at > LATE_OFF
+                back = expected_back(off if late else entry.planned_at, entry.expected, now)
+                fixed.append(Slot(entry.node.hostname, off, back, seen.out or off - plan.lead))
             else:
                 # Out already: out from now on, as far as the future is concerned (the
                 # past is history, and the semaphore kept it within the bound).

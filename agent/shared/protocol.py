@@ -57,6 +57,12 @@ HANDOFF_PRIORITY = 0
 # about a minute instead of failing the step.
 PUBLISH_RETRY_POLICY = {"max_retries": 40, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 2}
 
+# A scheduled cluster node's drain may come ahead of its users' time (StepCommand.at):
+# the control plane takes a free update slot up to TGP_DRAIN_AHEAD before it, and the
+# node logs its users off at that time by its own clock. It waits at most this long: a
+# time further off is a wrong clock, not a plan (tgpadmin.E002 keeps the lead below it).
+LONGEST_LOGOFF_WAIT = 600.0
+
 
 # Who signs what (agent.shared.signing): the control plane its commands, each node
 # its reports and the hand-offs of its steps, with its own key.

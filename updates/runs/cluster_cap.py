@@ -53,10 +53,15 @@ def _semaphore(step: str, cluster: Cluster) -> tuple[ClusterSlots, int, str]:
     return cluster_slots(), cluster.max_parallel_updates, "update slots"
 
 
-def take_slot(run_id: int, step: str = "slot") -> None:
+def take_slot(run_id: int, step: str = "slot", *, ahead: bool = False) -> bool:
     """Hold one of the cluster's update slots (`slot`) or places out of the load
     balancer (`leave`), then queue the rest of the run; an update slot's fencing
-    token goes into the rest's payload. SlotWait while all are taken.
+    token goes into the rest's payload. SlotWait while all are taken. True if this
+    call took it.
+
+    `ahead`: a holding node's update slot before its planned time (hold): taken only if
+    one is free now and its rollout lets it go, and its hold ends with it; otherwise
+    nothing changes (no line, no replan: its hold goes on) and False.
 
     On the slot's critical path when a release hands it to the next waiter
     (wake_waiters): two reads, one transaction of two writes, and the chain queued
@@ -65,21 +70,30 @@ def take_slot(run_id: int, step: str = "slot") -> None:
     names, states = zip(*step_states(run), strict=True)
     state = states[names.index(step)]
     if run.state != UpdateRun.State.RUNNING or state == UpdateStep.State.SUCCEEDED:
-        return  # ended, or a duplicate of a step that already went on
+        return False  # ended, or a duplicate of a step that already went on
     if run.release.withdrawn_at is not None:
         from updates.runs.end import fail_run  # end builds on this module: imported when used
 
         fail_run(run_id, run.release.withdrawn_reason)  # before it leaves the load balancer or logs anyone off
-        return
-    if state == UpdateStep.State.PENDING:
-        lifecycle.wait_step(run_id, step, timezone.now())
-    # Asked only once in line (above): a resume from now on finds it there and wakes it.
-    if step == next(name for name in names if name in UpdateStep.GATES) and _held(run, step):
-        return
+        return False
+    first_gate = step == next(name for name in names if name in UpdateStep.GATES)
+    if ahead:
+        if first_gate and rollouts.at_gate(run) != rollouts.GO:
+            return False  # at its time, its hold asks again and waits in line (or is called off)
+        if UpdateStep.objects.in_line().filter(run__node__cluster=run.node.cluster_id, name=step).exists():
+            return False  # a free slot is theirs (a release hands it on): it never passes a node in line
+    else:
+        if state == UpdateStep.State.PENDING:
+            lifecycle.wait_step(run_id, step, timezone.now())
+        # Asked only once in line (above): a resume from now on finds it there and wakes it.
+        if first_gate and _held(run, step):
+            return False
     cluster, node = run.node.cluster, run.node
     assert cluster is not None
     semaphore, bound, what = _semaphore(step, cluster)
     token = semaphore.acquire(cluster.name, node.hostname, bound)
+    if token is None and ahead:
+        return False
     if token is None:
         holders = ", ".join(h.node for h in semaphore.holders(cluster.name))
         # No last_activity_at: the reaper and the reconciler leave waiting runs alone.
@@ -96,15 +110,20 @@ def take_slot(run_id: int, step: str = "slot") -> None:
         # The run's row before its step's (run, steps, node), as a cancellation locks them.
         fields = {"slot_token": token} if step == "slot" else {}
         ended = not UpdateRun.objects.running().filter(pk=run_id).update(last_activity_at=held_at, **fields)
+        if not ended and ahead:
+            lifecycle.finish_step(run_id, "hold", "succeeded", held_at, began=None)
+            lifecycle.wait_step(run_id, step, held_at)
         if not ended:
             if not lifecycle.claim_step(run_id, step, held_at, f"held, token {token}"):
-                return  # a duplicate was faster
+                return False  # a duplicate was faster
             if step == "slot":
                 run.slot_token = token
             # Named, not "the first unfinished step": an earlier step's report may still be queued.
             queue_from(run, names[names.index(step) + 1], names=names)
     if ended:
         _give_back(run_id, cluster, node, step, token)  # not carried on
+        return False
+    return True
 
 
 def _held(run: UpdateRun, step: str) -> bool:
@@ -134,7 +153,9 @@ def hold(run_id: int) -> None:
     """Out of the load balancer, a cluster node keeps its users until its planned time
     (its plan entry, which an overrun before it may move: looked at again every
     TGP_PLAN_LOOK seconds while another node of the plan updates, plans.next_look).
-    HoldOn until then; then it takes the update slot (take_slot), or waits in line."""
+    From TGP_DRAIN_AHEAD before that time it takes an update slot that is free, and its
+    drain goes ahead to wait on the node for the time. HoldOn until then; at its time it
+    takes the update slot (take_slot), or waits in line."""
     from updates import plans  # plans build on runs: imported when used
 
     run = UpdateRun.objects.select_related("node").get(pk=run_id)
@@ -151,10 +172,16 @@ def hold(run_id: int) -> None:
             entry.refresh_from_db(fields=["planned_at"])
             look = now + timedelta(seconds=settings.TGP_PLAN_LOOK)
         if now < entry.planned_at:
+            # Within the lead, a free slot now: its drain goes to the node, which logs
+            # its users off at their time by its own clock (agent.steps.until_logoff).
+            ahead_at = entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)
+            if now >= ahead_at and plans.turn_comes_first(entry) and take_slot(run_id, "slot", ahead=True):
+                return
             detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
             lifecycle.start_step(run_id, "hold", now, detail=detail)
-            wait = (min(entry.planned_at, look) - now).total_seconds()
-            raise HoldOn(f"run {run_id} holds until {entry.planned_at}", min(wait, LONGEST_NAP))
+            wake = ahead_at if now < ahead_at else entry.planned_at
+            wait = (min(wake, look) - now).total_seconds()
+            raise HoldOn(f"run {run_id} holds until {wake}", min(wait, LONGEST_NAP))
     lifecycle.finish_step(run_id, "hold", "succeeded", now, began=None)
     # Its time has come: the slot at once, in this task. Handed on as a task of its own,
     # the request waited behind the whole control queue at the very time the node's

@@ -16,7 +16,7 @@ from agent.shared.protocol import CONTROL_STEPS, NODE_STEPS
 from nodes.models import Cluster, Node
 from updates.models import UpdateRun, UpdateStep
 from updates.runs import lifecycle
-from updates.runs.chains import pending_step, queue_from, start_update_phase, waiting
+from updates.runs.chains import logoff_at, pending_step, queue_from, start_update_phase, waiting
 from updates.runs.cluster_cap import wake_waiters
 from updates.runs.end import complete_run, fail_run
 from updates.runs.snapshots import STORED_FIELDS, apply_snapshot, store_heartbeat
@@ -95,6 +95,9 @@ def _carry_on(run: UpdateRun, cutoff: datetime) -> bool:
         lifecycle.touch(run.pk)
         queue_from(run, "verify")
         return True
+    logoff = logoff_at(run) if pending.name == "drain" else None
+    if logoff is not None and logoff > cutoff.timestamp():
+        return False  # its drain went ahead and waits on the node for its users' time (hold)
     agent_alive = run.node.last_seen is not None and run.node.last_seen > cutoff
     lost_node_step = pending.name in NODE_STEPS and pending.state == UpdateStep.State.PENDING and agent_alive
     if pending.name in CONTROL_STEPS or lost_node_step:
