@@ -165,6 +165,14 @@ def hold(run_id: int) -> None:
     lifecycle.touch(run_id, now)
     entry = plans.entry_for(run)
     if entry is not None:
+        ahead_at = entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)
+        # Within the lead, a free slot now: its drain goes to the node, which logs its
+        # users off at their time by its own clock (agent.steps.until_logoff). No look at
+        # the plan first: every node due before it holds a slot already, so none of them
+        # can overrun into the one it takes, and its time, once it holds one, is kept.
+        ahead = ahead_at <= now < entry.planned_at and plans.turn_comes_first(entry)
+        if ahead and take_slot(run_id, "slot", ahead=True):
+            return
         look = plans.next_look(entry, now)
         if look is None:
             # A node before it that overruns moves its time (and its users hear of it) first.
@@ -172,13 +180,9 @@ def hold(run_id: int) -> None:
             entry.refresh_from_db(fields=["planned_at"])
             look = now + timedelta(seconds=settings.TGP_PLAN_LOOK)
         if now < entry.planned_at:
-            # Within the lead, a free slot now: its drain goes to the node, which logs
-            # its users off at their time by its own clock (agent.steps.until_logoff).
-            ahead_at = entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)
-            if now >= ahead_at and plans.turn_comes_first(entry) and take_slot(run_id, "slot", ahead=True):
-                return
             detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
             lifecycle.start_step(run_id, "hold", now, detail=detail)
+            ahead_at = entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)  # a replan may have moved it
             wake = ahead_at if now < ahead_at else entry.planned_at
             wait = (min(wake, look) - now).total_seconds()
             raise HoldOn(f"run {run_id} holds until {wake}", min(wait, LONGEST_NAP))
