@@ -83,6 +83,19 @@ def test_within_the_lead_a_free_slot_is_taken_and_the_drain_carries_its_users_ti
     assert command["fence"] == run.slot_token
 
 
+def test_a_hold_that_takes_its_slot_ahead_reads_its_run_and_plan_entry_once(
+    cluster, make_node, releases, django_capture_on_commit_callbacks, django_assert_max_num_queries
+):
+    # A fleet-wide update's first waves: some 1,000 of these in the minute before the
+    # update time (bench/fleet_update.py). 10 statements (and a savepoint's two: a test
+    # runs in a transaction); the chain is built from the run and entry at hand.
+    first, _, _ = plan_in(cluster, make_node, 30)
+    run = holding(first, releases)
+    with django_assert_max_num_queries(12), django_capture_on_commit_callbacks(execute=True):
+        cluster_cap.hold(run.pk)
+    assert state(run, "slot") == "succeeded"
+
+
 def test_before_the_lead_a_hold_sleeps_until_the_lead_begins(cluster, make_node, releases, settings):
     first, _, _ = plan_in(cluster, make_node, 180)
     run = holding(first, releases)

@@ -211,21 +211,24 @@ def _add_late_comers(plan: UpdatePlan, schedule: UpdateSchedule) -> None:
 
 
 def entry_for(run: UpdateRun) -> PlanEntry | None:
-    """The plan entry of a scheduled cluster node's run (the one attach_entries kept on
-    this instance, if it did)."""
+    """The plan entry of a scheduled cluster node's run, kept on this instance once read
+    (or read by attach_entries): a hold reads it, and the chain it queues reads it again
+    for its users' time (chains.logoff_at)."""
     if run.schedule_id is None or run.scheduled_for is None:
         return None
     if _ENTRY in run.__dict__:
         return run.__dict__[_ENTRY]  # type: ignore[no-any-return]
-    return (
+    entry = (
         PlanEntry.objects.select_related("plan")
         .filter(plan__schedule_id=run.schedule_id, plan__occurrence=run.scheduled_for, node_id=run.node_id)
         .first()
     )
+    run.__dict__[_ENTRY] = entry
+    return entry
 
 
-# Where attach_entries keeps a run's plan entry on the instance, as Django keeps the rows
-# it prefetched: they live as long as the instance, here one firing's start.
+# Where entry_for and attach_entries keep a run's plan entry on the instance, as Django
+# keeps the rows it prefetched: they live as long as the instance (one task's work).
 _ENTRY = "_plan_entry"
 
 

@@ -53,7 +53,7 @@ def _semaphore(step: str, cluster: Cluster) -> tuple[ClusterSlots, int, str]:
     return cluster_slots(), cluster.max_parallel_updates, "update slots"
 
 
-def take_slot(run_id: int, step: str = "slot", *, ahead: bool = False) -> bool:
+def take_slot(run_id: int, step: str = "slot", *, ahead: bool = False, loaded: UpdateRun | None = None) -> bool:
     """Hold one of the cluster's update slots (`slot`) or places out of the load
     balancer (`leave`), then queue the rest of the run; an update slot's fencing
     token goes into the rest's payload. SlotWait while all are taken. True if this
@@ -61,12 +61,13 @@ def take_slot(run_id: int, step: str = "slot", *, ahead: bool = False) -> bool:
 
     `ahead`: a holding node's update slot before its planned time (hold): taken only if
     one is free now and its rollout lets it go, and its hold ends with it; otherwise
-    nothing changes (no line, no replan: its hold goes on) and False.
+    nothing changes (no line, no replan: its hold goes on) and False. `loaded`: the run,
+    read by the caller in this task with its node, cluster and release (the hold's).
 
     On the slot's critical path when a release hands it to the next waiter
     (wake_waiters): two reads, one transaction of two writes, and the chain queued
     from the objects at hand."""
-    run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
+    run = loaded or UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
     names, states = zip(*step_states(run), strict=True)
     state = states[names.index(step)]
     if run.state != UpdateRun.State.RUNNING or state == UpdateStep.State.SUCCEEDED:
@@ -158,7 +159,7 @@ def hold(run_id: int) -> None:
     takes the update slot (take_slot), or waits in line."""
     from updates import plans  # plans build on runs: imported when used
 
-    run = UpdateRun.objects.select_related("node").get(pk=run_id)
+    run = UpdateRun.objects.select_related("node__cluster", "release").get(pk=run_id)
     if run.state != UpdateRun.State.RUNNING:
         raise RunFailed(f"run {run_id} is {run.state}")
     now = timezone.now()
@@ -171,7 +172,7 @@ def hold(run_id: int) -> None:
         # the plan first: every node due before it holds a slot already, so none of them
         # can overrun into the one it takes, and its time, once it holds one, is kept.
         ahead = ahead_at <= now < entry.planned_at and plans.turn_comes_first(entry)
-        if ahead and take_slot(run_id, "slot", ahead=True):
+        if ahead and take_slot(run_id, "slot", ahead=True, loaded=run):
             return
         look = plans.next_look(entry, now)
         if look is None:
