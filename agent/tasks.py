@@ -229,9 +229,11 @@ class NodeStep(Task):
 
 
 StepFn = Callable[[Driver, StepCommand, Reporter], None]
+# What a step does before it starts (its start is reported from then on): a drain waits for its users' time.
+BeforeFn = Callable[[StepCommand], object]
 
 
-def _run_step(task: NodeStep, payload: Any, fn: StepFn) -> dict[str, Any] | None:
+def _run_step(task: NodeStep, payload: Any, fn: StepFn, before: BeforeFn | None = None) -> dict[str, Any] | None:
     """Run one step; returns the node's snapshot after it, which a chain hands to
     the next task (control.verify and control.complete take it from there)."""
     try:
@@ -243,8 +245,8 @@ def _run_step(task: NodeStep, payload: Any, fn: StepFn) -> dict[str, Any] | None
     task.request.__dict__["tgp_goes_on"] = task.goes_on()
     task.request.__dict__["tgp_done"] = (command.node, body["id"], body["expires"])
     driver = driver_for(command.node)
-    if task.step == "drain":
-        steps.until_logoff(command)  # the fencing check and the logging off come after it
+    if before is not None:
+        before(command)
     retried = bool(task.request.retries)
     report = Reporter(driver, command.run, task.step, announce=not retried, outbox=task.outbox())
     try:
@@ -277,17 +279,17 @@ def _reboot(driver: Driver, command: StepCommand, report: Reporter) -> None:
     _reboot_requested = driver.simulates_reboot
 
 
-def _step_task(step: str, fn: StepFn, **options: Any) -> Any:
+def _step_task(step: str, fn: StepFn, *, before: BeforeFn | None = None, **options: Any) -> Any:
     @app.task(name=f"node.{step}", step=step, bind=True, base=NodeStep, **options)
     def run_step(self: NodeStep, payload: Any) -> dict[str, Any] | None:
-        return _run_step(self, payload, fn)
+        return _run_step(self, payload, fn, before)
 
     return run_step
 
 
 notify = _step_task("notify", steps.notify)
 exclude = _step_task("exclude", steps.exclude)
-drain = _step_task("drain", steps.drain)
+drain = _step_task("drain", steps.drain, before=steps.until_logoff)  # the fencing check comes after the wait
 download = _step_task(
     "download",
     steps.download,

@@ -124,6 +124,18 @@ def test_with_no_free_slot_ahead_nothing_changes_and_it_holds_until_its_time(
     assert PlanEntry.objects.get(pk=first.pk).planned_at == first.planned_at, "no replan before its time"
 
 
+def test_no_lead_takes_the_slot_only_at_the_planned_time(
+    cluster, make_node, releases, settings, django_capture_on_commit_callbacks
+):
+    settings.TGP_DRAIN_AHEAD = 0
+    first, _, _ = plan_in(cluster, make_node, 30)
+    run = holding(first, releases)
+    with pytest.raises(cluster_cap.HoldOn) as held, django_capture_on_commit_callbacks(execute=False) as queued:
+        cluster_cap.hold(run.pk)
+    assert not queued and state(run, "slot") == "pending"
+    assert held.value.seconds > 25, "it sleeps until its time"
+
+
 def test_it_never_takes_a_slot_that_a_node_due_before_it_is_still_holding_out_for(
     cluster, make_node, releases, settings, django_capture_on_commit_callbacks
 ):

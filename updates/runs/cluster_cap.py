@@ -9,7 +9,7 @@ release hands both on to the longest waiters in place."""
 from __future__ import annotations
 
 import contextlib
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from agent.shared.protocol import OUT_PREFIX
 from nodes.models import Cluster, Node
-from updates.models import UpdateRun, UpdateStep
+from updates.models import PlanEntry, UpdateRun, UpdateStep
 from updates.runs import lifecycle, rollouts
 from updates.runs.chains import LONGEST_NAP, RunFailed, queue_from, step_states
 from updates.slots import ClusterSlots, shared_slots
@@ -60,7 +60,7 @@ def take_slot(run_id: int, step: str = "slot", *, ahead: bool = False, loaded: U
     call took it.
 
     `ahead`: a holding node's update slot before its planned time (hold): taken only if
-    one is free now and its rollout lets it go, and its hold ends with it; otherwise
+    one is free now and nobody waits in line for it, and its hold ends with it; otherwise
     nothing changes (no line, no replan: its hold goes on) and False. `loaded`: the run,
     read by the caller in this task with its node, cluster and release (the hold's).
 
@@ -77,25 +77,23 @@ def take_slot(run_id: int, step: str = "slot", *, ahead: bool = False, loaded: U
 
         fail_run(run_id, run.release.withdrawn_reason)  # before it leaves the load balancer or logs anyone off
         return False
-    first_gate = step == next(name for name in names if name in UpdateStep.GATES)
     if ahead:
-        if first_gate and rollouts.at_gate(run) != rollouts.GO:
-            return False  # at its time, its hold asks again and waits in line (or is called off)
+        # Its rollout was asked at its first gate (leave): a node out of the load balancer is started.
         if UpdateStep.objects.in_line().filter(run__node__cluster=run.node.cluster_id, name=step).exists():
             return False  # a free slot is theirs (a release hands it on): it never passes a node in line
     else:
         if state == UpdateStep.State.PENDING:
             lifecycle.wait_step(run_id, step, timezone.now())
         # Asked only once in line (above): a resume from now on finds it there and wakes it.
-        if first_gate and _held(run, step):
+        if step == next(name for name in names if name in UpdateStep.GATES) and _held(run, step):
             return False
     cluster, node = run.node.cluster, run.node
     assert cluster is not None
     semaphore, bound, what = _semaphore(step, cluster)
     token = semaphore.acquire(cluster.name, node.hostname, bound)
-    if token is None and ahead:
-        return False
     if token is None:
+        if ahead:
+            return False
         holders = ", ".join(h.node for h in semaphore.holders(cluster.name))
         # No last_activity_at: the reaper and the reconciler leave waiting runs alone.
         UpdateStep.objects.filter(run_id=run_id, name=step).update(
@@ -166,12 +164,11 @@ def hold(run_id: int) -> None:
     lifecycle.touch(run_id, now)
     entry = plans.entry_for(run)
     if entry is not None:
-        ahead_at = entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)
         # Within the lead, a free slot now: its drain goes to the node, which logs its
         # users off at their time by its own clock (agent.steps.until_logoff). No look at
         # the plan first: every node due before it holds a slot already, so none of them
         # can overrun into the one it takes, and its time, once it holds one, is kept.
-        ahead = ahead_at <= now < entry.planned_at and plans.turn_comes_first(entry)
+        ahead = _ahead_at(entry) <= now < entry.planned_at and plans.turn_comes_first(entry)
         if ahead and take_slot(run_id, "slot", ahead=True, loaded=run):
             return
         look = plans.next_look(entry, now)
@@ -183,7 +180,7 @@ def hold(run_id: int) -> None:
         if now < entry.planned_at:
             detail = f"users are logged off at {timezone.localtime(entry.planned_at):%H:%M:%S}"
             lifecycle.start_step(run_id, "hold", now, detail=detail)
-            ahead_at = entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)  # a replan may have moved it
+            ahead_at = _ahead_at(entry)  # again: a replan may have moved it
             wake = ahead_at if now < ahead_at else entry.planned_at
             wait = (min(wake, look) - now).total_seconds()
             raise HoldOn(f"run {run_id} holds until {wake}", min(wait, LONGEST_NAP))
@@ -193,6 +190,11 @@ def hold(run_id: int) -> None:
     # users were to be logged off (a fleet-wide update: 10-45 s, bench/fleet_update.py).
     with contextlib.suppress(SlotWait):  # in line: a release hands it on (wake_waiters)
         take_slot(run_id, "slot")
+
+
+def _ahead_at(entry: PlanEntry) -> datetime:
+    """From when a holding node may take a free slot and send its drain ahead (TGP_DRAIN_AHEAD)."""
+    return entry.planned_at - timedelta(seconds=settings.TGP_DRAIN_AHEAD)
 
 
 def _replan(run: UpdateRun) -> None:
