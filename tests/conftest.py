@@ -228,16 +228,57 @@ class ControlWorker:
         if self.proc is not None:
             stop_process(self.proc)
 
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait (bounded) until the worker has nothing left of a test to do: the control
+        queue empty and no task running or prefetched; tasks queued for later (a hold's
+        or a phase's countdown) are revoked. Before a transactional test's flush: a late
+        report written while PostgreSQL truncates the tables deadlocked with it (CI)."""
+        import redis
+
+        from agent.shared.protocol import CONTROL_QUEUE
+        from tgpadmin.broker_acl import queue_keys as lists_of
+        from tgpadmin.celery import app
+
+        if self.proc is None or self.proc.poll() is not None:
+            return  # a fault test killed it: nothing of it can still write
+        broker = redis.Redis.from_url(self.redis_url)
+        inspect = app.control.inspect(destination=[self.name], timeout=2)
+
+        def idle() -> bool:
+            if sum(broker.llen(key) for key in lists_of(CONTROL_QUEUE, literal=False)):
+                return False
+            busy = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
+            return not any(busy)
+
+        wait_for(idle, timeout, "the control worker to finish the test's tasks")
+        later = [t["request"]["id"] for ts in (inspect.scheduled() or {}).values() for t in ts]
+        if later:
+            app.control.revoke(later, destination=[self.name])
+
+
+_session_worker: ControlWorker | None = None
+
 
 @pytest.fixture(scope="session")
 def control_worker(redis_url: str, django_db_setup: Any, django_db_blocker: Any, logs_dir: Path) -> Iterator[Any]:
     """A real Celery worker on the control queue, writing to the test database."""
+    global _session_worker
     with django_db_blocker.unblock():
         db_url = test_database_url()
-    worker = ControlWorker(redis_url, db_url, logs_dir / "control.log")
+    worker = _session_worker = ControlWorker(redis_url, db_url, logs_dir / "control.log")
     worker.start()
     yield worker
+    _session_worker = None
     worker.stop()
+
+
+@pytest.fixture(autouse=True)
+def _control_worker_settles(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After a test that used the control worker (its agents stopped by then: fixtures
+    end in reverse), before its database is flushed: see ControlWorker.settle."""
+    yield
+    if _session_worker is not None and "control_worker" in request.fixturenames:
+        _session_worker.settle()
 
 
 class Repo:
