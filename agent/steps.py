@@ -65,6 +65,11 @@ def _redis(url: str, sentinel: Sentinel | None = None) -> redis.Redis:
     return redis_client(url, sentinel)
 
 
+def broker() -> redis.Redis:
+    """This node's own connection to the broker outside Celery: the fencing check, heartbeats."""
+    return _redis(config().redis_url, config().redis_sentinel)
+
+
 def check_fence(command: StepCommand) -> None:
     """Before anything disruptive on a cluster node: is our update slot still ours?
     An operator may have released it, and another node may hold it now."""
@@ -72,7 +77,7 @@ def check_fence(command: StepCommand) -> None:
         return
     held = None
     if command.fence is not None:
-        held = _redis(config().redis_url, config().redis_sentinel).hget(slot_keys(command.cluster)[0], command.node)
+        held = broker().hget(slot_keys(command.cluster)[0], command.node)
     if held is None or parse_slot_holder(held)[0] != command.fence:
         raise FenceLost(
             f"{command.node} does not hold update slot {command.fence} of {command.cluster} any more; stopped"

@@ -4,7 +4,7 @@ The worker consumes only ``node.<hostname>``. The supervisor outlives it: when
 the worker exits for a (simulated) reboot, the supervisor gives the appliance a
 new boot id and starts a new worker. Under honcho a process that exits stops
 all the others, so the agent must not exit on its own reboot. The supervisor
-also sends heartbeats (the node's snapshot) to the control queue.
+also sends heartbeats (the node's snapshot) to the heartbeats list (agent.tasks.send_heartbeat).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from agent.drivers.simulated import REBOOT_EXIT_CODE
 from agent.shared import signing
 from agent.shared.processes import die_with_parent
 from agent.shared.protocol import node_queue
-from agent.tasks import driver_for, report_node, request_enrollment, snapshot_of
+from agent.tasks import driver_for, request_enrollment, send_heartbeat, snapshot_of
 
 log = logging.getLogger("agent")
 
@@ -59,7 +59,7 @@ class Supervisor:
 
     def heartbeat(self) -> None:
         try:
-            report_node(self.hostname, snapshot_of(self.driver, instance=self.instance))
+            send_heartbeat(self.hostname, snapshot_of(self.driver, instance=self.instance))
         except Exception as exc:  # a broker outage must not kill the agent; it retries next beat
             log.warning("agent %s: heartbeat failed: %s", self.hostname, exc)
 

@@ -28,10 +28,12 @@ from agent.config import config
 from agent.drivers import get_driver
 from agent.drivers.base import Driver
 from agent.drivers.simulated import REBOOT_EXIT_CODE
+from agent.shared import signing
 from agent.shared.protocol import (
     CONTROL_QUEUE,
     ENROLL,
     HANDOFF_PRIORITY,
+    HEARTBEATS,
     NODE_REPORT,
     READY_PRIORITY,
     RECORD_STEP,
@@ -318,6 +320,15 @@ def report_node(hostname: str, snapshot: Snapshot, *, priority: int = REPORT_PRI
         identity.signed(hostname, "node_report", NodeReport(hostname, snapshot).to_wire()),
         priority=priority,
     )
+
+
+def send_heartbeat(hostname: str, snapshot: Snapshot) -> None:
+    """The supervisor's heartbeat: the same signed node report, pushed onto the heartbeats
+    list (one RPUSH) instead of sent as a control task; `manage.py heartbeats` takes them in
+    batches. What needs to be quick (the worker's ready report after a reboot) stays a
+    task at its own priority: report_node."""
+    envelope = identity.signed(hostname, "node_report", NodeReport(hostname, snapshot).to_wire())
+    steps.broker().rpush(HEARTBEATS, signing.encode(envelope))
 
 
 def request_enrollment(hostname: str, public_key: str) -> None:

@@ -93,7 +93,7 @@ def measure(work: Path, redis_url: str, count: int) -> dict[str, Any]:
         os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}  # the control worker's env
         env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
         try:
-            procs.append(start_control(work, redis_url))
+            procs += start_control(work, redis_url)
             procs += start_node_workers(hostnames, env, work / "nodes.log", workers=1, concurrency=20)
             procs.append(start_beat(work, redis_url))
             setup_s = time.monotonic() - setup_started

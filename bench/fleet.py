@@ -47,7 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agent.shared.protocol import CONTROL_QUEUE
+from agent.shared.protocol import CONTROL_QUEUE, HEARTBEATS
 from bench import netns
 from bench.common import ROOT, SECRET, free_port, metric, percentile, spawn, stop_process
 from tgpadmin.broker_acl import queue_keys  # the control queue's lists, one per priority
@@ -215,7 +215,8 @@ class Observer:
     def sample(self) -> None:
         while not self.stopping.wait(1.0):
             info = self.redis.info()
-            length = sum(self.redis.llen(key) for key in queue_keys(CONTROL_QUEUE, literal=False))
+            # What waits for the control host: its queue and the heartbeats not yet taken.
+            length = sum(self.redis.llen(key) for key in (*queue_keys(CONTROL_QUEUE, literal=False), HEARTBEATS))
             self.samples.append({
                 "at": time.time(), "queue": length, "memory_mb": info["used_memory"] / 2**20,
                 "clients": info["connected_clients"],
@@ -298,7 +299,11 @@ class Fleet:
         cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", name]
         cmd += ["-c", str(self.concurrency), "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
         cmd = [*(self.prefix if second else []), *cmd]
-        self.controls.append(spawn(cmd, self.env(second), self.work / f"{name.split('@')[1]}.log"))
+        host = name.split("@")[1]
+        self.controls.append(spawn(cmd, self.env(second), self.work / f"{host}.log"))
+        # Beside it, as in the Procfile: the heartbeats' consumer of this host.
+        heartbeats = [*(self.prefix if second else []), sys.executable, "manage.py", "heartbeats"]
+        self.controls.append(spawn(heartbeats, self.env(second), self.work / f"{host}-heartbeats.log"))
         wait(lambda: app.control.ping(destination=[name], timeout=0.5), 60, f"the control worker {name}")
 
     def grow(self, size: int) -> None:
@@ -317,7 +322,7 @@ class Fleet:
         if self.running > size:
             self.stop_agents()
             assert self.observer is not None
-            self.observer.redis.delete(*queue_keys(CONTROL_QUEUE, literal=False))
+            self.observer.redis.delete(*queue_keys(CONTROL_QUEUE, literal=False), HEARTBEATS)
             self.grow(size)
 
     def stop_agents(self) -> None:
@@ -342,7 +347,7 @@ class Fleet:
         mid, end = begin + STEP_SECONDS / 2, time.time()
         lags, queue = self.observer.lags(mid, end), self.observer.queue(mid, end)
         step = {
-            "nodes": size, "control_hosts": len(self.controls), "offered_per_s": round(size / INTERVAL, 1),
+            "nodes": size, "control_hosts": len(self.controls) // 2, "offered_per_s": round(size / INTERVAL, 1),
             "written": len(lags), "lag_p50_s": round(percentile(lags, 50), 3),
             "lag_p99_s": round(percentile(lags, 99), 3), "queue_end": queue[-1] if queue else None,
             "queue_max": max(queue) if queue else None,

@@ -2,8 +2,8 @@
 
 Each node has its own identity (an Ed25519 key the control plane accepted) and its
 own signed, numbered heartbeats, sent the way an agent's supervisor sends them
-(agent.tasks.send_to_control: the agent's Celery app, the control queue, report
-priority) at the production interval, spread evenly over it. What is left out is
+(agent.tasks.send_heartbeat: one RPUSH onto the heartbeats list, through the agent's
+own broker client) at the production interval, spread evenly over it. What is left out is
 what costs an agent process per node: a Celery worker and a driver. A heartbeat's
 sequence number is its send time (in microseconds), so that the benchmark can tell
 from the database how long each one that was written took to get there.
@@ -35,9 +35,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.app import app  # noqa: E402 - after the path
+from agent import steps  # noqa: E402 - after the path
 from agent.shared import signing  # noqa: E402
-from agent.shared.protocol import CONTROL_QUEUE, NODE_REPORT, REPORT_PRIORITY, NodeReport, Snapshot  # noqa: E402
+from agent.shared.protocol import HEARTBEATS, NodeReport, Snapshot  # noqa: E402
 from bench.common import percentile  # noqa: E402
 
 PACKAGES = {"tightgate-base": "2.1.0", "tightgate-browser": "2.1.0"}
@@ -67,11 +67,8 @@ class SimNode:
 
 
 def send(node: SimNode, envelope: dict[str, Any]) -> None:
-    # As agent.tasks.send_to_control, plus a task id of its own.
-    app.send_task(
-        NODE_REPORT, args=(envelope,), queue=CONTROL_QUEUE, ignore_result=True, priority=REPORT_PRIORITY,
-        argsrepr=f"(node_report {node.hostname} #{node.seq})",
-    )  # fmt: skip
+    # As agent.tasks.send_heartbeat.
+    steps.broker().rpush(HEARTBEATS, signing.encode(envelope))
 
 
 def load(path: Path) -> list[SimNode]:

@@ -36,6 +36,7 @@ from statistics import median
 from typing import Any
 
 from bench.common import SECRET, database_url, enroll, in_workspace, metric, percentile, spawn, stop_process
+from tgpadmin.processes import stop_processes
 from tgpadmin.processes import wait_for as wait
 
 OPTIONS = {"runs"}
@@ -73,16 +74,19 @@ def build_repo(root: Path) -> tuple[Path, str]:
     return root / "out", str(root / "root.json")
 
 
-def start_control(work: Path, redis_url: str) -> Any:
+def start_control(work: Path, redis_url: str) -> list[Any]:
+    """A control host as the Procfile runs it: the control worker and `manage.py heartbeats`."""
     from tgpadmin.celery import app
 
     name = f"control-{uuid.uuid4().hex[:6]}@bench"
     cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", name]
     # INFO: the worker logs each task's run time, which tells what a gap is made of.
     cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
-    proc = spawn(cmd, {**base_env(work, redis_url), "DATABASE_URL": database_url()}, work / "control.log")
+    env = {**base_env(work, redis_url), "DATABASE_URL": database_url()}
+    heartbeats = [sys.executable, "manage.py", "heartbeats"]
+    procs = [spawn(cmd, env, work / "control.log"), spawn(heartbeats, env, work / "heartbeats.log")]
     wait(lambda: app.control.ping(destination=[name], timeout=0.5), 60, "the control worker")
-    return proc
+    return procs
 
 
 def make_nodes(count: int, state_dir: Path) -> list[Any]:
@@ -190,7 +194,7 @@ def measure(work: Path, redis_url: str, runs: int) -> dict[str, Any]:
     repo_dir, pinned_root = build_repo(work / "repo")
     release = Release.objects.get(version="2.2.0")
     run_ids: list[int] = []
-    control = start_control(work, redis_url)
+    controls = start_control(work, redis_url)
     try:
         with RepoServer(repo_dir) as server:
             env = {**base_env(work, redis_url), "TGP_NODE_STATE_DIR": str(work / "nodes")}
@@ -200,7 +204,7 @@ def measure(work: Path, redis_url: str, runs: int) -> dict[str, Any]:
                 run_ids += run_batch(min(BATCH, runs - batch), work, env, release)
             wall = time.monotonic() - started
     finally:
-        stop_process(control)
+        stop_processes(controls)
     from bench import roundtrip
 
     baseline = roundtrip.measure(work, redis_url)

@@ -140,7 +140,7 @@ def measure(work: Path, redis_url: str, count: int, scale: float = 1.0, path: st
             env |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}
             # The control worker's too: a schedule's firing looks at the repository first.
             os.environ |= {"TGP_REPO_URL": server.url, "TGP_REPO_ROOT_FILE": pinned_root}
-            procs.append(start_control(work, redis_url))
+            procs += start_control(work, redis_url)
             procs += start_node_workers(hostnames, env, work / "nodes.log", workers=NODE_WORKERS, concurrency=count)
             from django.utils import timezone
 

@@ -203,18 +203,24 @@ class ControlWorker:
     def __init__(self, redis_url: str, db_url: str, log_path: Path) -> None:
         self.redis_url, self.db_url, self.log_path = redis_url, db_url, log_path
         self.proc: subprocess.Popen[Any] | None = None
+        self.heartbeats: subprocess.Popen[Any] | None = None  # manage.py heartbeats, beside it as in the Procfile
         self.name = ""
+
+    def _spawn(self, cmd: list[str]) -> subprocess.Popen[Any]:
+        env = process_env(self.redis_url, DATABASE_URL=self.db_url, **HOTFIX.worker_env())
+        with open(self.log_path, "a") as log:
+            return subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
+            )  # fmt: skip
 
     def start(self) -> None:
         self.name = f"control-{uuid.uuid4().hex[:6]}@tests"
         cmd = [sys.executable, "-m", "celery", "-A", "tgpadmin", "worker", "-Q", "control", "-n", self.name]
         cmd += ["-c", "2", "-E", "--without-gossip", "--without-mingle", "-l", "INFO"]
-        env = process_env(self.redis_url, DATABASE_URL=self.db_url, **HOTFIX.worker_env())
-        with open(self.log_path, "a") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent,
-            )  # fmt: skip
+        self.proc = self._spawn(cmd)
+        if self.heartbeats is None or self.heartbeats.poll() is not None:
+            self.heartbeats = self._spawn([sys.executable, "manage.py", "heartbeats"])
         # The worker says so once it consumes (whichever broker it is on).
         wait_for(lambda: f"{self.name} ready." in self.log_path.read_text(), 60, "the control worker")
 
@@ -225,8 +231,9 @@ class ControlWorker:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
+        for proc in (self.proc, self.heartbeats):
+            if proc is not None:
+                stop_process(proc)
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait (bounded) until the worker has nothing left of a test to do: the control
@@ -235,7 +242,7 @@ class ControlWorker:
         report written while PostgreSQL truncates the tables deadlocked with it (CI)."""
         import redis
 
-        from agent.shared.protocol import CONTROL_QUEUE
+        from agent.shared.protocol import CONTROL_QUEUE, HEARTBEATS
         from tgpadmin.broker_acl import queue_keys as lists_of
         from tgpadmin.celery import app
 
@@ -245,7 +252,7 @@ class ControlWorker:
         inspect = app.control.inspect(destination=[self.name], timeout=2)
 
         def idle() -> bool:
-            if sum(broker.llen(key) for key in lists_of(CONTROL_QUEUE, literal=False)):
+            if sum(broker.llen(key) for key in (*lists_of(CONTROL_QUEUE, literal=False), HEARTBEATS)):
                 return False
             busy = [*(inspect.active() or {}).values(), *(inspect.reserved() or {}).values()]
             return not any(busy)

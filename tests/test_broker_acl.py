@@ -148,7 +148,8 @@ def seeded(broker: AclRedis) -> Iterator[dict[str, bytes]]:
         "node.other": b"for other",
         f"node.other{SEP}9": b"for other, low priority",
         "control": b"a report",
-        f"control{SEP}9": b"a heartbeat",
+        f"control{SEP}9": b"a report of low priority",
+        "heartbeats": b"another node's heartbeat",
     }
     for key, value in seeds.items():
         admin.lpush(key, value)
@@ -233,6 +234,12 @@ NODE_REFUSED: dict[str, Op] = {
     "SUBSCRIBE celery-task-meta-x": _subscribe("celery-task-meta-x"),
     "PUBLISH /0.celeryev/worker.elect (gossip)": lambda c: c.publish("/0.celeryev/worker.elect", "{}"),
     "LPUSH agent@other.celery.pidbox": lambda c: c.lpush("agent@other.celery.pidbox", "{}"),
+    # the other nodes' heartbeats: read, taken, trimmed away or pushed in front of theirs
+    "LRANGE heartbeats": lambda c: c.lrange("heartbeats", 0, -1),
+    "LPOP heartbeats": lambda c: c.lpop("heartbeats"),
+    "LTRIM heartbeats": lambda c: c.ltrim("heartbeats", 0, 0),
+    "DEL heartbeats": lambda c: c.delete("heartbeats"),
+    "LPUSH heartbeats": lambda c: c.lpush("heartbeats", "{}"),
     # administration
     "CONFIG GET": lambda c: c.config_get("*"),
     "CONFIG SET": lambda c: c.config_set("maxmemory", "1mb"),
@@ -290,6 +297,9 @@ def test_a_node_user_may_do_what_its_agent_needs_and_only_on_its_own_keys(broker
     assert n1.publish("/0.celeryev/task.multi", "[]") == 0
     assert n1.publish("/0.celeryev/worker.heartbeat", "{}") == 0
     assert n1.hget("tgp:slots:{ca}:holders", "n1") == b"7:1700000000000"  # the fencing check
+    assert n1.rpush("heartbeats", "a heartbeat") >= 1
+    # manage.py heartbeats, as the control user
+    assert broker.client("control").lpop("heartbeats", 10) == [b"another node's heartbeat", b"a heartbeat"]
     # A node outside any cluster reads no slot key at all.
     with pytest.raises(NOPERM):
         broker.client("node-n2").hget("tgp:slots:{ca}:holders", "n2")

@@ -60,9 +60,11 @@ def test_a_compromised_node_cannot_touch_the_others_and_they_update_within_their
     evil_key = state_dir / attacker.hostname / "identity.key"
     try:
         for node in honest:
+            # Steps of a second each: the victim's run is still going when the forgeries arrive.
             start_agent(
-                node.hostname, repo_url=server.url, root=repo.root_file, REDIS_URL=broker.url(f"node-{node.hostname}")
-            )
+                node.hostname, repo_url=server.url, root=repo.root_file, REDIS_URL=broker.url(f"node-{node.hostname}"),
+                TGP_SIM_STEP_SECONDS="1.0",
+            )  # fmt: skip
         for node in honest:
             wait_for(lambda n=node: Node.objects.get(pk=n.pk).worker_instance, 60, f"the agent of {node}")
         env = process_env(broker.url("web"), DATABASE_URL=test_database_url())

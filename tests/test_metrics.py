@@ -22,7 +22,7 @@ from django.utils import timezone
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as openmetrics_families
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.shared.protocol import CONTROL_QUEUE, OUT_PREFIX, SLOT_PREFIX
+from agent.shared.protocol import CONTROL_QUEUE, HEARTBEATS, OUT_PREFIX, SLOT_PREFIX
 from nodes.models import Cluster, Node
 from tests.servers import free_port
 from tgpadmin.broker_acl import queue_keys
@@ -247,6 +247,15 @@ def test_control_queue_length_from_real_redis(client, fleet):
     assert value(samples, "tgpadmin_control_queue_messages") == 5  # 3 + 2 on a priority list
     fleet["redis"].rpop(CONTROL_QUEUE)  # a worker takes one
     assert value(scrape(client), "tgpadmin_control_queue_messages") == 4
+
+
+def test_heartbeats_waiting_from_real_redis(client, fleet):
+    assert value(scrape(client), "tgpadmin_heartbeats_waiting") == 0
+    fleet["redis"].rpush(HEARTBEATS, b"one", b"two")  # no manage.py heartbeats takes them
+    try:
+        assert value(scrape(client), "tgpadmin_heartbeats_waiting") == 2
+    finally:
+        fleet["redis"].delete(HEARTBEATS)
 
 
 def test_a_broker_that_does_not_answer_is_broker_up_0_not_a_failed_scrape(client, fleet, settings, caplog):

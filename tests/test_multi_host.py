@@ -57,16 +57,18 @@ class Deployment:
 
     def __init__(self, hosts: dict[str, netns.Host], logs: Path, stack: ExitStack) -> None:
         self.hosts, self.logs, self.stack = hosts, logs, stack
-        self.procs: dict[str, subprocess.Popen[Any]] = {}
+        self.procs: dict[str, subprocess.Popen[Any]] = {}  # by process name
+        self.where: dict[str, str] = {}  # process name -> host
 
-    def start(self, host: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[Any]:
-        log = self.stack.enter_context(open(self.logs / f"{host}.log", "a"))
+    def start(self, host: str, cmd: list[str], env: dict[str, str], name: str = "") -> subprocess.Popen[Any]:
+        name = name or host
+        log = self.stack.enter_context(open(self.logs / f"{name}.log", "a"))
         proc = subprocess.Popen(
             [*self.hosts[host].prefix, *cmd], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=die_with_parent,
         )  # fmt: skip
         self.stack.callback(stop_process, proc)
-        self.procs[host] = proc
+        self.procs[name], self.where[name] = proc, host
         return proc
 
     def log(self, host: str) -> str:
@@ -137,6 +139,7 @@ def test_web_control_worker_beat_and_a_node_on_hosts_of_their_own_update_the_nod
         celery = [sys.executable, "-m", "celery", "-A", "tgpadmin"]
         hosts.start("control", [*celery, "worker", "-Q", "control", "-n", "control@control", "-c", "2", "-E",
                                 "--without-gossip", "--without-mingle", "-l", "INFO"], control_env)  # fmt: skip
+        hosts.start("control", [sys.executable, "manage.py", "heartbeats"], control_env, name="heartbeats")
         hosts.start("beat", [*celery, "beat", "-l", "INFO", "--max-interval", "1", "--pidfile=",
                              "-s", str(tmp_path / "beat-schedule")], control_env)  # fmt: skip
         web = lan["web"].address
@@ -147,9 +150,9 @@ def test_web_control_worker_beat_and_a_node_on_hosts_of_their_own_update_the_nod
             DJANGO_SETTINGS_MODULE="no.such.settings", TGP_NODE_STATE_DIR=str(state_dir),
             TGP_REPO_URL=server.url, TGP_REPO_ROOT_FILE=str(repo.root_file),
         ))  # fmt: skip
-        for host, proc in hosts.procs.items():  # each on its host, not on this one
+        for name, proc in hosts.procs.items():  # each on its host, not on this one
             where = subprocess.run(["ip", "netns", "identify", str(proc.pid)], capture_output=True, text=True)
-            assert where.stdout.strip() == lan[host].name, f"{host}: {where.stdout!r} {where.stderr!r}"
+            assert where.stdout.strip() == lan[hosts.where[name]].name, f"{name}: {where.stdout!r} {where.stderr!r}"
         wait_for(lambda: "control@control ready." in hosts.log("control"), 60, "the control worker on its host")
         wait_for(lambda: Node.objects.get(pk=node.pk).agent_instance, 60, "the node's first report, across hosts")
 

@@ -38,6 +38,7 @@ from kombu.transport.redis import PRIORITY_STEPS, Channel
 
 from agent.shared.protocol import (
     CONTROL_QUEUE,
+    HEARTBEATS,
     HOSTNAME_RE,
     HOSTNAME_RULE,
     OUT_PREFIX,
@@ -160,6 +161,11 @@ def node_user(hostname: str, cluster: str | None = None, *, db: int = 0) -> Brok
             keys=tuple("%W~" + k for k in queue_keys(CONTROL_QUEUE)),
         ),
         Grant(
+            "push its heartbeats onto the heartbeats list, write-only (RPUSH)",
+            ("rpush",),
+            keys=("%W~" + glob_escape(HEARTBEATS),),
+        ),
+        Grant(
             "send its worker's task and worker events (Flower)",
             ("publish",),
             channels=tuple(ev + event for event in WORKER_EVENTS),
@@ -196,6 +202,11 @@ def control_user(*, db: int = 0) -> BrokerUser:
                 keys=tuple("~" + k for k in queue_keys(CONTROL_QUEUE)),
             ),
             Grant("publish node commands (and declare the queues)", ("lpush", "rpush", "llen"), keys=nodes),
+            Grant(
+                "take the nodes' heartbeats off their list in batches (manage.py heartbeats)",
+                ("blpop", "lpop", "llen"),
+                keys=("~" + glob_escape(HEARTBEATS),),
+            ),
             Grant(
                 "queue declarations, remote-control reply routing, kombu's binding expiry scripts",
                 ("sadd", "srem", "smembers", "zadd", "zrem", "zrangebyscore", "exists", "del", "evalsha"),
@@ -249,6 +260,11 @@ def web_user(*, db: int = 0) -> BrokerUser:
                 "declare those queues (their binding tables)",
                 ("sadd",),
                 keys=_queue_declarations(CONTROL_QUEUE, "node.*"),
+            ),
+            Grant(
+                "the heartbeats waiting, for /metrics (LLEN only, read-only)",
+                ("llen",),
+                keys=("%R~" + glob_escape(HEARTBEATS),),
             ),
             Grant("task-sent events (Flower)", ("publish",), channels=(f"/{db}.celeryev/task.sent",)),
             Grant(

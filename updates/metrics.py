@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
@@ -35,7 +36,7 @@ from prometheus_client.utils import floatToGoString
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from agent.shared.protocol import CONTROL_QUEUE, OUT_PREFIX, SLOT_PREFIX, slot_keys
+from agent.shared.protocol import CONTROL_QUEUE, HEARTBEATS, OUT_PREFIX, SLOT_PREFIX, slot_keys
 from agent.shared.sentinel import Sentinel, redis_client
 from nodes.models import Cluster, Node
 from tgpadmin.broker_acl import queue_keys
@@ -248,22 +249,34 @@ def _client(url: str, sentinel: Sentinel | None) -> redis.Redis:
     )
 
 
-def _read_redis(clusters: list[str]) -> tuple[int, dict[str, tuple[int, int]]]:
-    """The control queue's length (its lists, one per priority) and each cluster's held
-    update slots and places out of the load balancer, in one round trip."""
+@dataclass(frozen=True)
+class BrokerReading:
+    queued: int  # messages in the control queue (all its priority lists)
+    heartbeats: int  # heartbeats not yet taken by `manage.py heartbeats`
+    held: dict[str, tuple[int, int]]  # cluster -> (update slots held, places out of the load balancer held)
+
+
+def _read_redis(clusters: list[str]) -> BrokerReading:
+    """The control queue's length (its lists, one per priority), the heartbeats waiting, and
+    each cluster's held update slots and places out of the load balancer, in one round trip."""
     lists = queue_keys(CONTROL_QUEUE, literal=False)
     pipe = _client(settings.REDIS_URL, settings.REDIS_SENTINEL).pipeline(transaction=False)
     for key in lists:
         pipe.llen(key)
+    pipe.llen(HEARTBEATS)
     for cluster in clusters:
         pipe.hlen(slot_keys(cluster, SLOT_PREFIX)[0])
         pipe.hlen(slot_keys(cluster, OUT_PREFIX)[0])
     answers = pipe.execute()
-    held = answers[len(lists) :]
-    return sum(answers[: len(lists)]), {c: (held[2 * i], held[2 * i + 1]) for i, c in enumerate(clusters)}
+    held = answers[len(lists) + 1 :]
+    return BrokerReading(
+        queued=sum(answers[: len(lists)]),
+        heartbeats=answers[len(lists)],
+        held={c: (held[2 * i], held[2 * i + 1]) for i, c in enumerate(clusters)},
+    )
 
 
-def read_broker(clusters: list[str]) -> tuple[int, dict[str, tuple[int, int]]] | None:
+def read_broker(clusters: list[str]) -> BrokerReading | None:
     """_read_redis, or None if the broker did not answer (within REDIS_TIMEOUT): the
     caller shows what it has without it (the admin's overview: "unknown")."""
     try:
@@ -279,16 +292,22 @@ def broker_and_slots() -> Iterator[GaugeMetricFamily]:
     over clusters would say nothing. Clusters are few (each is many nodes), so the
     label stays small. Without Redis the caps are still known, the use is not."""
     clusters = list(Cluster.objects.order_by("name"))
-    queued, held = read_broker([c.name for c in clusters]) or (None, None)
-    up = int(held is not None)
-    yield GaugeMetricFamily(_name("broker_up"), "1 if the broker (Redis) answered this scrape, else 0.", value=up)
-    if queued is not None:
+    reading = read_broker([c.name for c in clusters])
+    yield GaugeMetricFamily(
+        _name("broker_up"), "1 if the broker (Redis) answered this scrape, else 0.", value=int(reading is not None)
+    )
+    if reading is not None:
         yield GaugeMetricFamily(
             _name("control_queue_messages"),
             "Messages waiting in the control queue (all its priority lists; taken but unacknowledged ones not).",
-            value=queued,
+            value=reading.queued,
         )
-    yield from _cluster_gauges(clusters, held)
+        yield GaugeMetricFamily(
+            _name("heartbeats_waiting"),
+            "Node heartbeats not yet taken off the broker by manage.py heartbeats (grows if none runs).",
+            value=reading.heartbeats,
+        )
+    yield from _cluster_gauges(clusters, reading.held if reading is not None else None)
 
 
 def _cluster_gauges(clusters: list[Cluster], held: dict[str, tuple[int, int]] | None) -> Iterator[GaugeMetricFamily]:

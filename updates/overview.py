@@ -283,11 +283,11 @@ def cluster_use() -> tuple[tuple[ClusterUse, ...], bool]:
     """Each cluster with its update slots and places out of the load balancer in use,
     read from Redis in one round trip; without an answer "unknown", and the page stands."""
     clusters = list(Cluster.objects.annotate(node_count=Count("nodes")).order_by("name"))
-    found = read_broker([c.name for c in clusters]) if clusters else (0, {})
-    held = found[1] if found is not None else {}
+    found = read_broker([c.name for c in clusters]) if clusters else None
+    held = found.held if found is not None else {}
     unknown = (None, None)
     uses = tuple(ClusterUse(c, c.node_count, *held.get(c.name, unknown)) for c in clusters)  # type: ignore[attr-defined]
-    return uses, found is not None
+    return uses, found is not None or not clusters
 
 
 def next_updates(now: datetime, count: int = NEXT_UPDATES) -> tuple[Occurrence, ...]:

@@ -18,11 +18,12 @@ import functools
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from django.conf import settings
 from django.db.models import Exists, OuterRef, Value
 
@@ -77,10 +78,7 @@ def from_node(
     needs it), and the node's `node_fields` as stored (in the same query: a heartbeat
     needs them to tell whether it changes anything); Untrusted if the node has no
     accepted key or the signature is not that key's."""
-    body = signing.body_of(envelope)
-    signer = body.get("signer")
-    if body.get("kind") != kind or not isinstance(signer, str) or not HOSTNAME_RE.match(signer):
-        raise Untrusted(f"expected a {kind!r} signed by a node")
+    signer, body = claimed_signer(envelope, kind)
     # One plain query on every message (a report is the control plane's most frequent work).
     keys = NodeKey.objects.filter(state=NodeKey.State.ACCEPTED, node__hostname=signer).order_by()
     message = body.get("message")
@@ -94,10 +92,44 @@ def from_node(
     found = keys.values_list("public_key", "owns_run", *(f"node__{name}" for name in node_fields)).first()
     if found is None:
         raise Untrusted(f"{signer} has no accepted key: its {kind} is not trusted")
-    signing.verify(envelope, signing.load_public(found[0]))
-    if not isinstance(body.get("seq"), int) or isinstance(body["seq"], bool) or body["seq"] < 1:
-        raise Untrusted(f"a {kind} of {signer} without a sequence number")
+    signed_by(envelope, kind, signer, found[0])
     return signer, body, bool(found[1]), dict(zip(node_fields, found[2:], strict=True))
+
+
+def claimed_signer(envelope: Any, kind: str) -> tuple[str, dict[str, Any]]:
+    """Who says they signed a message of this kind, and its body: NOT yet verified."""
+    body = signing.body_of(envelope)
+    signer = body.get("signer")
+    if body.get("kind") != kind or not isinstance(signer, str) or not HOSTNAME_RE.match(signer):
+        raise Untrusted(f"expected a {kind!r} signed by a node")
+    return signer, body
+
+
+def accepted_keys(signers: Iterable[str], node_fields: tuple[str, ...] = ()) -> dict[str, tuple[str, dict[str, Any]]]:
+    """from_node's query for many nodes at once (a batch of heartbeats): each node's
+    accepted key and its `node_fields` as stored, by host name; a node without an accepted
+    key is missing."""
+    rows = (
+        NodeKey.objects.filter(state=NodeKey.State.ACCEPTED, node__hostname__in=set(signers))
+        .order_by()
+        .values_list("node__hostname", "public_key", *(f"node__{name}" for name in node_fields))
+    )
+    return {row[0]: (row[1], dict(zip(node_fields, row[2:], strict=True))) for row in rows}
+
+
+def signed_by(envelope: Any, kind: str, signer: str, public_key: str) -> None:
+    """Untrusted unless `public_key` (the signer's accepted key) signed exactly this message,
+    numbered in the signer's sequence."""
+    signing.verify(envelope, _public(public_key))
+    seq = envelope["body"].get("seq")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 1:
+        raise Untrusted(f"a {kind} of {signer} without a sequence number")
+
+
+@functools.lru_cache(maxsize=16384)
+def _public(value: str) -> Ed25519PublicKey:
+    # Parsed once per key, not once per message: a fleet's keys, a few hundred KiB.
+    return signing.load_public(value)
 
 
 def handoff(envelope: Any, step: str) -> tuple[int, str, dict[str, Any] | None]:

@@ -22,6 +22,13 @@ from zoneinfo import ZoneInfo
 
 CONTROL_QUEUE = "control"
 NODE_QUEUE_PREFIX = "node."
+# The supervisors' heartbeats: a plain Redis list (RPUSH by the nodes, taken in batches by
+# `manage.py heartbeats`), not a Celery queue. At 10,000 nodes a heartbeat is two thirds of
+# all control messages, and a Celery task each cost the control worker's consumer more
+# than the heartbeat's own work (docs/performance.md, section 6).
+HEARTBEATS = "heartbeats"
+# A heartbeat is a few hundred bytes; anything far larger is refused unread.
+HEARTBEAT_MAX_BYTES = 64 * 1024
 
 # The steps a node's agent carries out, and those the control plane does itself.
 NODE_STEPS = ("notify", "exclude", "drain", "download", "install", "reboot", "resume")

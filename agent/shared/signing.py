@@ -39,6 +39,25 @@ def sign(body: dict[str, Any], key: Ed25519PrivateKey) -> dict[str, Any]:
     return {"body": body, "sig": base64.b64encode(key.sign(canonical(body))).decode()}
 
 
+def encode(envelope: dict[str, Any]) -> bytes:
+    """An envelope as it travels outside a Celery message (the heartbeats list): JSON, as
+    Celery's serializer would carry it."""
+    return json.dumps(envelope, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def decode(raw: bytes, *, limit: int) -> dict[str, Any]:
+    """encode's envelope again, NOT yet verified; ProtocolError for anything else, or for
+    more than `limit` bytes (refused unread)."""
+    if len(raw) > limit:
+        raise ProtocolError(f"a message of {len(raw)} bytes (at most {limit})")
+    try:
+        envelope = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ProtocolError("a message that is not JSON") from None
+    body_of(envelope)
+    return envelope  # type: ignore[no-any-return]
+
+
 def body_of(envelope: Any) -> dict[str, Any]:
     """The body of an envelope, NOT yet verified: only to find out whose key checks it."""
     if not isinstance(envelope, dict) or set(envelope) != {"body", "sig"} or not isinstance(envelope["body"], dict):
