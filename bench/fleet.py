@@ -3,16 +3,18 @@
 The fleet of issue 16: 2,000 clusters of 4 nodes and 2,000 single systems (scaled
 down in proportion for a smaller --nodes), in PostgreSQL (a database of its own on
 127.0.0.1:5432, dropped afterwards), each node with its own accepted key. The
-control side runs unchanged: one control worker with 2 processes (-c 2, -E, -l
-INFO, as the Procfile). The agents are simulated cheaply (bench/fleet_agents.py:
-many nodes per process, each signing its own numbered heartbeats at the production
-interval of 15 s).
+control side runs unchanged: one control host as the Procfile runs it, a control
+worker with 2 processes (-c 2, -E, -l INFO) and `manage.py heartbeats` beside it. The
+agents are simulated cheaply (bench/fleet_agents.py: many nodes per process, each
+signing its own numbered heartbeats at the production interval of 15 s, pushed onto
+the heartbeats list as an agent pushes them).
 
 1. The knee: the fleet grows in steps (each added share of nodes gets a process of
    its own); each step runs for STEP_SECONDS and is measured in its second half:
    heartbeat-to-database lag p50/p99 (from the send time to Node.reported_at, for
    the heartbeats that were written: those that change something, and one in two
-   that only say the node was seen) and whether the control queue stays bounded. The
+   that only say the node was seen) and whether what waits for the control host (the
+   control queue and the heartbeats list) stays bounded. The
    knee is the largest size whose p99 lag is under 5 s with a queue that does not
    grow. Stepping stops at the first size that does not keep up.
 2. The long run: the largest size that kept up (the whole fleet if it did) for
@@ -437,7 +439,7 @@ def result(nodes: int, steps: list[dict[str, Any]], knee1: int, knee2: int, long
         metric(f"{at}: heartbeat-to-database lag p50", long["lag_p50_s"], "s"),
         metric(f"{at}: lag p99", long["lag_p99_s"], "s", f"< {LAG_TARGET:g}", long["lag_p99_s"] < LAG_TARGET),
         metric(
-            f"{at}: control queue at the end (max {long['queue_max']})",
+            f"{at}: waiting at the end, control queue and heartbeats list (max {long['queue_max']})",
             long["queue_end"],
             "messages",
             "bounded",
