@@ -105,17 +105,24 @@ def test_the_consumer_keeps_going_while_the_broker_is_away_and_stops_when_told(c
     client = redis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)  # nothing listens on port 1
     calls = iter(range(3))
     with caplog.at_level(logging.WARNING, logger="updates.heartbeats"):
-        total = heartbeats.consume(client, stop=lambda: next(calls, None) is None, wait=0.1)
+        total = heartbeats.consume(client, stop=lambda: next(calls, None) is None, linger=0.1)
     assert total.stored == 0
     assert caplog.text.count("the broker did not answer (ConnectionError)") == 1  # once, not each try
 
 
-def test_manage_py_heartbeats_refuses_a_bad_batch_size():
-    done = subprocess.run(
-        [sys.executable, "manage.py", "heartbeats", "--batch", "0"], capture_output=True, text=True, timeout=60
-    )
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--batch", "0"], "--batch must be between 1 and 10000, not 0"),
+        (["--linger", "nan"], "--linger must be between 0 and 5 seconds, not nan"),
+        (["--linger", "-1"], "--linger must be between 0 and 5 seconds, not -1.0"),
+    ],
+)
+def test_manage_py_heartbeats_refuses_bad_arguments(args, error):
+    command = [sys.executable, "manage.py", "heartbeats", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
-    assert "--batch must be between 1 and 10000, not 0" in done.stderr
+    assert error in done.stderr
 
 
 @pytest.mark.django_db(transaction=True)
@@ -131,5 +138,7 @@ def test_a_real_agents_heartbeats_reach_its_node_through_manage_py_heartbeats(
     # A user logs on at the appliance; only the supervisor's next heartbeat can say so.
     SimulatedDriver(node.hostname, state_dir / node.hostname).log_on("dave")
     wait_for(lambda: "dave" in Node.objects.get(pk=node.pk).logged_in_users, 30, "the heartbeat with dave")
-    # It came by the heartbeats list, and nothing is left on it.
-    assert redis.Redis.from_url(redis_url).llen(HEARTBEATS) == 0
+    # It came by the heartbeats list, which manage.py heartbeats keeps taking (the agent
+    # sends every 0.5 s here; the consumer looks every 0.25 s).
+    broker = redis.Redis.from_url(redis_url)
+    wait_for(lambda: broker.llen(HEARTBEATS) == 0, 10, "the heartbeats list to be taken")

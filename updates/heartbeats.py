@@ -34,6 +34,7 @@ from updates.runs.snapshots import STORED_FIELDS, store_heartbeat
 log = logging.getLogger(__name__)
 
 BATCH = 500  # heartbeats taken at once: at 10,000 nodes a batch is under a second of them
+LINGER = 0.25  # seconds between looks at a list that was not full: the most a heartbeat waits for its batch
 KIND = "node_report"
 
 
@@ -116,17 +117,21 @@ def _store(beats: list[_Heartbeat]) -> None:
 
 
 def consume(
-    client: Any, *, stop: Callable[[], bool], batch: int = BATCH, wait: float = 1.0, summary_every: float = 60.0
+    client: Any, *, stop: Callable[[], bool], batch: int = BATCH, linger: float = LINGER, summary_every: float = 60.0
 ) -> Taken:
-    """Take heartbeats off the list until `stop()` says so: wait (up to `wait` seconds) for
-    one, then take what else is there up to `batch`. Logs a summary every `summary_every`
+    """Take heartbeats off the list until `stop()` says so, up to `batch` at a time. After a
+    batch that was not full it waits `linger` seconds before it looks again: a heartbeat
+    waits at most that long, and the list fills up meanwhile. Taken one by one as they
+    come, a batch cost more than its heartbeats (a few statements each: the key
+    query, the transaction), and the control host did not even halve its CPU per
+    heartbeat against a Celery task each (docs/performance.md, section 6). What is
+    waiting stays on the list until it is taken. Logs a summary every `summary_every`
     seconds; returns the total."""
     total, window, since = Taken(), Taken(), time.monotonic()
     down = 0  # broker errors in a row
     while not stop():
         try:
-            first = client.blpop([HEARTBEATS], timeout=wait)
-            messages = [first[1], *(client.lpop(HEARTBEATS, batch - 1) or [])] if first else []
+            messages = client.lpop(HEARTBEATS, batch) or []
         except (redis.RedisError, OSError) as exc:
             # The class only: a connection error's text may carry the host, never the URL's password.
             if not down:
@@ -146,6 +151,8 @@ def consume(
             )  # fmt: skip
             total.add(window)
             window, since = Taken(), time.monotonic()
+        if len(messages) < batch:
+            time.sleep(linger)
     total.add(window)
     return total
 
