@@ -54,20 +54,28 @@ def selected(release_packages: tuple[PackageEntry, ...], names: tuple[str, ...])
     return chosen
 
 
+POOL_SIZE = 100  # connections of the agent's own broker client, at least (redis-py's default)
+
+
 class FenceLost(RuntimeError):
     """This node no longer holds the cluster slot it was given: it must not go on."""
 
 
 @functools.cache
-def _redis(url: str, sentinel: Sentinel | None = None) -> redis.Redis:
+def _redis(url: str, sentinel: Sentinel | None = None, connections: int = POOL_SIZE) -> redis.Redis:
     """One client (and connection pool) per process, not a connection per check; through
     Sentinel, one of whichever server is the primary (it outlasts a failover)."""
-    return redis_client(url, sentinel)
+    return redis_client(url, sentinel, max_connections=connections)
 
 
 def broker() -> redis.Redis:
-    """This node's own connection to the broker outside Celery: the fencing check, heartbeats."""
-    return _redis(config().redis_url, config().redis_sentinel)
+    """This node's own connection to the broker outside Celery: the fencing check, heartbeats.
+    A worker that plays many nodes (a benchmark's) may check all their fences at one
+    instant: redis-py 8 caps a pool at 100 connections and fails the next check with
+    MaxConnectionsError (441 drains failed so at 2,500 nodes), so the pool grows with
+    the nodes served."""
+    cfg = config()
+    return _redis(cfg.redis_url, cfg.redis_sentinel, max(POOL_SIZE, 2 * len(cfg.served)))
 
 
 def check_fence(command: StepCommand) -> None:
