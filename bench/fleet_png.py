@@ -40,7 +40,7 @@ def draw(series: list[dict[str, float]], nodes: int, out: Path) -> None:
     d.text((LEFT, 12), title, fill="black", font=_font(16))
     end = max((p["t"] for p in series), default=0.0) + 10
     _plot(d, TOP + 10, [(p["t"], p["queue"]) for p in series], end=end, unit="msgs", colour=(30, 90, 170),
-          label="control queue length (largest in each 10 s)", floor=10.0)  # fmt: skip
+          label="waiting: control queue + heartbeats list (largest in each 10 s)", floor=10.0)  # fmt: skip
     _plot(d, TOP + PLOT_H + GAP, [(p["t"], p["lag_p99"]) for p in series], end=end, unit="s", colour=(240, 150, 40),
           label="heartbeat to database, p99 lag (each 10 s)", floor=0.1, line=5.0)  # fmt: skip
     d.text((LEFT, height - 30), f"seconds into the run (0 - {end:.0f})", fill=(90, 90, 90), font=_font(13))
