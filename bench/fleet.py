@@ -272,7 +272,8 @@ class Fleet:
     def __init__(self, work: Path, redis_url: str, db: str, prefix: list[str], concurrency: int = 2) -> None:
         self.work, self.redis_url, self.db, self.prefix = work, redis_url, db, prefix
         self.concurrency = concurrency  # pool processes per control worker: the Procfile's 2
-        self.controls: list[Any] = []
+        self.controls: list[Any] = []  # the processes of every control host
+        self.control_hosts = 0
         self.agents: list[Any] = []
         self.running = 0  # nodes whose agents run
         self.keys: list[tuple[str, str]] = []
@@ -306,6 +307,7 @@ class Fleet:
         # Beside it, as in the Procfile: the heartbeats' consumer of this host.
         heartbeats = [*(self.prefix if second else []), sys.executable, "manage.py", "heartbeats"]
         self.controls.append(spawn(heartbeats, self.env(second), self.work / f"{host}-heartbeats.log"))
+        self.control_hosts += 1
         wait(lambda: app.control.ping(destination=[name], timeout=0.5), 60, f"the control worker {name}")
 
     def grow(self, size: int) -> None:
@@ -349,7 +351,7 @@ class Fleet:
         mid, end = begin + STEP_SECONDS / 2, time.time()
         lags, queue = self.observer.lags(mid, end), self.observer.queue(mid, end)
         step = {
-            "nodes": size, "control_hosts": len(self.controls) // 2, "offered_per_s": round(size / INTERVAL, 1),
+            "nodes": size, "control_hosts": self.control_hosts, "offered_per_s": round(size / INTERVAL, 1),
             "written": len(lags), "lag_p50_s": round(percentile(lags, 50), 3),
             "lag_p99_s": round(percentile(lags, 99), 3), "queue_end": queue[-1] if queue else None,
             "queue_max": max(queue) if queue else None,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -44,7 +44,7 @@ class Taken:
 
     stored: int = 0  # heartbeats accepted (written, or seen again within TGP_SEEN_RESOLUTION)
     superseded: int = 0  # accepted, but the same node's newer one in the batch is what counts
-    refused: list[str] = field(default_factory=list)  # why, one line each
+    refused: int = 0  # each logged with its reason; a count only, so that a long run keeps no list
 
     def add(self, other: Taken) -> None:
         self.stored += other.stored
@@ -71,14 +71,14 @@ def take(messages: Sequence[bytes]) -> Taken:
             envelope = signing.decode(raw, limit=HEARTBEAT_MAX_BYTES)
             claimed.append((trust.claimed_signer(envelope, KIND)[0], envelope))
         except ProtocolError as exc:
-            taken.refused.append(str(exc))
+            _refuse(taken, exc)
     keys = trust.accepted_keys({signer for signer, _ in claimed}, STORED_FIELDS) if claimed else {}
     newest: dict[str, _Heartbeat] = {}
     for signer, envelope in claimed:
         try:
             beat = _checked(signer, envelope, keys.get(signer))
         except ProtocolError as exc:
-            taken.refused.append(str(exc))
+            _refuse(taken, exc)
             continue
         # Only the newest of a node's heartbeats in the batch says how it is now.
         if signer in newest:
@@ -86,11 +86,14 @@ def take(messages: Sequence[bytes]) -> Taken:
             if newest[signer].seq > beat.seq:
                 continue
         newest[signer] = beat
-    for reason in taken.refused:
-        log.warning("refused a heartbeat: %s", reason)
     _store(list(newest.values()))
     taken.stored = len(newest)
     return taken
+
+
+def _refuse(taken: Taken, reason: ProtocolError) -> None:
+    log.warning("refused a heartbeat: %s", reason)
+    taken.refused += 1
 
 
 def _checked(signer: str, envelope: dict[str, Any], key: tuple[str, dict[str, Any]] | None) -> _Heartbeat:
@@ -147,7 +150,7 @@ def consume(
         if time.monotonic() - since >= summary_every and (window.stored or window.refused):
             log.info(
                 "heartbeats: %d stored, %d superseded, %d refused in the last %.0f s",
-                window.stored, window.superseded, len(window.refused), time.monotonic() - since,
+                window.stored, window.superseded, window.refused, time.monotonic() - since,
             )  # fmt: skip
             total.add(window)
             window, since = Taken(), time.monotonic()

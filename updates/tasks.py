@@ -67,12 +67,11 @@ def record_step(envelope: dict[str, Any]) -> None:
     )  # fmt: skip
 
 
-# No task events: at 10,000 nodes the heartbeats alone would be two thirds of what
-# Flower receives (about 1,300 events a second) and push every other task out of its
-# list within seconds. A heartbeat's effect is on the node's page; a refused one is logged.
+# A worker's ready report (the supervisors' heartbeats come in batches instead:
+# updates/heartbeats.py). No task events: its effect is on the node's page; a refused one is logged.
 @shared_task(name=NODE_REPORT, ignore_result=True, send_events=False)
 def node_report(envelope: dict[str, Any]) -> None:
-    # The node's stored state comes with its key: a heartbeat that changes nothing costs one query.
+    # The node's stored state comes with its key: what a restart mid-run is told by.
     found = _from_node(envelope, "node_report", NodeReport, STORED_FIELDS)
     if found is None:
         return

@@ -39,4 +39,4 @@ class Command(BaseCommand):
         self.stdout.write(f"heartbeats: taking them off the broker, up to {batch} every {linger:g} s")
         self.stdout.flush()
         total = heartbeats.consume(client, stop=lambda: bool(stopping), batch=batch, linger=linger)
-        self.stdout.write(f"heartbeats: stopped; {total.stored} stored, {len(total.refused)} refused")
+        self.stdout.write(f"heartbeats: stopped; {total.stored} stored, {total.refused} refused")
